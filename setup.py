@@ -1,0 +1,41 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+
+setup(
+    name="dinoscale",
+    version="0.1.0",
+    description="Distributed self-supervised pretraining of Vision Transformers (DINOv2 and friends) in PyTorch",
+    long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dinoscale", "dinoscale.*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.6",
+        "torchvision>=0.21",
+        "numpy",
+        "pillow",
+        "webdataset>=0.2.100",
+        "submitit>=1.5",
+        "fvcore",
+        "omegaconf>=2.3",
+        "safetensors",
+        "tensorboard",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        # CUDA-only memory-efficient attention kernels; never needed on CPU.
+        "xformers": ["xformers"],
+        "dev": [
+            "pytest",
+            "timm>=1.0",  # parity checks only
+            "transformers>=4.40",  # parity checks only (Dinov2Model)
+            "scikit-image",  # sample photos for tests and benchmarks
+            "scikit-learn",  # logistic-regression probe, sample photos
+        ],
+    },
+)
