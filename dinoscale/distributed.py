@@ -28,6 +28,12 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def barrier() -> None:
+    """Wait for all ranks (no-op in a single process)."""
+    if is_enabled() and get_world_size() > 1:
+        dist.barrier()
+
+
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all ranks in place (no gradient); returns it for chaining."""
     if is_enabled() and get_world_size() > 1:
