@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from dinoscale.config import CONFIG_DIR, ConfigError, load_config, save_config
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in CONFIG_DIR.rglob("*.yaml")))
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path, ["train.output_dir=/tmp/x", "train.max_steps=7"])
+    assert cfg.train.output_dir == "/tmp/x" and cfg.train.max_steps == 7
+
+
+def test_named_config_and_overrides_win():
+    cfg = load_config("quickstart", ["optim.base_lr=0.5", "model.depth=2"])
+    assert cfg.model.patch_size == 4  # from quickstart.yaml
+    assert cfg.optim.base_lr == 0.5 and cfg.model.depth == 2  # overrides last
+
+
+def test_unknown_key_names_key_and_nearest():
+    with pytest.raises(ConfigError, match=r"'train\.max_step'.*did you mean 'train\.max_steps'"):
+        load_config(None, ["train.max_step=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'.*'train'"):
+        load_config(None, ["trian.seed=1"])
+
+
+def test_unknown_key_in_file(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  base_rl: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.base_rl.*optim\.base_lr"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [("optim.base_lr=abc", "expects a float"), ("optim.epochs=1.5", "expects a int"),
+     ("train.resume=maybe", "expects a bool"), ("crops.global_crops_scale=0.3", "expects a list"),
+     ("model=3", "expects a mapping")],
+)
+def test_wrong_types_rejected(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+def test_int_for_float_is_accepted_and_null_allowed():
+    cfg = load_config(None, ["optim.base_lr=1", "train.max_steps=null"])
+    assert cfg.optim.base_lr == 1 and cfg.train.max_steps is None
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.max_steps"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config("quickstart")
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+def test_struct_mode_catches_typos_in_code():
+    cfg = load_config(None)
+    with pytest.raises(Exception):
+        _ = cfg.train.max_stepz
