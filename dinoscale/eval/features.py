@@ -1,0 +1,563 @@
+"""Frozen-feature extraction for evaluation (kNN, linear probes, feature dumps).
+
+``extract_features`` runs a backbone over a dataset in batches and returns CLS embeddings
+(and optionally the mean of the patch tokens) with their labels, in dataset order. In a
+distributed run every rank embeds its own interleaved slice of the dataset (no padding
+duplicates) and the slices are gathered back to every rank and re-sorted by index. Images
+that fail to load are skipped, counted and reported instead of aborting the whole pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import math
+import os
+from contextlib import nullcontext
+from functools import lru_cache
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torchvision.transforms.v2 import functional as TF
+
+from dinoscale import distributed
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------------------
+# Eval transform
+# --------------------------------------------------------------------------------------
+
+
+def round_to_patch(size: int, patch_size: int) -> int:
+    """Nearest multiple of ``patch_size`` (at least one patch)."""
+    if size < 1 or patch_size < 1:
+        raise ValueError(f"image size and patch size must be positive, got {size}, {patch_size}")
+    return max(patch_size, int(round(size / patch_size)) * patch_size)
+
+
+def to_uint8_or_float_chw(image: Any) -> torch.Tensor:
+    """Convert PIL / bytes / numpy / tensor input to a (3, H, W) tensor (uint8 or float in [0, 1]).
+
+    Grayscale and RGBA inputs become RGB. Encoded bytes are decoded with PIL.
+    """
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        image = Image.open(io.BytesIO(bytes(image)))
+    if isinstance(image, Image.Image):
+        return TF.pil_to_tensor(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 3 and array.shape[-1] in (1, 3, 4) and array.shape[0] not in (1, 3):
+            array = np.moveaxis(array, -1, 0)  # HWC -> CHW
+        image = torch.from_numpy(np.ascontiguousarray(array))
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"unsupported image type {type(image).__name__} (expected PIL, bytes, ndarray or tensor)")
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3:
+        raise ValueError(f"image tensor must be (H, W) or (C, H, W), got shape {tuple(image.shape)}")
+    channels = image.shape[0]
+    if channels == 1:
+        image = image.expand(3, -1, -1)
+    elif channels == 4:
+        image = image[:3]
+    elif channels != 3:
+        raise ValueError(f"image must have 1, 3 or 4 channels, got {channels} (shape {tuple(image.shape)})")
+    if image.dtype != torch.uint8 and not image.dtype.is_floating_point:
+        raise ValueError(f"image tensor must be uint8 or floating point in [0, 1], got {image.dtype}")
+    return image.contiguous()
+
+
+class EvalTransform:
+    """Resize the shorter side, center-crop to a multiple of the patch size, normalise.
+
+    The resize keeps DINO's 256/224 ratio by default (``crop_ratio = 224/256``): the shorter
+    side goes to ``crop_size / crop_ratio`` and the central ``crop_size`` square is kept.
+    Use ``crop_ratio=1.0`` for small images whose borders matter (e.g. Fashion-MNIST).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        crop_ratio: float = 224 / 256,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        if not 0 < crop_ratio <= 1:
+            raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
+        self.crop_size = round_to_patch(image_size, patch_size)
+        self.resize_size = int(math.floor(self.crop_size / crop_ratio + 0.5))
+        self.mean = list(mean)
+        self.std = list(std)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        x = to_uint8_or_float_chw(image)
+        x = TF.to_dtype(x, torch.float32, scale=True)  # uint8 -> [0, 1]
+        x = TF.resize(x, [self.resize_size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        x = TF.center_crop(x, [self.crop_size, self.crop_size]).clamp_(0.0, 1.0)
+        return TF.normalize(x, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(resize={self.resize_size}, crop={self.crop_size})"
+
+
+def eval_transform(image_size: int, patch_size: int, crop_ratio: float = 224 / 256) -> EvalTransform:
+    """The standard evaluation transform (see ``EvalTransform``)."""
+    return EvalTransform(image_size, patch_size, crop_ratio=crop_ratio)
+
+
+# --------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
+    capability = ""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        pass
+    if "AMX" in capability.upper():
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+_DTYPE_NAMES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "none": torch.float32,
+}
+
+
+def resolve_autocast_dtype(device: torch.device, autocast_dtype: Any = None) -> Optional[torch.dtype]:
+    """Autocast dtype to use, or None for full fp32.
+
+    ``None`` picks the default: bf16 on a CPU with native bf16 support, fp32 on other CPUs,
+    bf16 on CUDA when supported else fp16. An explicit dtype (or "bf16"/"fp16"/"fp32")
+    overrides; fp32 disables autocast.
+    """
+    if isinstance(autocast_dtype, str):
+        key = autocast_dtype.lower()
+        if key not in _DTYPE_NAMES:
+            raise ValueError(f"unknown autocast dtype {autocast_dtype!r}; use one of {sorted(_DTYPE_NAMES)}")
+        autocast_dtype = _DTYPE_NAMES[key]
+    if autocast_dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu":
+            return torch.bfloat16 if cpu_supports_bf16() else None
+        return None
+    if autocast_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast dtype must be float32, bfloat16 or float16, got {autocast_dtype}")
+    return None if autocast_dtype == torch.float32 else autocast_dtype
+
+
+# --------------------------------------------------------------------------------------
+# Robust loading: skip unreadable samples
+# --------------------------------------------------------------------------------------
+
+
+class _IndexedSafeDataset(Dataset):
+    """Wraps a map-style dataset: returns (index, image, label, error) and never raises."""
+
+    def __init__(self, dataset: Dataset, transform: Optional[Callable] = None) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            image, label = _split_sample(self.dataset[index])
+            if self.transform is not None:
+                image = self.transform(image)
+            if not isinstance(image, torch.Tensor):
+                raise TypeError(
+                    f"sample image is a {type(image).__name__}, not a tensor; pass transform=eval_transform(...)"
+                )
+            return index, image, label, None
+        except Exception as exc:  # noqa: BLE001 - any loading failure is reported and skipped
+            return index, None, None, f"{type(exc).__name__}: {exc}"
+
+
+def _split_sample(sample: Any) -> Tuple[Any, int]:
+    if isinstance(sample, dict):
+        image = sample.get("image", sample.get("img"))
+        label = sample.get("label", sample.get("target", -1))
+    elif isinstance(sample, (tuple, list)):
+        if len(sample) < 1:
+            raise ValueError("empty sample")
+        image = sample[0]
+        label = sample[1] if len(sample) > 1 else -1
+    else:
+        image, label = sample, -1
+    if isinstance(label, torch.Tensor):
+        label = int(label.item())
+    return image, -1 if label is None else int(label)
+
+
+def _collate_indexed(batch):
+    failures = [(index, error) for index, _, _, error in batch if error is not None]
+    good = [(index, image, label) for index, image, label, error in batch if error is None]
+    if not good:
+        return None, None, None, failures
+    indices = torch.tensor([g[0] for g in good], dtype=torch.long)
+    shapes = {tuple(g[1].shape) for g in good}
+    if len(shapes) != 1:
+        raise ValueError(f"images in a batch have different shapes {sorted(shapes)}; use a transform that crops")
+    images = torch.stack([g[1] for g in good])
+    labels = torch.tensor([g[2] for g in good], dtype=torch.long)
+    return indices, images, labels, failures
+
+
+# --------------------------------------------------------------------------------------
+# Gathering variable-sized per-rank results
+# --------------------------------------------------------------------------------------
+
+
+def gather_variable(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors of different lengths (dim 0) from all ranks, rank order.
+
+    Single process: returns ``tensor`` unchanged.
+    """
+    world = distributed.get_world_size()
+    if world == 1:
+        return tensor
+    counts = torch.zeros(world, dtype=torch.long, device=tensor.device)
+    counts[distributed.get_rank()] = tensor.shape[0]
+    distributed.all_reduce_sum_(counts)
+    max_count = int(counts.max())
+    padded = tensor.new_zeros((max_count,) + tuple(tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = distributed.all_gather_no_grad(padded)
+    parts = [gathered[r * max_count : r * max_count + int(counts[r])] for r in range(world)]
+    return torch.cat(parts, dim=0)
+
+
+# --------------------------------------------------------------------------------------
+# Extraction
+# --------------------------------------------------------------------------------------
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _progress(iterable, total: Optional[int], enabled: bool, desc: str):
+    if not enabled or not distributed.is_main_process():
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but a bar is never worth failing for
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
+
+
+@torch.inference_mode()
+def extract_outputs(
+    model: torch.nn.Module,
+    dataset_or_loader: Dataset | DataLoader,
+    forward_fn: Callable[[torch.nn.Module, torch.Tensor], Dict[str, torch.Tensor]],
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: Optional[str | torch.device] = None,
+    autocast_dtype: Any = None,
+    transform: Optional[Callable] = None,
+    progress: bool = True,
+    desc: str = "features",
+) -> Dict[str, Any]:
+    """Run ``forward_fn(model, images) -> {name: (B, ...) tensor}`` over a dataset.
+
+    This is the engine behind ``extract_features`` and the linear-probe feature cache.
+    Returns the concatenated float32 CPU outputs plus ``labels`` (N,), ``indices`` (N,)
+    (dataset positions of the kept samples), ``num_skipped`` and ``skipped`` (list of
+    (index, error) for samples that failed to load). For a map-style dataset the rows are in
+    dataset order on every rank.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    loader_in = dataset_or_loader if isinstance(dataset_or_loader, DataLoader) else None
+    dataset = loader_in.dataset if loader_in is not None else dataset_or_loader
+    if loader_in is not None:
+        # Keep the caller's batching, but use our sampler/collate (sharding, skip-and-count).
+        batch_size = loader_in.batch_size or batch_size
+        num_workers = loader_in.num_workers
+
+    model_device = _model_device(model)
+    device = model_device if device is None else torch.device(device)
+    amp_dtype = resolve_autocast_dtype(device, autocast_dtype)
+    was_training = model.training
+    moved = device != model_device
+    if moved:
+        model.to(device)
+    model.eval()
+
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    outputs: Dict[str, List[torch.Tensor]] = {}
+    labels: List[torch.Tensor] = []
+    indices: List[torch.Tensor] = []
+    skipped: List[Tuple[int, str]] = []
+    try:
+        if isinstance(dataset, IterableDataset):
+            if world > 1:
+                raise ValueError(
+                    "distributed feature extraction needs a map-style dataset (with __len__/__getitem__) "
+                    "so ranks can split it and restore dataset order"
+                )
+            batches = _iterable_batches(loader_in, dataset, batch_size, num_workers, transform)
+            total = None
+        else:
+            # Interleaved shard like DistributedSampler(shuffle=False) without the padding duplicates.
+            shard = list(range(rank, len(dataset), world))
+            loader = DataLoader(
+                _IndexedSafeDataset(dataset, transform),
+                batch_size=batch_size,
+                sampler=shard,
+                num_workers=num_workers,
+                collate_fn=_collate_indexed,
+                pin_memory=device.type == "cuda",
+            )
+            batches = iter(loader)
+            total = len(loader)
+        for batch_indices, images, batch_labels, failures in _progress(batches, total, progress, desc):
+            for index, error in failures:
+                logger.warning("skipping sample %s: %s", index, error)
+            skipped.extend(failures)
+            if images is None:
+                continue
+            images = images.to(device, non_blocking=True)
+            autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+            with autocast:
+                out = forward_fn(model, images)
+            for name, value in out.items():
+                outputs.setdefault(name, []).append(value.float().cpu())
+            labels.append(batch_labels)
+            indices.append(batch_indices)
+    finally:
+        if moved:
+            model.to(model_device)
+        model.train(was_training)
+
+    result: Dict[str, Any] = {}
+    local_indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
+    local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    if world > 1:
+        # Every rank must issue the same gathers: if any shard came out empty (more ranks than
+        # samples, or all of a shard unreadable) it has no shapes to contribute, so all ranks
+        # fail together with the same message instead of hanging.
+        have = torch.tensor([1 if outputs else 0], device=device)
+        distributed.all_reduce_sum_(have)
+        if int(have) != world:
+            raise RuntimeError(
+                f"{world - int(have)} rank(s) got no loadable samples ({len(dataset)} samples over {world} "
+                "ranks); use fewer ranks or fix the unreadable images"
+            )
+        all_indices = gather_variable(local_indices.to(device)).cpu()
+        order = torch.argsort(all_indices)
+        result["indices"] = all_indices[order]
+        result["labels"] = gather_variable(local_labels.to(device)).cpu()[order]
+        for name in sorted(outputs):
+            local = torch.cat(outputs[name]).to(device)
+            result[name] = gather_variable(local).cpu()[order]
+        skipped_count = torch.tensor([len(skipped)], device=device)
+        distributed.all_reduce_sum_(skipped_count)
+        num_skipped = int(skipped_count)
+    else:
+        result["indices"] = local_indices
+        result["labels"] = local_labels
+        for name, values in outputs.items():
+            result[name] = torch.cat(values)
+        num_skipped = len(skipped)
+    result["num_skipped"] = num_skipped
+    result["skipped"] = skipped  # this rank's failures (index, error)
+    if num_skipped and distributed.is_main_process():
+        logger.warning("feature extraction skipped %d unreadable sample(s)", num_skipped)
+    if result["indices"].numel() == 0:
+        raise RuntimeError(f"no sample could be loaded ({num_skipped} skipped); first errors: {skipped[:3]}")
+    return result
+
+
+def _collate_iterable(batch, transform=None):
+    images, labels = [], []
+    for sample in batch:
+        image, label = _split_sample(sample)
+        if transform is not None:
+            image = transform(image)
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"sample image is a {type(image).__name__}, not a tensor; pass a transform")
+        images.append(image)
+        labels.append(label)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def _iterable_batches(loader_in, dataset, batch_size, num_workers, transform):
+    """Batches from an iterable dataset (single process): (indices, images, labels, failures).
+
+    Iterable streams have no random access, so a failing sample cannot be skipped here: the
+    stream itself (e.g. webdataset's handler) is responsible for that.
+    """
+    if loader_in is None:
+        loader_in = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=functools.partial(_collate_iterable, transform=transform),
+        )
+    elif transform is not None:
+        raise ValueError("transform= cannot be combined with a DataLoader over an iterable dataset")
+    position = 0
+    for batch in loader_in:
+        if isinstance(batch, dict):
+            images = batch.get("image", batch.get("img"))
+            batch_labels = batch.get("label", batch.get("target", -1))
+        else:
+            images, batch_labels = batch[0], (batch[1] if len(batch) > 1 else -1)
+        n = images.shape[0]
+        batch_labels = torch.as_tensor(batch_labels, dtype=torch.long).expand(n).clone()
+        yield torch.arange(position, position + n), images, batch_labels, []
+        position += n
+
+
+def _default_forward(pooled_patches: bool):
+    def forward(model: torch.nn.Module, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if hasattr(model, "forward_features"):
+            out = model.forward_features(images)
+            if isinstance(out, dict) and "x_norm_clstoken" in out:
+                result = {"cls": out["x_norm_clstoken"]}
+                if pooled_patches:
+                    result["patch_mean"] = out["x_norm_patchtokens"].mean(dim=1)
+                return result
+        if pooled_patches:
+            raise ValueError(
+                "pooled_patches=True needs a model whose forward_features returns "
+                "'x_norm_clstoken' and 'x_norm_patchtokens'"
+            )
+        out = model(images)
+        if out.ndim != 2:
+            raise ValueError(f"model(x) must return (B, D) embeddings, got shape {tuple(out.shape)}")
+        return {"cls": out}
+
+    return forward
+
+
+def extract_features(
+    model: torch.nn.Module,
+    dataset_or_loader: Dataset | DataLoader,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: Optional[str | torch.device] = None,
+    autocast_dtype: Any = None,
+    pooled_patches: bool = False,
+    progress: bool = True,
+    transform: Optional[Callable] = None,
+) -> Dict[str, Any]:
+    """Embed a dataset with a frozen backbone.
+
+    Args:
+        model: a ``DinoVisionTransformer`` (uses ``forward_features``) or any module whose
+            ``model(x)`` returns (B, D) embeddings.
+        dataset_or_loader: a map-style dataset yielding (image, label) or a DataLoader over
+            one (its batch size / workers are kept; sampler and collate are replaced so ranks
+            can shard and bad samples can be skipped).
+        device: where to run; default the model's device. A different device moves the
+            model there for the pass and back afterwards.
+        autocast_dtype: None = bf16 on CPUs with native bf16 and on CUDA (fp16 if no bf16),
+            else fp32; pass torch.float32 / "fp32" to disable, or a dtype to force.
+        pooled_patches: also return the mean of the last block's normalised patch tokens.
+        transform: applied to each sample's image (e.g. ``eval_transform(224, 14)``) when the
+            dataset does not transform itself.
+
+    Returns:
+        ``{"cls": (N, D) float32, "patch_mean": (N, D) (if pooled_patches), "labels": (N,)
+        long, "indices": (N,) long, "num_skipped": int, "skipped": [(index, error)]}``.
+    """
+    return extract_outputs(
+        model,
+        dataset_or_loader,
+        _default_forward(pooled_patches),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        transform=transform,
+        progress=progress,
+        desc="features",
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Helpers shared by the evaluation CLIs
+# --------------------------------------------------------------------------------------
+
+
+def dataset_from_spec(spec: str, transform: Optional[Callable] = None, default_split: str = "train"):
+    """Build a dataset from ``fashion-mnist[:split]`` or a directory of images.
+
+    A directory is read recursively with labels from its sub-folders
+    (``dinoscale.data.datasets.ImageFolderDataset``).
+    """
+    from dinoscale.data import datasets
+
+    name, _, split = spec.partition(":")
+    if name.lower() in ("fashion-mnist", "fashion_mnist", "fmnist"):
+        split = split or default_split
+        if split not in ("train", "test"):
+            raise ValueError(f"fashion-mnist split must be 'train' or 'test', got {split!r}")
+        return datasets.FashionMNIST(split=split, transform=transform)
+    if not os.path.isdir(spec):
+        raise FileNotFoundError(f"dataset {spec!r} is neither 'fashion-mnist[:split]' nor an existing directory")
+    return datasets.ImageFolderDataset(spec, transform=transform)
+
+
+def subset_first(dataset: Dataset, limit: Optional[int]) -> Dataset:
+    """The first ``limit`` samples (all when limit is None or larger than the dataset)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    if limit < 1:
+        raise ValueError(f"sample limit must be >= 1, got {limit}")
+    return torch.utils.data.Subset(dataset, range(limit))
+
+
+def load_backbone(arch: Optional[str] = None, weights: Optional[str] = None, **kwargs) -> torch.nn.Module:
+    """A frozen backbone from ``dinoscale.hub``: ``arch`` names a hub constructor
+    (e.g. "dinov2_vits14"); ``weights`` is any checkpoint ``hub.load`` understands."""
+    from dinoscale import hub
+
+    if arch is None and weights is None:
+        raise ValueError("give --arch and/or --weights")
+    model = hub.load(arch, weights=weights, **kwargs) if arch is not None else hub.load(weights=weights, **kwargs)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

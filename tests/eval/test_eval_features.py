@@ -1,0 +1,177 @@
+import io
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from dinoscale.eval.features import (
+    EvalTransform,
+    eval_transform,
+    extract_features,
+    resolve_autocast_dtype,
+)
+
+
+class TinyTokenModel(torch.nn.Module):
+    """Stand-in with the DinoVisionTransformer feature interface (patch 7, dim 8)."""
+
+    patch_size = 7
+    embed_dim = 8
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Conv2d(3, 8, kernel_size=7, stride=7)
+        self.norm = torch.nn.LayerNorm(8)
+
+    def forward_features(self, x):
+        tokens = self.proj(x).flatten(2).transpose(1, 2)  # (B, N, 8)
+        cls = tokens.max(dim=1).values
+        return {"x_norm_clstoken": self.norm(cls), "x_norm_patchtokens": self.norm(tokens)}
+
+    def forward(self, x):
+        return self.forward_features(x)["x_norm_clstoken"]
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, n, bad=()):
+        g = torch.Generator().manual_seed(1)
+        self.images = torch.rand(n, 3, 14, 14, generator=g)
+        self.bad = set(bad)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            raise OSError(f"cannot identify image file 'img{i}.jpg'")
+        return self.images[i], i % 4
+
+
+def test_order_shape_and_values_match_per_sample_forward():
+    model = TinyTokenModel()
+    ds = ListDataset(11)
+    out = extract_features(model, ds, batch_size=4, pooled_patches=True, autocast_dtype=torch.float32, progress=False)
+    assert out["cls"].shape == (11, 8) and out["cls"].dtype == torch.float32
+    assert out["patch_mean"].shape == (11, 8)
+    assert out["labels"].tolist() == [i % 4 for i in range(11)]
+    assert out["indices"].tolist() == list(range(11))
+    with torch.no_grad():
+        ref = torch.stack([model(ds[i][0][None])[0] for i in range(11)])
+        ref_patch = torch.stack(
+            [model.forward_features(ds[i][0][None])["x_norm_patchtokens"][0].mean(0) for i in range(11)]
+        )
+    torch.testing.assert_close(out["cls"], ref)
+    torch.testing.assert_close(out["patch_mean"], ref_patch)
+    assert out["num_skipped"] == 0
+
+
+def test_bf16_autocast_close_to_fp32_and_model_state_restored():
+    model = TinyTokenModel().train()
+    ds = ListDataset(6)
+    fp32 = extract_features(model, ds, batch_size=3, autocast_dtype="fp32", progress=False)
+    bf16 = extract_features(model, ds, batch_size=3, autocast_dtype="bf16", progress=False)
+    assert bf16["cls"].dtype == torch.float32
+    torch.testing.assert_close(bf16["cls"], fp32["cls"], atol=0.1, rtol=0.05)
+    assert model.training  # eval() during extraction only
+
+
+def test_unreadable_samples_are_skipped_and_counted(caplog):
+    ds = ListDataset(9, bad={0, 4, 5})
+    out = extract_features(TinyTokenModel(), ds, batch_size=4, autocast_dtype=torch.float32, progress=False)
+    assert out["num_skipped"] == 3
+    assert [i for i, _ in out["skipped"]] == [0, 4, 5]
+    assert "cannot identify image" in out["skipped"][0][1]
+    assert out["indices"].tolist() == [1, 2, 3, 6, 7, 8]
+    assert out["labels"].tolist() == [1, 2, 3, 2, 3, 0]
+    assert out["cls"].shape == (6, 8)
+    assert "skipped 3 unreadable" in caplog.text
+
+
+def test_plain_model_and_dataloader_input():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 14 * 14, 5))
+    ds = ListDataset(7)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, shuffle=True)  # shuffle is replaced: dataset order
+    out = extract_features(model, loader, autocast_dtype=torch.float32, progress=False)
+    assert out["cls"].shape == (7, 5)
+    assert out["indices"].tolist() == list(range(7))
+    with pytest.raises(ValueError, match="pooled_patches"):
+        extract_features(model, ds, pooled_patches=True, progress=False)
+
+
+def test_transform_applied_to_pil_and_required_for_non_tensors():
+    images = [Image.new("RGB", (30, 20), color=(i * 20, 0, 0)) for i in range(3)]
+    ds = [(im, 0) for im in images]
+    out = extract_features(
+        TinyTokenModel(), ds, transform=eval_transform(14, 7, crop_ratio=1.0), autocast_dtype="fp32", progress=False
+    )
+    assert out["cls"].shape == (3, 8)
+    with pytest.raises(RuntimeError, match="no sample could be loaded"):
+        extract_features(TinyTokenModel(), ds, progress=False)
+
+
+def test_eval_transform_inputs_and_sizes():
+    t = eval_transform(30, 14)  # rounds to 28; resize shorter side to 32 then crop 28
+    assert isinstance(t, EvalTransform) and t.crop_size == 28 and t.resize_size == 32
+    gray = torch.randint(0, 256, (40, 50), dtype=torch.uint8)
+    x = t(gray)
+    assert x.shape == (3, 28, 28) and x.dtype == torch.float32
+    # Grayscale replicated to three channels, then each channel normalised with its own stats.
+    torch.testing.assert_close(x[0] * 0.229 + 0.485, x[1] * 0.224 + 0.456)
+    buf = io.BytesIO()
+    Image.new("L", (64, 48), color=128).save(buf, format="PNG")
+    y = t(buf.getvalue())
+    assert y.shape == (3, 28, 28)
+    torch.testing.assert_close(y[0], torch.full((28, 28), (128 / 255 - 0.485) / 0.229), atol=1e-3, rtol=0)
+    assert t(Image.new("RGBA", (28, 60))).shape == (3, 28, 28)
+    with pytest.raises(ValueError, match="channels"):
+        t(torch.zeros(2, 20, 20, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="unsupported image type"):
+        t("not an image")
+
+
+def test_autocast_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_autocast_dtype(cpu, torch.float32) is None
+    assert resolve_autocast_dtype(cpu, "bf16") == torch.bfloat16
+    assert resolve_autocast_dtype(cpu, None) in (None, torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown autocast dtype"):
+        resolve_autocast_dtype(cpu, "int8")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_worker(rank, world, port, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        out = extract_features(
+            TinyTokenModel(), ListDataset(11, bad={3}), batch_size=2, autocast_dtype="fp32", progress=False
+        )
+        torch.save({k: out[k] for k in ("cls", "labels", "indices", "num_skipped")}, f"{result_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_distributed_gathers_in_dataset_order(tmp_path):
+    world = 2
+    mp.spawn(_distributed_worker, args=(world, _free_port(), str(tmp_path / "out")), nprocs=world)
+    single = extract_features(
+        TinyTokenModel(), ListDataset(11, bad={3}), batch_size=2, autocast_dtype="fp32", progress=False
+    )
+    for rank in range(world):
+        got = torch.load(tmp_path / f"out.{rank}")
+        assert got["indices"].tolist() == [i for i in range(11) if i != 3]
+        assert got["num_skipped"] == 1
+        torch.testing.assert_close(got["cls"], single["cls"])
+        assert torch.equal(got["labels"], single["labels"])
