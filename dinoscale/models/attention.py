@@ -1,0 +1,169 @@
+"""Multi-head self-attention with interchangeable kernels.
+
+Three backends compute the same function, ``softmax(Q K^T / sqrt(d)) V`` per head:
+
+* ``"sdpa"`` -- ``torch.nn.functional.scaled_dot_product_attention`` (default; fused kernels on GPU,
+  a plain implementation on CPU).
+* ``"xformers"`` -- ``xformers.ops.memory_efficient_attention``. Only used when the tensors are on CUDA
+  and xformers imports; otherwise the module falls back to sdpa and warns once.
+* ``"math"`` -- the explicit formula, kept as the reference and for debugging.
+
+The backend is picked by the ``attn_backend`` constructor argument; the environment variable
+``DINOSCALE_ATTN`` (``sdpa``/``xformers``/``math``) overrides it for every module built while it is set,
+so a run can be switched without touching configs.
+
+A module accepts either one token tensor ``(B, N, C)`` or a list of them with different ``N`` (the
+multi-crop forward). For a list, the token-wise projections run once over all tokens, and attention
+stays within each crop: per tensor for sdpa/math, through one block-diagonal xformers call otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ATTN_BACKENDS = ("sdpa", "xformers", "math")
+ATTN_ENV_VAR = "DINOSCALE_ATTN"
+
+_UNSET = object()
+_xformers_ops_cache: object = _UNSET
+_warned_xformers_fallback = False
+
+
+def resolve_attn_backend(attn_backend: str | None = None) -> str:
+    """Return the backend name to use: ``$DINOSCALE_ATTN`` if set, else ``attn_backend``, else ``"sdpa"``."""
+    env_value = os.environ.get(ATTN_ENV_VAR, "").strip().lower()
+    if env_value:
+        name, source = env_value, f"environment variable {ATTN_ENV_VAR}"
+    else:
+        name, source = (attn_backend or "sdpa").strip().lower(), "attn_backend argument"
+    if name not in ATTN_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r} (from the {source}); expected one of {ATTN_BACKENDS}")
+    return name
+
+
+def _xformers_ops():
+    """``xformers.ops`` if it imports, else None (imported lazily: xformers is an optional CUDA extra)."""
+    global _xformers_ops_cache
+    if _xformers_ops_cache is _UNSET:
+        try:
+            from xformers import ops as xops
+
+            _xformers_ops_cache = xops
+        except Exception:  # ImportError, or a broken build that fails while loading its kernels
+            _xformers_ops_cache = None
+    return _xformers_ops_cache
+
+
+def _warn_xformers_fallback(reason: str) -> None:
+    global _warned_xformers_fallback
+    if not _warned_xformers_fallback:
+        _warned_xformers_fallback = True
+        warnings.warn(f"attention backend 'xformers' requested but {reason}; using 'sdpa' instead", stacklevel=3)
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Reference attention on ``(B, heads, N, d)`` tensors: ``softmax(q k^T / sqrt(d)) v``."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return scores.softmax(dim=-1) @ v
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection and an output ``proj`` (DINOv2 names).
+
+    Args:
+        dim: token dimension ``C``.
+        num_heads: number of heads; must divide ``dim``.
+        qkv_bias: bias in the qkv projection.
+        proj_bias: bias in the output projection.
+        attn_backend: ``"sdpa"`` (None means sdpa), ``"xformers"`` or ``"math"``; ``$DINOSCALE_ATTN`` wins.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        attn_backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.attn_backend = resolve_attn_backend(attn_backend)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, attn_backend={self.attn_backend!r}"
+
+    def _use_xformers(self, x: torch.Tensor) -> bool:
+        if self.attn_backend != "xformers":
+            return False
+        if not x.is_cuda:
+            _warn_xformers_fallback("the tensors are not on CUDA")
+            return False
+        if _xformers_ops() is None:
+            _warn_xformers_fallback("xformers could not be imported")
+            return False
+        return True
+
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention over packed ``qkv`` of shape ``(B, N, 3, heads, d)`` with sdpa or math -> ``(B, N, heads*d)``."""
+        B, N = qkv.shape[:2]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d)
+        if self.attn_backend == "math":
+            out = math_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(B, N, -1)
+
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """``x``: ``(B, N, C)`` -> ``(B, N, C)``; or a list of ``(B_i, N_i, C)`` -> list, no attention across items."""
+        if isinstance(x, (list, tuple)):
+            return self._forward_list(list(x))
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        if self._use_xformers(x):
+            q, k, v = qkv.unbind(2)  # xformers wants (B, N, heads, d)
+            out = _xformers_ops().memory_efficient_attention(q, k, v).reshape(B, N, C)
+        else:
+            out = self._attend(qkv)
+        return self.proj(out)
+
+    def _forward_list(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not xs:
+            raise ValueError("Attention got an empty list of token tensors")
+        C = xs[0].shape[-1]
+        if self._use_xformers(xs[0]):
+            fmha = _xformers_ops().fmha
+            # One kernel call over all crops; the block-diagonal bias keeps each image's tokens separate.
+            attn_bias, x_cat = fmha.BlockDiagonalMask.from_tensor_list(xs)  # x_cat: (1, sum B_i*N_i, C)
+            qkv = self.qkv(x_cat).reshape(1, -1, 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.unbind(2)
+            out = _xformers_ops().memory_efficient_attention(q, k, v, attn_bias=attn_bias)
+            out = self.proj(out.reshape(1, -1, C))
+            return list(attn_bias.split(out))
+        # Projections are token-wise: run them once on all tokens, attend per crop.
+        sizes = [x.shape[0] * x.shape[1] for x in xs]
+        qkv_all = self.qkv(torch.cat([x.reshape(-1, C) for x in xs])).split(sizes)
+        outs = [
+            self._attend(qkv.reshape(x.shape[0], x.shape[1], 3, self.num_heads, self.head_dim)).reshape(-1, C)
+            for qkv, x in zip(qkv_all, xs)
+        ]
+        out_all = self.proj(torch.cat(outs)).split(sizes)
+        return [o.reshape(x.shape) for o, x in zip(out_all, xs)]
+
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities ``(B, heads, N, N)`` for ``x`` of shape ``(B, N, C)`` (explicit softmax)."""
+        B, N, _ = x.shape
+        q, k, _v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)

@@ -1,0 +1,482 @@
+"""Vision Transformer backbone with the DINOv2 parameter layout.
+
+Parameter names and shapes equal those of the released DINOv2 backbones, so an official ``.pth``
+loads with ``strict=True``. No distribution code lives here: FSDP wraps ``self.blocks[i]`` from outside.
+
+Token layout of a sequence: ``[cls, reg_1..reg_R, patch_1..patch_N]``; the registers carry no position
+embedding. ``forward_features`` also accepts a list of image batches of different resolutions (multi-crop),
+which go through the blocks together: norms and MLPs run on the concatenated tokens, attention per crop.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dinoscale.models.attention import Attention
+
+FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
+
+
+class PatchEmbed(nn.Module):
+    """Split an image into ``patch_size`` x ``patch_size`` patches and project each to ``embed_dim``."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
+        super().__init__()
+        self.img_size = (img_size, img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, H/p * W/p, D)``, patches in row-major order."""
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        p = self.patch_size[0]
+        if H % p != 0 or W % p != 0:
+            raise ValueError(f"image size {H}x{W} (HxW) is not a multiple of the patch size {p}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP: ``fc2(gelu(fc1(x)))``."""
+
+    def __init__(self, in_features: int, hidden_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def swiglu_hidden_features(hidden_features: int) -> int:
+    """DINOv2's SwiGLU width: two thirds of the MLP width (same parameter count), rounded up to a multiple of 8."""
+    return (int(hidden_features * 2 / 3) + 7) // 8 * 8
+
+
+class SwiGLUFFN(nn.Module):
+    """SwiGLU feed-forward: ``w3(silu(a) * b)`` with ``[a, b] = w12(x)`` (one packed input projection)."""
+
+    def __init__(self, in_features: int, hidden_features: int, bias: bool = True) -> None:
+        super().__init__()
+        hidden = swiglu_hidden_features(hidden_features)
+        self.w12 = nn.Linear(in_features, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, in_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class LayerScale(nn.Module):
+    """Per-channel scaling of a residual branch, ``gamma`` initialised to ``init_values``."""
+
+    def __init__(self, dim: int, init_values: float) -> None:
+        super().__init__()
+        self.init_values = init_values
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.gamma, self.init_values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability ``drop_prob``.
+
+    Kept samples are scaled by ``1 / (1 - drop_prob)`` so the expectation is unchanged. Identity in eval mode.
+    """
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+        self.drop_prob = drop_prob
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+        return x * keep / keep_prob
+
+
+def _apply_tokenwise(fn, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run a token-wise ``fn`` once over the tokens of all tensors in ``xs`` and split the result back."""
+    C = xs[0].shape[-1]
+    sizes = [x.shape[0] * x.shape[1] for x in xs]
+    out = fn(torch.cat([x.reshape(-1, C) for x in xs]))
+    return [o.reshape(x.shape[0], x.shape[1], -1) for o, x in zip(out.split(sizes), xs)]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        ffn_layer: str = "mlp",
+        attn_backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_backend=attn_backend)
+        self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        if ffn_layer == "mlp":
+            self.mlp = Mlp(dim, hidden, bias=ffn_bias)
+        elif ffn_layer in ("swiglu", "swiglufused"):
+            self.mlp = SwiGLUFFN(dim, hidden, bias=ffn_bias)
+        else:
+            raise ValueError(f"unknown ffn_layer {ffn_layer!r}; expected one of {FFN_LAYERS}")
+        self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(x, (list, tuple)):
+            xs = list(x)
+            attn_out = self.attn(_apply_tokenwise(self.norm1, xs))
+            xs = [t + self.drop_path1(self.ls1(a)) for t, a in zip(xs, attn_out)]
+            ffn_out = _apply_tokenwise(self._ffn, xs)
+            return [t + self.drop_path2(f) for t, f in zip(xs, ffn_out)]
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self._ffn(x))
+
+
+class DinoVisionTransformer(nn.Module):
+    """ViT with the DINOv2 release's parameter layout, registers, mask token and multi-crop forward.
+
+    Args:
+        img_size: image side the position embedding grid is built for (other sizes are interpolated).
+        patch_size: patch side in pixels.
+        in_chans: image channels.
+        embed_dim, depth, num_heads, mlp_ratio: the usual transformer sizes.
+        qkv_bias, ffn_bias, proj_bias: biases of the qkv projection, the FFN, the attention output projection.
+        drop_path_rate: stochastic-depth rate of the last block; rates rise linearly from 0 over depth
+            (all blocks use ``drop_path_rate`` if ``drop_path_uniform``).
+        init_values: LayerScale init value; None means no LayerScale.
+        ffn_layer: ``"mlp"`` or ``"swiglu"``/``"swiglufused"`` (same module; DINOv2's rounded hidden width).
+        num_register_tokens: number of register tokens (0 = none).
+        interpolate_antialias: ``antialias`` flag of the bicubic position-embedding interpolation.
+        interpolate_offset: the release's offset added to the target grid before computing the scale factor
+            (0.1 in the original release, 0 for the ``_reg`` models, where the target size is used directly).
+        attn_backend: ``"sdpa"`` (None), ``"xformers"`` or ``"math"``; see ``dinoscale.models.attention``.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        ffn_bias: bool = True,
+        proj_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
+        init_values: float | None = None,
+        ffn_layer: str = "mlp",
+        num_register_tokens: int = 0,
+        interpolate_antialias: bool = False,
+        interpolate_offset: float = 0.1,
+        attn_backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if ffn_layer not in FFN_LAYERS:
+            raise ValueError(f"unknown ffn_layer {ffn_layer!r}; expected one of {FFN_LAYERS}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
+        if img_size < patch_size:
+            raise ValueError(f"img_size={img_size} is smaller than patch_size={patch_size}")
+        self.embed_dim = self.num_features = embed_dim
+        self.patch_size = patch_size
+        self.num_register_tokens = num_register_tokens
+        self.n_blocks = depth
+        self.num_heads = num_heads
+        self.interpolate_antialias = interpolate_antialias
+        self.interpolate_offset = interpolate_offset
+
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
+        if num_register_tokens > 0:
+            self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
+        else:
+            self.register_tokens = None
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+
+        if drop_path_uniform:
+            dpr = [drop_path_rate] * depth
+        else:
+            # linear 0 -> drop_path_rate; plain floats so the model can be built on the meta device
+            dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            [
+                Block(
+                    dim=embed_dim,
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_bias=proj_bias,
+                    ffn_bias=ffn_bias,
+                    drop_path=dpr[i],
+                    init_values=init_values,
+                    ffn_layer=ffn_layer,
+                    attn_backend=attn_backend,
+                )
+                for i in range(depth)
+            ]
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Identity()
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter; callable after ``to_empty()`` on a meta-device model."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        nn.init.zeros_(self.mask_token)
+        self.patch_embed.proj.reset_parameters()
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, LayerScale)):
+                m.reset_parameters()
+
+    # ------------------------------------------------------------------ tokens
+
+    def interpolate_pos_encoding(self, x: torch.Tensor, w: int, h: int) -> torch.Tensor:
+        """Position embeddings ``(1, 1 + h/p * w/p, D)`` for an image of width ``w`` and height ``h`` pixels.
+
+        ``x`` is the token tensor the result is added to (only its dtype is used). The patch grid is resized
+        bicubically; with ``interpolate_offset > 0`` the scale factor is ``(n + offset) / M`` as in the
+        original release, otherwise the target size is given directly. ``w`` is the image *width*
+        (``x.shape[-1]`` of the image), ``h`` its *height*.
+        """
+        p = self.patch_size
+        if w % p != 0 or h % p != 0:
+            raise ValueError(f"image size {h}x{w} (HxW) is not a multiple of the patch size {p}")
+        h0, w0 = h // p, w // p
+        num_pos = self.pos_embed.shape[1] - 1
+        M = math.isqrt(num_pos)
+        if M * M != num_pos:
+            raise ValueError(f"pos_embed holds {num_pos} patch positions, which is not a square grid")
+        if (h0, w0) == (M, M):
+            return self.pos_embed.to(x.dtype)
+        pos_embed = self.pos_embed.float()  # bicubic resampling in half precision shifts the embedding
+        dim = pos_embed.shape[-1]
+        patch_pos = pos_embed[:, 1:].reshape(1, M, M, dim).permute(0, 3, 1, 2)  # (1, D, rows, cols)
+        if self.interpolate_offset:
+            # The release computes the scale from the grid size plus a small offset, which slightly changes
+            # the sampling positions; matching it is needed to reproduce released features.
+            sy = float(h0 + self.interpolate_offset) / M
+            sx = float(w0 + self.interpolate_offset) / M
+            resize = {"scale_factor": (sy, sx)}
+        else:
+            resize = {"size": (h0, w0)}
+        patch_pos = F.interpolate(patch_pos, mode="bicubic", antialias=self.interpolate_antialias, **resize)
+        if tuple(patch_pos.shape[-2:]) != (h0, w0):
+            raise RuntimeError(f"position grid resized to {tuple(patch_pos.shape[-2:])}, expected {(h0, w0)}")
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h0 * w0, dim)
+        return torch.cat((pos_embed[:, :1], patch_pos), dim=1).to(x.dtype)
+
+    def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` -> tokens ``(B, 1 + R + N, D)``.
+
+        ``masks`` (bool ``(B, N)``, True = masked) replaces the masked patch embeddings by ``mask_token``
+        before position embeddings are added.
+        """
+        if x.ndim != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
+        B, _, H, W = x.shape
+        x = self.patch_embed(x)
+        if masks is not None:
+            if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
+                raise TypeError(f"masks must be a bool tensor, got {getattr(masks, 'dtype', type(masks))}")
+            if tuple(masks.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"masks must have shape (B, N)={tuple(x.shape[:2])}, got {tuple(masks.shape)}")
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        x = torch.cat((self.cls_token.expand(B, -1, -1).to(x.dtype), x), dim=1)
+        x = x + self.interpolate_pos_encoding(x, W, H)
+        if self.register_tokens is not None:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]), dim=1)
+        return x
+
+    def _output_dict(self, x: torch.Tensor, masks: torch.Tensor | None) -> dict:
+        x_norm = self.norm(x)
+        r = self.num_register_tokens
+        return {
+            "x_norm_clstoken": x_norm[:, 0],
+            "x_norm_regtokens": x_norm[:, 1 : 1 + r],
+            "x_norm_patchtokens": x_norm[:, 1 + r :],
+            "x_prenorm": x,
+            "masks": masks,
+        }
+
+    # ------------------------------------------------------------------ forward
+
+    def forward_features_list(
+        self, x_list: Sequence[torch.Tensor], masks_list: Sequence[torch.Tensor | None] | None = None
+    ) -> list[dict]:
+        """One pass through the blocks for several batches of different resolutions; one dict per batch."""
+        if masks_list is None:
+            masks_list = [None] * len(x_list)
+        if len(masks_list) != len(x_list):
+            raise ValueError(f"got {len(x_list)} image batches but {len(masks_list)} masks")
+        xs = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]
+        for blk in self.blocks:
+            xs = blk(xs)
+        return [self._output_dict(x, m) for x, m in zip(xs, masks_list)]
+
+    def forward_features(
+        self,
+        x: torch.Tensor | Sequence[torch.Tensor],
+        masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    ) -> dict | list[dict]:
+        """Normalised CLS/register/patch tokens (dict), or a list of dicts when ``x`` is a list of batches."""
+        if isinstance(x, (list, tuple)):
+            if masks is not None and not isinstance(masks, (list, tuple)):
+                raise TypeError("when x is a list of image batches, masks must be a list (or None)")
+            return self.forward_features_list(x, masks)
+        if isinstance(masks, (list, tuple)):
+            raise TypeError("masks is a list but x is a single tensor; pass x as a list too")
+        tokens = self.prepare_tokens_with_masks(x, masks)
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        return self._output_dict(tokens, masks)
+
+    def forward(self, x, masks=None, is_training: bool = False):
+        """``is_training``: the ``forward_features`` output; else ``head(x_norm_clstoken)`` (per batch for lists)."""
+        out = self.forward_features(x, masks)
+        if is_training:
+            return out
+        if isinstance(out, list):
+            return [self.head(o["x_norm_clstoken"]) for o in out]
+        return self.head(out["x_norm_clstoken"])
+
+    def _block_indices(self, n: int | Sequence[int]) -> list[int]:
+        depth = len(self.blocks)
+        if isinstance(n, int):
+            if not 1 <= n <= depth:
+                raise ValueError(f"n={n} must be between 1 and the number of blocks ({depth})")
+            return list(range(depth - n, depth))
+        indices = []
+        for i in n:
+            if not -depth <= i < depth:
+                raise ValueError(f"block index {i} out of range for {depth} blocks")
+            indices.append(i % depth)
+        if not indices:
+            raise ValueError("n is an empty list of block indices")
+        return sorted(set(indices))
+
+    def get_intermediate_layers(
+        self,
+        x: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ):
+        """Outputs of the last ``n`` blocks (int) or of the listed blocks, in block order.
+
+        Returns a tuple of patch tokens ``(B, N, D)`` (``(B, D, h, w)`` with ``reshape``), or with
+        ``return_class_token`` a tuple of ``(patch_tokens, cls_token)`` pairs. ``norm`` applies the final
+        LayerNorm to each output. Register tokens are dropped.
+        """
+        take = self._block_indices(n)
+        B, _, H, W = x.shape
+        tokens = self.prepare_tokens_with_masks(x)
+        outputs = []
+        for i, blk in enumerate(self.blocks[: take[-1] + 1]):
+            tokens = blk(tokens)
+            if i in take:
+                outputs.append(self.norm(tokens) if norm else tokens)
+        class_tokens = [out[:, 0] for out in outputs]
+        patch_tokens = [out[:, 1 + self.num_register_tokens :] for out in outputs]
+        if reshape:
+            p = self.patch_size
+            patch_tokens = [
+                out.reshape(B, H // p, W // p, -1).permute(0, 3, 1, 2).contiguous() for out in patch_tokens
+            ]
+        if return_class_token:
+            return tuple(zip(patch_tokens, class_tokens))
+        return tuple(patch_tokens)
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities ``(B, heads, T, T)`` of the last block, token order ``[cls, regs, patches]``."""
+        tokens = self.prepare_tokens_with_masks(x)
+        for blk in self.blocks[:-1]:
+            tokens = blk(tokens)
+        last = self.blocks[-1]
+        return last.attn.attention_probs(last.norm1(tokens))
+
+
+def _build(defaults: dict, patch_size: int, num_register_tokens: int, kwargs: dict) -> DinoVisionTransformer:
+    # kwargs override the size presets (e.g. depth=2 for a fast test of the giant layout).
+    return DinoVisionTransformer(
+        **{**defaults, "patch_size": patch_size, "num_register_tokens": num_register_tokens, **kwargs}
+    )
+
+
+def vit_small(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
+    """ViT-S: embed_dim 384, depth 12, 6 heads, MLP ratio 4."""
+    return _build(dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4), patch_size, num_register_tokens, kwargs)
+
+
+def vit_base(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
+    """ViT-B: embed_dim 768, depth 12, 12 heads, MLP ratio 4."""
+    return _build(dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4), patch_size, num_register_tokens, kwargs)
+
+
+def vit_large(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
+    """ViT-L: embed_dim 1024, depth 24, 16 heads, MLP ratio 4."""
+    return _build(dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4), patch_size, num_register_tokens, kwargs)
+
+
+def vit_giant2(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
+    """ViT-g/2 (DINOv2's giant): embed_dim 1536, depth 40, 24 heads (head dim 64), SwiGLU FFN, MLP ratio 4."""
+    return _build(
+        dict(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=4, ffn_layer="swiglufused"),
+        patch_size,
+        num_register_tokens,
+        kwargs,
+    )
