@@ -1,0 +1,129 @@
+"""Collate multi-crop samples into a DINOv2/iBOT batch with block masks.
+
+Crops are stacked crop-major (all samples' crop 0, then all samples' crop 1, ...), so that
+``global_crops.chunk(2)`` gives the two views of the same B images in the same order.
+
+Masks follow DINOv2: of the 2B global images, ``int(2B * mask_probability)`` are masked, the
+i-th of them with a ratio drawn uniformly in the i-th of equal bins of ``mask_ratio_tuple``
+(so ratios are spread over the range within every batch), the rest get an empty mask, and the
+order is shuffled. ``masks_weight`` gives each masked patch the weight ``1 / n_i`` where ``n_i``
+is the number of masked patches of its image, so every masked image counts equally in the
+masked-token loss: ``L = sum_i (1/n_i) sum_{p in mask_i} l(i, p)``.
+
+Note for data loaders: ``rng`` is copied into each worker process, so pass a per-worker (or per
+batch) seeded ``random.Random`` or all workers will draw the same masks.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .masking import MaskingGenerator
+
+
+def _stack_crop_major(samples: Sequence[Tuple[Dict[str, Any], Any]], key: str) -> torch.Tensor:
+    counts = {len(s[0][key]) for s in samples}
+    if len(counts) != 1:
+        raise ValueError(f"all samples must have the same number of {key}, got counts {sorted(counts)}")
+    n_crops = counts.pop()
+    crops = [s[0][key][i] for i in range(n_crops) for s in samples]
+    if n_crops == 0:
+        return torch.empty(0)
+    shapes = {tuple(c.shape) for c in crops}
+    if len(shapes) != 1:
+        raise ValueError(f"all {key} must have the same shape, got {sorted(shapes)}")
+    return torch.stack(crops)
+
+
+def _label(label: Any, index: int) -> int:
+    if isinstance(label, torch.Tensor):
+        if label.numel() != 1:
+            raise ValueError(f"label of sample {index} must be a scalar, got shape {tuple(label.shape)}")
+        label = label.item()
+    if isinstance(label, (bool, float)) or not isinstance(label, (int, np.integer)):
+        raise TypeError(f"label of sample {index} must be an int (-1 when unknown), got {label!r}")
+    return int(label)
+
+
+def collate_multicrop(
+    samples: Sequence[Tuple[Dict[str, Any], Any]],
+    *,
+    mask_generator: MaskingGenerator,
+    n_tokens: int,
+    mask_ratio_tuple: Tuple[float, float] = (0.1, 0.5),
+    mask_probability: float = 0.5,
+    rng: random.Random,
+    local_crops_size: Optional[int] = None,
+) -> Dict[str, Any]:
+    """Collate ``(crops_dict, label)`` samples from :class:`MultiCropAugmentation`.
+
+    Returns a dict with ``global_crops`` (2B,3,G,G), ``local_crops`` (nL*B,3,L,L),
+    ``masks`` (2B, n_tokens) bool, ``mask_indices`` (M,) long (flat indices into
+    ``masks.flatten()``), ``masks_weight`` (M,) float, ``n_masked_patches`` (1,) long = M,
+    ``upperbound`` (int, >= M, for fixed-size buffers) and ``labels`` (B,) long. Crop dtypes are
+    kept (uint8 when the photometric part runs on the device). With no local crops,
+    ``local_crops`` is (0,3,L,L) when ``local_crops_size`` is given, else (0,3,0,0).
+    """
+    if not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be a random.Random instance, got {type(rng).__name__}")
+    if len(samples) == 0:
+        raise ValueError("cannot collate an empty list of samples")
+    if n_tokens != mask_generator.num_patches:
+        raise ValueError(
+            f"n_tokens ({n_tokens}) must equal the mask generator's grid size "
+            f"{mask_generator.get_shape()} = {mask_generator.num_patches} patches"
+        )
+    lo, hi = mask_ratio_tuple
+    if not (0.0 <= lo <= hi <= 1.0):
+        raise ValueError(f"mask_ratio_tuple must satisfy 0 <= min <= max <= 1, got {mask_ratio_tuple}")
+    if not (0.0 <= mask_probability <= 1.0):
+        raise ValueError(f"mask_probability must be in [0, 1], got {mask_probability}")
+    for i, s in enumerate(samples):
+        if not (isinstance(s, (tuple, list)) and len(s) == 2 and isinstance(s[0], dict)):
+            raise TypeError(f"sample {i} must be a (crops_dict, label) pair, got {type(s).__name__}")
+        for key in ("global_crops", "local_crops"):
+            if key not in s[0]:
+                raise KeyError(f"sample {i} has no {key!r} (keys: {sorted(s[0])})")
+
+    batch_size = len(samples)
+    global_crops = _stack_crop_major(samples, "global_crops")
+    if global_crops.shape[0] != 2 * batch_size:
+        raise ValueError(f"expected 2 global crops per sample, got {global_crops.shape[0] // batch_size}")
+    local_crops = _stack_crop_major(samples, "local_crops")
+    if local_crops.numel() == 0 and local_crops.dim() == 1:
+        # No local crops: still a 4-d tensor with the crops' dtype, so callers can concatenate.
+        size = local_crops_size or 0
+        local_crops = torch.empty(0, global_crops.shape[1], size, size, dtype=global_crops.dtype)
+    labels = torch.tensor([_label(s[1], i) for i, s in enumerate(samples)], dtype=torch.long)
+
+    n_images = global_crops.shape[0]
+    n_masked_images = int(n_images * mask_probability)
+    bins = np.linspace(lo, hi, n_masked_images + 1)
+    masks: List[np.ndarray] = []
+    upperbound = 0
+    for i in range(n_masked_images):
+        ratio = rng.uniform(bins[i], bins[i + 1])
+        masks.append(mask_generator(int(n_tokens * ratio), rng))
+        upperbound += int(n_tokens * bins[i + 1])
+    empty = np.zeros(mask_generator.get_shape(), dtype=bool)
+    masks.extend(empty for _ in range(n_masked_images, n_images))
+    rng.shuffle(masks)
+
+    mask_tensor = torch.from_numpy(np.stack(masks).reshape(n_images, n_tokens))
+    mask_indices = mask_tensor.flatten().nonzero().squeeze(1)
+    per_image = mask_tensor.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
+    masks_weight = (1.0 / per_image).expand_as(mask_tensor)[mask_tensor]
+    return {
+        "global_crops": global_crops,
+        "local_crops": local_crops,
+        "masks": mask_tensor,
+        "mask_indices": mask_indices,
+        "masks_weight": masks_weight,
+        "n_masked_patches": torch.tensor([mask_indices.numel()], dtype=torch.long),
+        "upperbound": upperbound,
+        "labels": labels,
+    }
