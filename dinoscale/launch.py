@@ -1,0 +1,209 @@
+"""The submitit entry point: ``TrainingJob(config_path, overrides)`` runs one training task.
+
+``tools/submit.py`` pickles a ``TrainingJob`` and submitit runs it once per task (one per GPU, or
+``--tasks-per-node`` CPU tasks) on SLURM or through its ``LocalExecutor``. Each task:
+
+1. turns submitit's view of the job (global rank, number of tasks, local rank, node list) into the
+   torchrun-style variables ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` and
+   calls :func:`dinoscale.distributed.init_distributed`, so submitit, torchrun and plain ``srun`` all
+   end up in the same code path;
+2. loads the config (``%j`` in ``train.output_dir`` becomes the job id, which SLURM keeps across
+   requeues, so a requeued job finds its own checkpoints);
+3. replaces submitit's preemption/timeout signal handler with one that only sets a flag, and runs
+   :func:`dinoscale.train.loop.train` with ``stop_requested`` reading that flag.
+
+Why not let submitit's handler do the work: submitit calls ``checkpoint()``, requeues and
+``sys.exit``\\ s *inside the signal handler*, i.e. in the middle of whatever step rank 0 is running,
+while the other ranks carry on. Here the handler only records the signal; the training loop makes
+all ranks agree at the next step boundary, saves a checkpoint and returns ``"preempted"``. Only then
+does rank 0 call submitit's original handler, synchronously, which calls :meth:`TrainingJob.checkpoint`,
+pickles the returned :class:`submitit.helpers.DelayedSubmission`, runs ``scontrol requeue`` and
+exits. The requeued job builds a fresh process group and the loop auto-resumes from the checkpoint.
+
+Failures are never requeued: an exception propagates, submitit records it as the job's result and
+the job ends FAILED. Requeueing happens only on the preemption/timeout signal, and at most
+``max_requeues`` times (submitit additionally caps time-outs with ``max_num_timeout``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any, Sequence
+
+import submitit
+
+log = logging.getLogger("dinoscale.launch")
+
+DEFAULT_MAX_REQUEUES = 20
+
+
+def master_port_for_job(job_id: str) -> int:
+    """A TCP port in [20000, 30000) derived from the job id, identical on every task of the job.
+
+    Deriving it (rather than picking a free one) needs no communication, and two jobs sharing a
+    node get different ports unless their ids collide modulo 10000.
+    """
+    digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
+    return 20000 + int(digits) % 10000
+
+
+def export_torch_distributed_env(env: submitit.JobEnvironment) -> dict[str, str]:
+    """Set the torchrun-style variables from submitit's job environment; returns what was set.
+
+    ``MASTER_ADDR`` is the first host of the job (rank 0 runs there: SLURM and submitit's local
+    executor both give the lowest ranks to the first node). Values already present in the
+    environment for ``MASTER_ADDR``/``MASTER_PORT`` are kept, so a cluster that needs a specific
+    interface or port can export them in the job's setup.
+    """
+    tasks_per_node = max(1, env.num_tasks // max(1, env.num_nodes))
+    values = {
+        "RANK": str(env.global_rank),
+        "WORLD_SIZE": str(env.num_tasks),
+        "LOCAL_RANK": str(env.local_rank),
+        "LOCAL_WORLD_SIZE": str(tasks_per_node),
+        "GROUP_RANK": str(env.node),
+        "MASTER_ADDR": os.environ.get("MASTER_ADDR") or env.hostnames[0],
+        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(master_port_for_job(env.job_id)),
+    }
+    os.environ.update(values)
+    return values
+
+
+class StopFlag:
+    """Set by a signal handler; read by the training loop once per step.
+
+    The handler only flips a boolean, which is safe at any point of the interrupted code; all the
+    real work (agreeing across ranks, saving) happens at the next step boundary.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def handler(self, signum: int, _frame: Any) -> None:
+        if self.signum is None:
+            log.warning("received %s: will checkpoint at the next step boundary and requeue",
+                        signal.Signals(signum).name)
+        self.signum = signum
+
+    def install(self, signum: int) -> Any:
+        """Route ``signum`` to this flag; returns the handler it replaces."""
+        previous = signal.getsignal(signum)
+        signal.signal(signum, self.handler)
+        return previous
+
+
+def _node_name() -> str:
+    # SLURMD_NODENAME tells apart several slurmd on one host (the dev cluster); hostname otherwise.
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+class TrainingJob:
+    """Picklable submitit callable running :func:`dinoscale.train.loop.train` on one task.
+
+    Args:
+        config_path: YAML config merged onto ``configs/default.yaml`` (None: the defaults only).
+        overrides: ``key=value`` config overrides; ``%j`` in ``train.output_dir`` is replaced by the
+            job id at run time.
+        max_requeues: give up (end the job without requeueing) after this many preemptions/time-outs.
+        requeue_count: how many times this job has been requeued already (set by :meth:`checkpoint`).
+    """
+
+    def __init__(
+        self,
+        config_path: str | None,
+        overrides: Sequence[str] = (),
+        max_requeues: int = DEFAULT_MAX_REQUEUES,
+        requeue_count: int = 0,
+    ) -> None:
+        if max_requeues < 0:
+            raise ValueError(f"max_requeues must be >= 0, got {max_requeues}")
+        self.config_path = config_path
+        self.overrides = list(overrides)
+        self.max_requeues = max_requeues
+        self.requeue_count = requeue_count
+
+    def __repr__(self) -> str:
+        return (f"TrainingJob(config_path={self.config_path!r}, overrides={self.overrides!r}, "
+                f"requeue_count={self.requeue_count}/{self.max_requeues})")
+
+    def __call__(self):
+        from dinoscale import distributed
+        from dinoscale.config import load_config
+
+        env = submitit.JobEnvironment()
+        logging.basicConfig(
+            level=logging.INFO if env.global_rank == 0 else logging.WARNING,
+            format=f"[%(asctime)s rank{env.global_rank}] %(message)s",
+            datefmt="%H:%M:%S",
+            stream=sys.stdout,
+            force=True,
+        )
+        # Install the flag first: a signal that arrives while the data and model are being built is
+        # honoured at the first step boundary.
+        stop = StopFlag()
+        usr_sig = env._usr_sig()  # submitit's preemption/timeout signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL)
+        submitit_handler = stop.install(usr_sig)
+
+        cfg = load_config(self.config_path, self.overrides)
+        cfg.train.output_dir = str(cfg.train.output_dir).replace("%j", env.job_id)
+
+        if env.num_tasks > 1:  # one task stays a plain single process (no process group)
+            export_torch_distributed_env(env)
+        info = distributed.init_distributed()
+        log.info("job %s (requeued %d times), output_dir %s", env.job_id, self.requeue_count, cfg.train.output_dir)
+        # Every rank prints its placement (the loggers of ranks > 0 are quiet), so the job's logs
+        # show which node each rank ran on.
+        print(
+            f"[dinoscale.launch] rank {info.rank} of world size {info.world_size} (local rank {info.local_rank}) "
+            f"on node {_node_name()}, master {info.master_addr}:{info.master_port}",
+            flush=True,
+        )
+
+        from dinoscale.train.loop import train
+
+        try:
+            result = train(cfg, stop_requested=stop)
+        finally:
+            distributed.destroy_distributed()
+
+        if result.status != "preempted":
+            return result
+        log.warning("training stopped at step %d for preemption/time-out", result.step)
+        if env.global_rank != 0:
+            # Rank 0 requeues the whole job. Leave without a result file (SystemExit is not recorded
+            # by submitit) and with status 0, so that `srun --kill-on-bad-exit` does not tear rank 0
+            # down before it has requeued.
+            sys.exit(0)
+        if callable(submitit_handler):
+            # submitit's SignalHandler.checkpoint_and_try_requeue: decides time-out vs preemption,
+            # calls self.checkpoint(), pickles it, `scontrol requeue`s and exits. It raises
+            # UncompletedJobError (recorded as the job's result) when it will not requeue.
+            submitit_handler(usr_sig, None)
+        # Only reached when submitit had no handler installed (not a submitit job environment).
+        raise RuntimeError(
+            f"training was preempted at step {result.step} but no submitit signal handler was installed "
+            "to requeue the job; run TrainingJob through submitit (tools/submit.py)"
+        )
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
+        """Called by submitit (on rank 0) to build the requeued job; None refuses the requeue.
+
+        The model state is not in here: the training loop has already written a checkpoint to
+        ``train.output_dir`` and the requeued job auto-resumes from it.
+        """
+        if self.requeue_count >= self.max_requeues:
+            log.error("not requeueing: the job was already requeued %d times (max_requeues=%d)",
+                      self.requeue_count, self.max_requeues)
+            return None
+        log.warning("requeueing (%d of at most %d)", self.requeue_count + 1, self.max_requeues)
+        return submitit.helpers.DelayedSubmission(
+            TrainingJob(self.config_path, self.overrides, max_requeues=self.max_requeues,
+                        requeue_count=self.requeue_count + 1)
+        )
