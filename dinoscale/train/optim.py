@@ -1,0 +1,190 @@
+"""AdamW with DINOv2's parameter groups: layer-wise lr decay, no weight decay on biases/norms/tokens, and a
+separately scheduled prototype ("last") layer.
+
+The optimizer's groups carry *multipliers* (``lr_multiplier``, ``wd_multiplier``, ``is_last_layer``); the training
+loop writes the scheduled values into them every step with :func:`apply_schedule_`:
+
+    group.lr           = (last_layer_lr if group.is_last_layer else lr) * group.lr_multiplier
+    group.weight_decay = wd * group.wd_multiplier
+
+Layer-wise decay (BEiT/DINOv2): with ``L = n_blocks``, embeddings have layer id 0, ``blocks.i`` has id ``i + 1`` and
+everything after the blocks (final norm, heads) has id ``L + 1``; then
+``lr_multiplier = lr_decay_rate ** (L + 1 - layer_id)``, so the top of the network trains at the full lr and
+each block below it at ``lr_decay_rate`` times the block above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # builds without torch.distributed
+    DTensor = None
+
+__all__ = [
+    "canonical_param_name",
+    "get_param_groups",
+    "build_optimizer",
+    "apply_schedule_",
+    "clip_grad_norm_",
+]
+
+# Name components added by wrappers that do not change the parameter: activation checkpointing,
+# torch.compile and DDP/DataParallel.
+_WRAPPER_COMPONENTS = frozenset({"_checkpoint_wrapped_module", "_orig_mod", "module"})
+# Parameters that belong to the input embedding (layer id 0).
+_EMBEDDING_COMPONENTS = frozenset({"patch_embed", "cls_token", "pos_embed", "mask_token", "register_tokens"})
+# Learned tokens and position embeddings are not decayed.
+_TOKEN_PARAMS = frozenset({"cls_token", "pos_embed", "mask_token", "register_tokens"})
+
+
+def canonical_param_name(name: str) -> str:
+    """``name`` without wrapper components: ``backbone._orig_mod.blocks.0._checkpoint_wrapped_module.attn.qkv.weight``
+    -> ``backbone.blocks.0.attn.qkv.weight``. Components are removed whole, never as substrings."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
+
+
+def _layer_id(parts: list[str], n_blocks: int, name: str) -> int:
+    for i, part in enumerate(parts):
+        if part in _EMBEDDING_COMPONENTS:
+            return 0
+        if part == "blocks" and i + 1 < len(parts) and parts[i + 1].isdigit():
+            block = int(parts[i + 1])
+            if block >= n_blocks:
+                raise ValueError(f"parameter '{name}' belongs to block {block}, but n_blocks={n_blocks}")
+            return block + 1
+    return n_blocks + 1
+
+
+def _wd_multiplier(parts: list[str]) -> float:
+    last = parts[-1]
+    if last in ("bias", "gamma", "weight_g") or last in _TOKEN_PARAMS:
+        # biases, LayerScale gammas, tokens, and the weight-norm magnitude of the prototype layer
+        return 0.0
+    if parts[-3:] == ["parametrizations", "weight", "original0"]:
+        # torch.nn.utils.parametrizations.weight_norm stores the magnitude g as original0
+        return 0.0
+    if any("norm" in part for part in parts[:-1]):
+        # weights of LayerNorm/RMSNorm modules (norm, norm1, norm2, fc_norm, ...)
+        return 0.0
+    return 1.0
+
+
+def get_param_groups(
+    model: nn.Module,
+    *,
+    lr_decay_rate: float = 1.0,
+    patch_embed_lr_mult: float = 1.0,
+    n_blocks: int,
+) -> list[dict]:
+    """Group the trainable parameters of ``model`` (the student) for :func:`build_optimizer`.
+
+    Each group is ``{"params", "lr_multiplier", "wd_multiplier", "is_last_layer", "name"}``; parameters that share
+    the same (lr_multiplier, wd_multiplier, is_last_layer) share a group. Groups come in the order their first
+    parameter appears in ``model.named_parameters()``, so the same model always gives the same groups (needed to
+    load an optimizer state dict on resume). Parameters with ``requires_grad=False`` are left out.
+    """
+    if not 0.0 < lr_decay_rate <= 1.0:
+        raise ValueError(f"lr_decay_rate must lie in (0, 1], got {lr_decay_rate}")
+    if patch_embed_lr_mult < 0:
+        raise ValueError(f"patch_embed_lr_mult must be >= 0, got {patch_embed_lr_mult}")
+    if n_blocks < 0:
+        raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
+
+    groups: dict[tuple[float, float, bool], dict] = {}
+    for raw_name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        name = canonical_param_name(raw_name)
+        parts = name.split(".")
+        layer_id = _layer_id(parts, n_blocks, raw_name)
+        lr_multiplier = lr_decay_rate ** (n_blocks + 1 - layer_id)
+        if "patch_embed" in parts:
+            lr_multiplier *= patch_embed_lr_mult
+        wd_multiplier = _wd_multiplier(parts)
+        is_last_layer = "last_layer" in parts
+        key = (lr_multiplier, wd_multiplier, is_last_layer)
+        if key not in groups:
+            label = f"lr_x{lr_multiplier:.4g}_wd_x{wd_multiplier:g}" + ("_last_layer" if is_last_layer else "")
+            groups[key] = {
+                "params": [],
+                "lr_multiplier": lr_multiplier,
+                "wd_multiplier": wd_multiplier,
+                "is_last_layer": is_last_layer,
+                "name": label,
+            }
+        groups[key]["params"].append(param)
+    if not groups:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    return list(groups.values())
+
+
+def build_optimizer(
+    param_groups: list[dict],
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over ``param_groups`` (from :func:`get_param_groups`).
+
+    ``fused=None`` picks the fused CUDA kernel when every parameter lives on a CUDA device, and the foreach
+    (multi-tensor) implementation otherwise. lr and weight decay start at 0: the loop sets them with
+    :func:`apply_schedule_` before each step. Parameters are passed as they are, so DTensor (FSDP2) parameters
+    work unchanged.
+    """
+    groups = [dict(group) for group in param_groups]  # AdamW fills defaults in; keep the caller's dicts clean
+    for group in groups:
+        for key in ("params", "lr_multiplier", "wd_multiplier", "is_last_layer"):
+            if key not in group:
+                raise ValueError(f"param group '{group.get('name', '?')}' lacks '{key}'; build it with get_param_groups")
+        group["params"] = list(group["params"])
+    if fused is None:
+        params = [p for group in groups for p in group["params"]]
+        fused = torch.cuda.is_available() and all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(
+        groups,
+        lr=0.0,
+        betas=betas,
+        eps=eps,
+        weight_decay=0.0,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
+
+
+def apply_schedule_(optimizer: torch.optim.Optimizer, *, lr: float, wd: float, last_layer_lr: float) -> None:
+    """Write this step's scheduled lr and weight decay into every param group (see the module docstring)."""
+    for group in optimizer.param_groups:
+        try:
+            lr_multiplier, wd_multiplier = group["lr_multiplier"], group["wd_multiplier"]
+            is_last_layer = group["is_last_layer"]
+        except KeyError as exc:
+            raise KeyError(
+                f"optimizer param group '{group.get('name', '?')}' lacks {exc}; build it with get_param_groups"
+            ) from None
+        group["lr"] = (last_layer_lr if is_last_layer else lr) * lr_multiplier
+        group["weight_decay"] = wd * wd_multiplier
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    """Total L2 norm of the gradients, clipping them to ``max_norm`` first when ``max_norm > 0``.
+
+    Returns a 0-dim tensor on the gradients' device (no host sync). Under FSDP2 the gradients are DTensors and
+    torch computes the norm of the full (unsharded) gradient; the returned value is then made a plain tensor with
+    ``full_tensor()`` (a small all-reduce), so every rank sees the global norm.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    parameters = list(parameters)
+    if max_norm is None or max_norm <= 0:
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    else:
+        total_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    if DTensor is not None and isinstance(total_norm, DTensor):
+        total_norm = total_norm.full_tensor()
+    return total_norm
