@@ -1,0 +1,176 @@
+"""DINOv2: DINO CLS loss + iBOT masked-patch loss + KoLeo, with an EMA teacher.
+
+This file declares what the method needs (backbones, heads, losses) and computes the loss of one batch.
+It knows nothing of sharding, optimizers or data loading; the train loop owns those.
+
+Batch layout (from ``dinoscale.data.collate.collate_multicrop``), B images per rank:
+  global_crops (2B,3,G,G) crop-major [crop A of all images, crop B of all images], local_crops (nL*B,3,L,L),
+  masks (2B,N) bool, mask_indices (M,), masks_weight (M,), n_masked_patches (1,).
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from dinoscale.losses.dino import DINOLoss, dino_cls_loss
+from dinoscale.losses.ibot import iBOTPatchLoss
+from dinoscale.losses.koleo import KoLeoLoss
+from dinoscale.models import vit
+from dinoscale.models.heads import DINOHead
+
+ARCHS = {
+    "vit_small": vit.vit_small,
+    "vit_base": vit.vit_base,
+    "vit_large": vit.vit_large,
+    "vit_giant2": vit.vit_giant2,
+}
+
+
+def build_backbone(model_cfg: DictConfig, *, drop_path_rate: float) -> vit.DinoVisionTransformer:
+    """A plain ViT from the ``model:`` config section (width/depth/heads overridable for small runs)."""
+    if model_cfg.arch not in ARCHS:
+        raise ValueError(f"unknown model.arch '{model_cfg.arch}'; choose one of {sorted(ARCHS)}")
+    overrides = {k: model_cfg[k] for k in ("embed_dim", "depth", "num_heads") if model_cfg[k] is not None}
+    return ARCHS[model_cfg.arch](
+        patch_size=model_cfg.patch_size,
+        img_size=model_cfg.img_size,
+        mlp_ratio=model_cfg.mlp_ratio,
+        num_register_tokens=model_cfg.num_register_tokens,
+        init_values=model_cfg.layerscale,
+        ffn_layer=model_cfg.ffn_layer,
+        qkv_bias=model_cfg.qkv_bias,
+        proj_bias=model_cfg.proj_bias,
+        ffn_bias=model_cfg.ffn_bias,
+        drop_path_rate=drop_path_rate,
+        drop_path_uniform=model_cfg.drop_path_uniform,
+        interpolate_antialias=model_cfg.interpolate_antialias,
+        interpolate_offset=model_cfg.interpolate_offset,
+        attn_backend=model_cfg.attn_backend,
+        **overrides,
+    )
+
+
+def _head(section: DictConfig, in_dim: int) -> DINOHead:
+    return DINOHead(
+        in_dim=in_dim,
+        out_dim=section.head_n_prototypes,
+        hidden_dim=section.head_hidden_dim,
+        bottleneck_dim=section.head_bottleneck_dim,
+        nlayers=section.head_nlayers,
+    )
+
+
+def build_networks(cfg: DictConfig) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+    """Student and teacher: ModuleDicts with ``backbone``, ``dino_head`` and (optionally) ``ibot_head``.
+
+    The teacher has the student's architecture with drop path 0; its weights are set from the student by
+    the caller (``dinoscale.train.teacher.init_teacher_from_student_``).
+    """
+    nets = []
+    for drop_path in (cfg.model.drop_path_rate, 0.0):
+        backbone = build_backbone(cfg.model, drop_path_rate=drop_path)
+        parts = {"backbone": backbone, "dino_head": _head(cfg.dino, backbone.embed_dim)}
+        if cfg.ibot.separate_head:
+            parts["ibot_head"] = _head(cfg.ibot, backbone.embed_dim)
+        nets.append(nn.ModuleDict(parts))
+    return nets[0], nets[1]
+
+
+class DINOv2Loss(nn.Module):
+    """The loss modules of DINOv2 (their centers are buffers: they are checkpointed with this module)."""
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        if cfg.dino.centering not in ("centering", "sinkhorn_knopp"):
+            raise ValueError(f"dino.centering must be 'centering' or 'sinkhorn_knopp', got '{cfg.dino.centering}'")
+        if cfg.ibot.centering not in ("centering", "sinkhorn_knopp"):
+            raise ValueError(f"ibot.centering must be 'centering' or 'sinkhorn_knopp', got '{cfg.ibot.centering}'")
+        self.cfg = cfg
+        ibot_dim = cfg.ibot.head_n_prototypes if cfg.ibot.separate_head else cfg.dino.head_n_prototypes
+        self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes, cfg.dino.student_temp, cfg.dino.center_momentum)
+        self.ibot_loss = iBOTPatchLoss(ibot_dim, cfg.dino.student_temp, cfg.dino.center_momentum)
+        self.koleo_loss = KoLeoLoss(distributed=cfg.dino.koleo_distributed)
+
+    @torch.no_grad()
+    def _teacher_targets(self, teacher: nn.ModuleDict, batch: dict, teacher_temp: float):
+        """Teacher probabilities for the global-crop CLS tokens (crop order A, B) and the masked patches."""
+        out = teacher["backbone"](batch["global_crops"], is_training=True)
+        cls = out["x_norm_clstoken"]  # crop order A, B; dino_cls_loss pairs teacher A with student B and back
+        patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
+        ibot_head = teacher["ibot_head"] if "ibot_head" in teacher else teacher["dino_head"]
+        if "ibot_head" in teacher:
+            cls_logits = teacher["dino_head"](cls)
+            patch_logits = ibot_head(patches)
+        else:  # shared head: one pass over CLS and masked patches together
+            logits = teacher["dino_head"](torch.cat((cls, patches)))
+            cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0] :]
+        cls_logits, patch_logits = cls_logits.float(), patch_logits.float()
+
+        if self.cfg.dino.centering == "centering":
+            cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
+            self.dino_loss.update_center(cls_logits)
+        else:
+            cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
+        if self.cfg.ibot.centering == "centering":
+            patch_probs = self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
+            self.ibot_loss.update_center(patch_logits)
+        else:
+            patch_probs = self.ibot_loss.sinkhorn_knopp_teacher(
+                patch_logits, teacher_temp, n_masked_patches_tensor=batch["n_masked_patches"].clone()
+            )
+        return cls_probs, patch_probs
+
+    def forward(self, student: nn.ModuleDict, teacher: nn.ModuleDict, batch: dict, teacher_temp: float):
+        """Returns (total loss, dict of detached loss terms)."""
+        cls_probs, patch_probs = self._teacher_targets(teacher, batch, teacher_temp)
+
+        has_local = batch["local_crops"].shape[0] > 0
+        crops = [batch["global_crops"], batch["local_crops"]] if has_local else [batch["global_crops"]]
+        masks = [batch["masks"], None] if has_local else [batch["masks"]]
+        outs = student["backbone"](crops, masks=masks, is_training=True)
+        global_out = outs[0]
+        global_cls = global_out["x_norm_clstoken"]
+        local_cls = outs[1]["x_norm_clstoken"] if has_local else None
+        masked_patches = global_out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
+
+        # Student heads: CLS of all crops (and masked patches, when the head is shared) in one pass.
+        n_global = global_cls.shape[0]
+        cls_in = [global_cls] + ([local_cls] if has_local else [])
+        if "ibot_head" in student:
+            cls_logits = student["dino_head"](torch.cat(cls_in))
+            patch_logits = student["ibot_head"](masked_patches)
+        else:
+            logits = student["dino_head"](torch.cat(cls_in + [masked_patches]))
+            n_cls = n_global + (local_cls.shape[0] if has_local else 0)
+            cls_logits, patch_logits = logits[:n_cls], logits[n_cls:]
+        cls_logits, patch_logits = cls_logits.float(), patch_logits.float()
+
+        global_term, local_term = dino_cls_loss(
+            self.dino_loss,
+            student_global=cls_logits[:n_global],
+            student_local=cls_logits[n_global:] if has_local else None,
+            teacher_probs=cls_probs,
+        )
+        koleo = sum(self.koleo_loss(p.float()) for p in global_cls.chunk(2))
+        ibot = self.ibot_loss.forward_masked(
+            patch_logits,
+            patch_probs,
+            student_masks_flat=batch["masks"],
+            n_masked_patches=batch["n_masked_patches"],
+            masks_weight=batch["masks_weight"],
+        )
+        terms = {
+            "dino_global": global_term,
+            "dino_local": local_term,
+            "koleo": koleo,
+            "ibot": ibot,
+        }
+        total = (
+            self.cfg.dino.loss_weight * (global_term + local_term)
+            + self.cfg.dino.koleo_loss_weight * koleo
+            + self.cfg.ibot.loss_weight * ibot
+        )
+        return total, {k: v.detach() for k, v in terms.items()}
+
