@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -407,3 +408,76 @@ def wrap_with_transform(dataset: Dataset, transform: Callable | None) -> Dataset
     if transform is None:
         return dataset
     return TransformedDataset(dataset, transform)
+
+
+# ---------------------------------------------------------------------------------------
+# Seeds and dataset specs
+# ---------------------------------------------------------------------------------------
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed that depends on every part (e.g. ``(seed, "augment", position)``).
+
+    Hash-based, so nearby inputs give unrelated seeds and the result is the same on every
+    machine and Python run (unlike ``hash()``).
+    """
+    digest = hashlib.blake2b(repr(tuple(parts)).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def is_shard_spec(spec: str) -> bool:
+    """True when ``spec`` names WebDataset shards rather than a folder or Fashion-MNIST.
+
+    Shards: ``pipe:``/``http(s):``/... URLs, brace patterns (``/d/shard-{000000..000127}.tar``),
+    ``.tar`` files, an index file (``.json``) or a directory holding ``index.json``.
+    """
+    if "://" in spec or spec.startswith("pipe:") or "{" in spec:
+        return True
+    path = Path(spec)
+    if path.suffix in (".tar", ".json") or spec.endswith((".tar.gz", ".tgz")):
+        return True
+    return path.is_dir() and (path / "index.json").is_file()
+
+
+def open_dataset(spec: str, transform: Callable | None = None, max_samples: int | None = None):
+    """Open a dataset from its config string.
+
+    ``spec`` forms:
+
+    * ``fashion-mnist[:train|:test][:PATH]`` -> :class:`FashionMNIST` (uint8 tensors);
+    * an image folder -> :class:`ImageFolderDataset`: encoded bytes without a transform (the
+      multi-crop augmentation decodes them, at reduced size when it can), PIL RGB with one;
+    * shards (see :func:`is_shard_spec`) -> :class:`dinoscale.data.shards.ShardDataset`, an
+      iterable dataset that :func:`dinoscale.data.loader.build_pretrain_loader` also accepts.
+
+    ``max_samples`` keeps the first that many samples (a quick subset for evaluation).
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+    if spec == "fashion-mnist" or spec.startswith("fashion-mnist:"):
+        split, root = "train", FASHION_MNIST_ROOT
+        rest = spec[len("fashion-mnist:") :] if ":" in spec else ""
+        if rest:
+            head, _, tail = rest.partition(":")
+            if head in _FASHION_MNIST_FILES:
+                split, root = head, tail or FASHION_MNIST_ROOT
+            else:
+                root = rest
+        dataset: Dataset = FashionMNIST(root=root, split=split, transform=transform)
+    elif is_shard_spec(spec):
+        from dinoscale.data.shards import ShardDataset
+
+        return ShardDataset(spec, transform=transform, max_samples=max_samples)
+    elif Path(spec).is_dir():
+        dataset = ImageFolderDataset(spec, transform=transform, image_format="pil" if transform else "bytes")
+    else:
+        raise FileNotFoundError(
+            f"dataset {spec!r} not found. Expected fashion-mnist[:train|:test][:PATH], an image folder, "
+            "a shard directory holding index.json, a brace pattern such as /data/shard-{000000..000127}.tar, "
+            "or a pipe:/http(s): shard URL"
+        )
+    if max_samples is not None and max_samples < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(max_samples))
+    return dataset
