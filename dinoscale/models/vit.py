@@ -123,6 +123,42 @@ def _apply_tokenwise(fn, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [o.reshape(x.shape[0], x.shape[1], -1) for o, x in zip(out.split(sizes), xs)]
 
 
+def resample_pos_embed(
+    pos_embed: torch.Tensor,
+    grid_hw: tuple[int, int],
+    interpolate_offset: float = 0.0,
+    interpolate_antialias: bool = False,
+) -> torch.Tensor:
+    """Resize position embeddings ``(1, 1 + M*M, D)`` (class slot first) to a ``rows x cols`` patch grid.
+
+    The square ``M x M`` grid is resized bicubically in float32. With ``interpolate_offset > 0`` the scale
+    factor is ``(n + offset) / M`` (original DINOv2 release), which shifts the sampling positions slightly;
+    with 0 the target size is given directly (``_reg`` release, timm, Hugging Face). The class slot is kept
+    as is. Same grid -> returned unchanged (no resampling, so no numerical change).
+    """
+    rows, cols = grid_hw
+    num_pos = pos_embed.shape[1] - 1
+    M = math.isqrt(num_pos)
+    if M * M != num_pos:
+        raise ValueError(f"pos_embed holds {num_pos} patch positions, which is not a square grid")
+    if (rows, cols) == (M, M):
+        return pos_embed
+    dtype = pos_embed.dtype
+    pos_embed = pos_embed.float()  # bicubic resampling in half precision shifts the embedding
+    dim = pos_embed.shape[-1]
+    patch_pos = pos_embed[:, 1:].reshape(1, M, M, dim).permute(0, 3, 1, 2)  # (1, D, rows, cols)
+    if interpolate_offset:
+        scale = (float(rows + interpolate_offset) / M, float(cols + interpolate_offset) / M)
+        resize = {"scale_factor": scale}
+    else:
+        resize = {"size": (rows, cols)}
+    patch_pos = F.interpolate(patch_pos, mode="bicubic", antialias=interpolate_antialias, **resize)
+    if tuple(patch_pos.shape[-2:]) != (rows, cols):
+        raise RuntimeError(f"position grid resized to {tuple(patch_pos.shape[-2:])}, expected {(rows, cols)}")
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
+    return torch.cat((pos_embed[:, :1], patch_pos), dim=1).to(dtype)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``."""
 
@@ -287,37 +323,19 @@ class DinoVisionTransformer(nn.Module):
     def interpolate_pos_encoding(self, x: torch.Tensor, w: int, h: int) -> torch.Tensor:
         """Position embeddings ``(1, 1 + h/p * w/p, D)`` for an image of width ``w`` and height ``h`` pixels.
 
-        ``x`` is the token tensor the result is added to (only its dtype is used). The patch grid is resized
-        bicubically; with ``interpolate_offset > 0`` the scale factor is ``(n + offset) / M`` as in the
-        original release, otherwise the target size is given directly. ``w`` is the image *width*
-        (``x.shape[-1]`` of the image), ``h`` its *height*.
+        ``w`` is the image *width* (``images.shape[-1]``), ``h`` its *height*. ``x`` is the token tensor the
+        result is added to; only its dtype is used. See :func:`resample_pos_embed` for the interpolation.
         """
         p = self.patch_size
         if w % p != 0 or h % p != 0:
             raise ValueError(f"image size {h}x{w} (HxW) is not a multiple of the patch size {p}")
-        h0, w0 = h // p, w // p
-        num_pos = self.pos_embed.shape[1] - 1
-        M = math.isqrt(num_pos)
-        if M * M != num_pos:
-            raise ValueError(f"pos_embed holds {num_pos} patch positions, which is not a square grid")
-        if (h0, w0) == (M, M):
-            return self.pos_embed.to(x.dtype)
-        pos_embed = self.pos_embed.float()  # bicubic resampling in half precision shifts the embedding
-        dim = pos_embed.shape[-1]
-        patch_pos = pos_embed[:, 1:].reshape(1, M, M, dim).permute(0, 3, 1, 2)  # (1, D, rows, cols)
-        if self.interpolate_offset:
-            # The release computes the scale from the grid size plus a small offset, which slightly changes
-            # the sampling positions; matching it is needed to reproduce released features.
-            sy = float(h0 + self.interpolate_offset) / M
-            sx = float(w0 + self.interpolate_offset) / M
-            resize = {"scale_factor": (sy, sx)}
-        else:
-            resize = {"size": (h0, w0)}
-        patch_pos = F.interpolate(patch_pos, mode="bicubic", antialias=self.interpolate_antialias, **resize)
-        if tuple(patch_pos.shape[-2:]) != (h0, w0):
-            raise RuntimeError(f"position grid resized to {tuple(patch_pos.shape[-2:])}, expected {(h0, w0)}")
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h0 * w0, dim)
-        return torch.cat((pos_embed[:, :1], patch_pos), dim=1).to(x.dtype)
+        pos_embed = resample_pos_embed(
+            self.pos_embed,
+            (h // p, w // p),
+            interpolate_offset=self.interpolate_offset,
+            interpolate_antialias=self.interpolate_antialias,
+        )
+        return pos_embed.to(x.dtype)
 
     def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Images ``(B, C, H, W)`` -> tokens ``(B, 1 + R + N, D)``.
