@@ -15,16 +15,18 @@ import logging
 import math
 import os
 from contextlib import nullcontext
+from pathlib import Path
 from functools import lru_cache
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torchvision.transforms.v2 import functional as TF
 
 from dinoscale import distributed
+from dinoscale.data.datasets import ImageFolderDataset, TransformedDataset, load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +195,7 @@ class _IndexedSafeDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image, label = _split_sample(self.dataset[index])
+            image, label = _split_sample(_strict_getitem(self.dataset, index))
             if self.transform is not None:
                 image = self.transform(image)
             if not isinstance(image, torch.Tensor):
@@ -203,6 +205,27 @@ class _IndexedSafeDataset(Dataset):
             return index, image, label, None
         except Exception as exc:  # noqa: BLE001 - any loading failure is reported and skipped
             return index, None, None, f"{type(exc).__name__}: {exc}"
+
+
+def _strict_getitem(dataset: Dataset, index: int) -> Any:
+    """``dataset[index]``, except that an unreadable image file raises.
+
+    ``ImageFolderDataset`` substitutes the next readable image for a broken one (right for
+    training, wrong here: the feature row would belong to another file), so its samples are
+    read directly; ``Subset`` and ``TransformedDataset`` wrappers are looked through.
+    """
+    if isinstance(dataset, Subset):
+        return _strict_getitem(dataset.dataset, dataset.indices[index])
+    if isinstance(dataset, TransformedDataset):
+        image, label = _strict_getitem(dataset.dataset, index)
+        return dataset.transform(image), label
+    if isinstance(dataset, ImageFolderDataset):
+        path, label = dataset.samples[index]
+        image = load_rgb(path) if dataset.image_format == "pil" else Path(path).read_bytes()
+        if dataset.transform is not None:
+            image = dataset.transform(image)
+        return image, label
+    return dataset[index]
 
 
 def _split_sample(sample: Any) -> Tuple[Any, int]:
@@ -521,42 +544,89 @@ def extract_features(
 # --------------------------------------------------------------------------------------
 
 
-def dataset_from_spec(spec: str, transform: Optional[Callable] = None, default_split: str = "train"):
-    """Build a dataset from ``fashion-mnist[:split]`` or a directory of images.
+def _parse_value(text: str) -> Any:
+    import ast
 
-    A directory is read recursively with labels from its sub-folders
-    (``dinoscale.data.datasets.ImageFolderDataset``).
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as mlp or swiglufused
+
+
+def parse_model_args(items: Sequence[str]) -> Dict[str, Any]:
+    """``["embed_dim=32", "depth=2"]`` -> ``{"embed_dim": 32, "depth": 2}`` (Python literals)."""
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"model argument {item!r} is not KEY=VALUE")
+        kwargs[key.strip()] = _parse_value(value.strip())
+    return kwargs
+
+
+def _run_weights(run_dir: Path) -> Path:
+    """The best backbone weights of a training output directory (export first, else newest checkpoint)."""
+    for name in ("teacher_backbone.safetensors", "teacher_backbone.pth"):
+        if (run_dir / "export" / name).is_file():
+            return run_dir / "export" / name
+    from dinoscale.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise FileNotFoundError(f"{run_dir} has config.yaml but neither export/teacher_backbone.* nor a checkpoint")
+    return latest
+
+
+def load_backbone(
+    arch: Optional[str] = None,
+    weights: Optional[str] = None,
+    *,
+    config: Optional[str] = None,
+    overrides: Sequence[str] = (),
+    model_kwargs: Optional[Dict[str, Any]] = None,
+) -> torch.nn.Module:
+    """A frozen (eval, no grad) backbone for evaluation.
+
+    * ``arch`` a ``dinoscale.hub`` name (``dinov2_vits14``, ``dinov2_vitb14_reg``, ...): built by
+      ``hub.load(arch, weights=weights, **model_kwargs)``;
+    * ``arch`` a plain ViT constructor (``vit_small``, ``vit_base``, ``vit_large``, ``vit_giant2``)
+      with ``model_kwargs`` (patch_size, num_register_tokens, embed_dim, ...);
+    * ``config`` a dinoscale training config (+ ``overrides``): the backbone of ``model:``;
+    * ``weights`` a training output directory (holding ``config.yaml``): its config and its
+      exported teacher (or newest checkpoint).
+
+    ``weights`` may be any file/directory ``dinoscale.hub.load_state_dict_any`` understands
+    (official DINOv2 .pth, timm, Hugging Face, dinoscale checkpoints).
     """
-    from dinoscale.data import datasets
-
-    name, _, split = spec.partition(":")
-    if name.lower() in ("fashion-mnist", "fashion_mnist", "fmnist"):
-        split = split or default_split
-        if split not in ("train", "test"):
-            raise ValueError(f"fashion-mnist split must be 'train' or 'test', got {split!r}")
-        return datasets.FashionMNIST(split=split, transform=transform)
-    if not os.path.isdir(spec):
-        raise FileNotFoundError(f"dataset {spec!r} is neither 'fashion-mnist[:split]' nor an existing directory")
-    return datasets.ImageFolderDataset(spec, transform=transform)
-
-
-def subset_first(dataset: Dataset, limit: Optional[int]) -> Dataset:
-    """The first ``limit`` samples (all when limit is None or larger than the dataset)."""
-    if limit is None or limit >= len(dataset):
-        return dataset
-    if limit < 1:
-        raise ValueError(f"sample limit must be >= 1, got {limit}")
-    return torch.utils.data.Subset(dataset, range(limit))
-
-
-def load_backbone(arch: Optional[str] = None, weights: Optional[str] = None, **kwargs) -> torch.nn.Module:
-    """A frozen backbone from ``dinoscale.hub``: ``arch`` names a hub constructor
-    (e.g. "dinov2_vits14"); ``weights`` is any checkpoint ``hub.load`` understands."""
     from dinoscale import hub
+    from dinoscale.models import vit
 
-    if arch is None and weights is None:
-        raise ValueError("give --arch and/or --weights")
-    model = hub.load(arch, weights=weights, **kwargs) if arch is not None else hub.load(weights=weights, **kwargs)
+    model_kwargs = dict(model_kwargs or {})
+    if weights is not None and Path(weights).is_dir() and (Path(weights) / "config.yaml").is_file():
+        if config is None and arch is None:
+            config = str(Path(weights) / "config.yaml")
+        weights = str(_run_weights(Path(weights)))
+    if config is not None:
+        if arch is not None:
+            raise ValueError("give either an arch or a config, not both")
+        from dinoscale.config import load_config
+        from dinoscale.methods.dinov2 import build_backbone
+
+        cfg = load_config(config, overrides)
+        model = build_backbone(cfg.model, drop_path_rate=0.0)
+        if weights is not None:
+            hub.load_state_dict_any(model, weights)
+    elif arch in hub.MODELS:
+        model = hub.load(arch, weights=weights, **model_kwargs)
+    elif arch in ("vit_small", "vit_base", "vit_large", "vit_giant2"):
+        model = getattr(vit, arch)(**model_kwargs)
+        if weights is not None:
+            hub.load_state_dict_any(model, weights)
+    elif arch is None:
+        raise ValueError("no backbone given: pass an arch (e.g. dinov2_vits14), a config, or a run directory")
+    else:
+        known = sorted(hub.MODELS) + ["vit_base", "vit_giant2", "vit_large", "vit_small"]
+        raise ValueError(f"unknown arch {arch!r}; choose one of {known}")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
