@@ -448,7 +448,8 @@ def open_dataset(spec: str, transform: Callable | None = None, max_samples: int 
     * an image folder -> :class:`ImageFolderDataset`: encoded bytes without a transform (the
       multi-crop augmentation decodes them, at reduced size when it can), PIL RGB with one;
     * shards (see :func:`is_shard_spec`) -> :class:`dinoscale.data.shards.ShardDataset`, an
-      iterable dataset that :func:`dinoscale.data.loader.build_pretrain_loader` also accepts.
+      iterable dataset that :func:`dinoscale.data.loader.build_pretrain_loader` also accepts;
+      like image folders, encoded bytes without a transform and PIL RGB with one.
 
     ``max_samples`` keeps the first that many samples (a quick subset for evaluation).
     """
@@ -469,7 +470,8 @@ def open_dataset(spec: str, transform: Callable | None = None, max_samples: int 
     elif is_shard_spec(spec):
         from dinoscale.data.shards import ShardDataset
 
-        return ShardDataset(spec, transform=transform, max_samples=max_samples)
+        image_format = "pil" if transform else "bytes"
+        return ShardDataset(spec, transform=transform, max_samples=max_samples, image_format=image_format)
     elif Path(spec).is_dir():
         dataset = ImageFolderDataset(spec, transform=transform, image_format="pil" if transform else "bytes")
     else:
