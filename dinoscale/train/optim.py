@@ -141,7 +141,9 @@ def build_optimizer(
     for group in groups:
         for key in ("params", "lr_multiplier", "wd_multiplier", "is_last_layer"):
             if key not in group:
-                raise ValueError(f"param group '{group.get('name', '?')}' lacks '{key}'; build it with get_param_groups")
+                raise ValueError(
+                    f"param group '{group.get('name', '?')}' lacks '{key}'; build it with get_param_groups"
+                )
         group["params"] = list(group["params"])
     if fused is None:
         params = [p for group in groups for p in group["params"]]
