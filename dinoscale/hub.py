@@ -58,14 +58,42 @@ def _looks_like_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0
 
 
+def _zip_problem(path: Path) -> str | None:
+    """Why a torch.save (zip) file cannot be opened, if the zip structure itself is broken."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return f"the zip archive is truncated or corrupt (no central directory; {path.stat().st_size} bytes)"
+    if magic == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            return f"the zip archive is corrupt ({e})"
+        if bad is not None:
+            return f"the zip archive is corrupt (bad CRC in member {bad})"
+    return None
+
+
 def _torch_load(path: Path, weights_only: bool):
     import pickle
 
+    problem = _zip_problem(path)
+    if problem is not None:
+        raise WeightsLoadError(f"could not read checkpoint file {path}: {problem}")
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as e:
-        hint = " (if you trust this file, pass weights_only=False)" if weights_only else ""
-        raise WeightsLoadError(f"could not read checkpoint file {path}: {e}{hint}") from e
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+        if not is_zip:  # not torch.save's format: a legacy pickle or garbage; the weights_only hint would mislead
+            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = f"not a torch.save zip archive nor a safetensors file, and unpickling failed ({first_line})"
+        else:
+            reason = str(e) + (" (if you trust this file, pass weights_only=False)" if weights_only else "")
+        raise WeightsLoadError(f"could not read checkpoint file {path} ({path.stat().st_size} bytes): {reason}") from e
 
 
 def _read_file(path: Path, weights_only: bool):
@@ -77,8 +105,11 @@ def _read_file(path: Path, weights_only: bool):
         return _torch_load(path, weights_only)
     except WeightsLoadError:
         raise
-    except Exception as e:  # truncated zip, bad header, ... -- name the file and the reason
-        raise WeightsLoadError(f"could not read checkpoint file {path}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # truncated pickle, bad header, ... -- name the file and the reason
+        size = path.stat().st_size
+        raise WeightsLoadError(
+            f"could not read checkpoint file {path} ({size} bytes): {type(e).__name__}: {e}"
+        ) from e
 
 
 def _read_dcp(path: Path, weights_only: bool) -> dict:
@@ -209,6 +240,16 @@ def _is_square(n: int) -> bool:
     return n > 0 and math.isqrt(n) ** 2 == n
 
 
+_TIMM_SPLIT_QKV = re.compile(r"(blocks\.\d+\.attn)\.(q|k|v)(?:_proj)?\.(weight|bias)")
+_TIMM_QV_BIAS = re.compile(r"(blocks\.\d+\.attn)\.(q|v)_bias")
+
+
+def _is_packed_swiglu(state_dict: Mapping[str, torch.Tensor], mlp: str) -> bool:
+    """timm packs SwiGLU's two input projections into ``fc1`` (twice as wide as ``fc2``'s input)."""
+    fc1, fc2 = state_dict.get(f"{mlp}.fc1.weight"), state_dict.get(f"{mlp}.fc2.weight")
+    return fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]
+
+
 def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
     """``"huggingface"``, ``"timm"`` or ``"dinov2"`` (the official layout), from key names and shapes."""
     keys = state_dict.keys()
@@ -220,12 +261,11 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
     if pos_embed is not None and pos_embed.ndim == 3 and _is_square(pos_embed.shape[1]):
         return "timm"  # no class slot: timm's no_embed_class variant
     for key in keys:
-        if re.fullmatch(r"blocks\.\d+\.attn\.(q|k|v|q_proj|k_proj|v_proj)\.(weight|bias)|blocks\.\d+\.attn\.[qv]_bias", key):
+        if _TIMM_SPLIT_QKV.fullmatch(key) or _TIMM_QV_BIAS.fullmatch(key):
             return "timm"
         m = re.fullmatch(r"(blocks\.\d+\.mlp)\.fc1\.weight", key)
-        fc2 = state_dict.get(f"{m.group(1)}.fc2.weight") if m else None
-        if fc2 is not None and state_dict[key].shape[0] == 2 * fc2.shape[1]:
-            return "timm"  # fc1 packs the two SwiGLU inputs
+        if m and _is_packed_swiglu(state_dict, m.group(1)):
+            return "timm"
     return "dinov2"
 
 
@@ -257,9 +297,9 @@ def timm_to_dinov2(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             out[key] = torch.cat([value.new_zeros(1, 1, value.shape[2]), value], dim=1)
         elif key.startswith("head."):
             logger.warning("ignoring classifier weights %s (not part of the backbone)", key)
-        elif m := re.fullmatch(r"(blocks\.\d+\.attn)\.(q|k|v)(?:_proj)?\.(weight|bias)", key):
+        elif m := _TIMM_SPLIT_QKV.fullmatch(key):
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
-        elif m := re.fullmatch(r"(blocks\.\d+\.attn)\.(q|v)_bias", key):
+        elif m := _TIMM_QV_BIAS.fullmatch(key):
             # BEiT/EVA style: no key bias (zeros keep the projection identical).
             qkv.setdefault((m.group(1), "bias"), {})[m.group(2)] = value
             qkv[(m.group(1), "bias")].setdefault("k", torch.zeros_like(value))
@@ -269,12 +309,12 @@ def timm_to_dinov2(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
         out[f"{prefix}.qkv.{kind}"] = _fuse_qkv(parts, f"{prefix}.qkv.{kind}")
     for key in list(out):
         m = re.fullmatch(r"(blocks\.\d+\.mlp)\.fc1\.weight", key)
-        if m and f"{m.group(1)}.fc2.weight" in out and out[key].shape[0] == 2 * out[f"{m.group(1)}.fc2.weight"].shape[1]:
-            for param in ("weight", "bias"):
-                if f"{m.group(1)}.fc1.{param}" in out:
-                    out[f"{m.group(1)}.w12.{param}"] = out.pop(f"{m.group(1)}.fc1.{param}")
-                if f"{m.group(1)}.fc2.{param}" in out:
-                    out[f"{m.group(1)}.w3.{param}"] = out.pop(f"{m.group(1)}.fc2.{param}")
+        if m and _is_packed_swiglu(out, m.group(1)):
+            mlp = m.group(1)
+            for old, new in (("fc1", "w12"), ("fc2", "w3")):
+                for param in ("weight", "bias"):
+                    if f"{mlp}.{old}.{param}" in out:
+                        out[f"{mlp}.{new}.{param}"] = out.pop(f"{mlp}.{old}.{param}")
     return dinov2_filter_fn(out)
 
 
@@ -406,13 +446,14 @@ def load_state_dict_any(
     converted = _fit_to_model(converted, model)
 
     expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in converted)
-    unexpected = sorted(k for k in converted if k not in expected)
-    mismatched = sorted(
+    # Listed in model (resp. checkpoint) order, which reads better than an alphabetical blocks.1, blocks.10, ...
+    missing = [k for k in expected if k not in converted]
+    unexpected = [k for k in converted if k not in expected]
+    mismatched = [
         f"{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in expected
         if k in converted and converted[k].shape != expected[k].shape
-    )
+    ]
     if missing or unexpected or mismatched:
         lines = [
             f"cannot load {source} into {_describe(model)}: detected layout {layout!r}"
@@ -432,7 +473,7 @@ def load_state_dict_any(
 
 # --------------------------------------------------------------------------------------------- named models
 
-_ARCHS = {"s": ("vit_small", vit_small), "b": ("vit_base", vit_base), "l": ("vit_large", vit_large), "g": ("vit_giant2", vit_giant2)}
+_ARCHS = {"s": vit_small, "b": vit_base, "l": vit_large, "g": vit_giant2}
 
 
 def official_weights_url(name: str) -> str:
@@ -459,7 +500,7 @@ def _make_dinov2(name: str, weights: str | os.PathLike | Mapping | None, kwargs:
         interpolate_offset=0.0 if registers else 0.1,
     )
     params.update(kwargs)
-    model = _ARCHS[m.group(1)][1](**params)
+    model = _ARCHS[m.group(1)](**params)
     if weights is not None:
         if isinstance(weights, str) and weights == "official":
             weights = official_weights_url(name)

@@ -107,7 +107,8 @@ def test_forward_shapes_with_registers():
     assert out["x_prenorm"].shape == (3, 1 + 4 + 16, D)
     assert out["masks"] is None
     torch.testing.assert_close(out["x_norm_patchtokens"], model.norm(out["x_prenorm"])[:, 5:])
-    torch.testing.assert_close(model(torch.zeros(1, 3, 56, 56)), model.forward_features(torch.zeros(1, 3, 56, 56))["x_norm_clstoken"])
+    x = torch.zeros(1, 3, 56, 56)
+    torch.testing.assert_close(model(x), model.forward_features(x)["x_norm_clstoken"])
     assert isinstance(model(torch.randn(1, 3, 56, 56), is_training=True), dict)
 
 
@@ -191,7 +192,8 @@ def test_pos_embed_interpolation_non_square_keeps_orientation():
     pos = model.interpolate_pos_encoding(model.patch_embed(x), w=112, h=56)
     assert pos.shape == (1, 1 + 32, D)
     expected_rows = torch.arange(4, dtype=torch.float32).repeat_interleave(8)
-    torch.testing.assert_close(pos[0, 1:], expected_rows[:, None] * torch.linspace(-1, 1, D)[None, :], atol=1e-5, rtol=1e-5)
+    expected = expected_rows[:, None] * torch.linspace(-1, 1, D)[None, :]
+    torch.testing.assert_close(pos[0, 1:], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pos[0, 0], torch.full((D,), 7.0))
     out = model.forward_features(x)
     assert out["x_norm_patchtokens"].shape == (2, 32, D)
@@ -248,7 +250,8 @@ def test_get_intermediate_layers():
 def test_drop_path_only_in_train_mode():
     model = tiny(depth=4, drop_path_rate=0.5)
     assert [round(b.drop_path1.drop_prob, 4) for b in model.blocks] == [0.0, 0.1667, 0.3333, 0.5]
-    assert [b.drop_path2.drop_prob for b in tiny(depth=3, drop_path_rate=0.2, drop_path_uniform=True).blocks] == [0.2] * 3
+    uniform = tiny(depth=3, drop_path_rate=0.2, drop_path_uniform=True)
+    assert [b.drop_path2.drop_prob for b in uniform.blocks] == [0.2] * 3
     reference = tiny(depth=4, drop_path_rate=0.0)
     reference.load_state_dict(model.state_dict())
     x = torch.randn(8, 3, 28, 28)
