@@ -153,7 +153,6 @@ def test_disabled_logger_writes_nothing(tmp_path):
 
 
 def test_nan_metric_becomes_null(tmp_path):
-    rows = []
     with MetricLogger(tmp_path, total_steps=1, tensorboard=False, progress_bar=False) as logger:
         logger.log(1, {"loss": torch.tensor(float("inf")), "lr": math.nan}, n_images=1)
     rows = read_metrics(tmp_path / "metrics.jsonl")
