@@ -104,6 +104,17 @@ def _node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
+def _configure_logging(rank: int) -> None:
+    # Only the "dinoscale" logger: the root logger would print submitit's own messages twice.
+    logger = logging.getLogger("dinoscale")
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 class TrainingJob:
     """Picklable submitit callable running :func:`dinoscale.train.loop.train` on one task.
 
@@ -138,13 +149,7 @@ class TrainingJob:
         from dinoscale.config import load_config
 
         env = submitit.JobEnvironment()
-        logging.basicConfig(
-            level=logging.INFO if env.global_rank == 0 else logging.WARNING,
-            format=f"[%(asctime)s rank{env.global_rank}] %(message)s",
-            datefmt="%H:%M:%S",
-            stream=sys.stdout,
-            force=True,
-        )
+        _configure_logging(env.global_rank)
         # Install the flag first: a signal that arrives while the data and model are being built is
         # honoured at the first step boundary.
         stop = StopFlag()
@@ -162,7 +167,7 @@ class TrainingJob:
         # show which node each rank ran on.
         print(
             f"[dinoscale.launch] rank {info.rank} of world size {info.world_size} (local rank {info.local_rank}) "
-            f"on node {_node_name()}, master {info.master_addr}:{info.master_port}",
+            f"on node {_node_name()}, master {info.master_addr}:{info.master_port}, pid {os.getpid()}",
             flush=True,
         )
 

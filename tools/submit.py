@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = job.results()[0]  # rank 0's result (one entry per task)
     except Exception as exc:  # the job's own traceback is in its stderr log
-        print(f"local job {job.job_id} failed: {exc}", file=sys.stderr)
+        print(f"local job {job.job_id} failed: {exc} (see {job.paths.stderr})", file=sys.stderr)
         return 1
     print(f"local job {job.job_id}: {result.status} at step {result.step}")
     return 0 if result.status == "finished" else 3
