@@ -376,6 +376,8 @@ class DinoVisionTransformer(nn.Module):
         self, x_list: Sequence[torch.Tensor], masks_list: Sequence[torch.Tensor | None] | None = None
     ) -> list[dict]:
         """One pass through the blocks for several batches of different resolutions; one dict per batch."""
+        if len(x_list) == 0:
+            raise ValueError("forward_features got an empty list of image batches")
         if masks_list is None:
             masks_list = [None] * len(x_list)
         if len(masks_list) != len(x_list):

@@ -153,6 +153,10 @@ def test_bad_masks_are_rejected():
         model.forward_features(x, torch.zeros(2, 9, dtype=torch.bool))
     with pytest.raises(TypeError, match="list"):
         model.forward_features([x], torch.zeros(2, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="2 image batches but 1 masks"):
+        model.forward_features([x, x], [None])
+    with pytest.raises(ValueError, match="empty list"):
+        model.forward_features([])
 
 
 @pytest.mark.parametrize("num_register_tokens", [0, 4])
