@@ -429,14 +429,18 @@ def is_shard_spec(spec: str) -> bool:
     """True when ``spec`` names WebDataset shards rather than a folder or Fashion-MNIST.
 
     Shards: ``pipe:``/``http(s):``/... URLs, brace patterns (``/d/shard-{000000..000127}.tar``),
-    ``.tar`` files, an index file (``.json``) or a directory holding ``index.json``.
+    ``.tar`` files, an index file (``.json``) or a directory holding ``index.json`` (or
+    sub-folders that do, e.g. the ``train``/``test`` sets written for Fashion-MNIST).
     """
     if "://" in spec or spec.startswith("pipe:") or "{" in spec:
         return True
     path = Path(spec)
     if path.suffix in (".tar", ".json") or spec.endswith((".tar.gz", ".tgz")):
         return True
-    return path.is_dir() and (path / "index.json").is_file()
+    if not path.is_dir():
+        return False
+    # A shard set, or a folder of per-split shard sets (resolve_shards then names the splits).
+    return (path / "index.json").is_file() or any((p / "index.json").is_file() for p in path.iterdir() if p.is_dir())
 
 
 def open_dataset(spec: str, transform: Callable | None = None, max_samples: int | None = None):

@@ -56,13 +56,12 @@ import os
 import random
 import tarfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -70,7 +69,6 @@ from dinoscale.data.datasets import (
     DECODE_ERRORS,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
-    IMG_EXTENSIONS,
     FashionMNIST,
     ImageFolderDataset,
     collect_skips,
@@ -306,7 +304,8 @@ def write_shards(
             resolved against the list file's folder; labels ints or class names).
         output_dir: destination folder.
         pattern: printf-style shard file name, e.g. ``shard-%06d.tar``.
-        max_samples_per_shard, max_bytes_per_shard: a new shard starts when either is reached.
+        max_samples_per_shard, max_bytes_per_shard: a new shard starts when either is reached
+            (bytes count the payload; tar headers add 512 bytes per member).
         jpeg_quality: None keeps original file bytes (Fashion-MNIST: lossless PNG); an int
             re-encodes every image as JPEG with that quality.
         shuffle, seed: shuffle the sample order (seeded) before writing, so that a shard is a
@@ -660,11 +659,14 @@ class ShardStream:
                 count=missing,
             )
         while missing > 0:
+            before = missing
             for sample in self._read_segment(segment, report=False):
                 yield sample
                 missing -= 1
                 if missing == 0:
                     break
+            if missing == before:
+                return  # the data vanished between the two reads: nothing left to repeat
 
     def samples(self, skip: int = 0, report: bool = True) -> Iterator[RawSample]:
         empty_in_a_row = 0
@@ -718,6 +720,8 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"image_format must be 'pil' or 'bytes', got {image_format!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if max_samples is not None and max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
         self.shard_set = resolve_shards(spec)
         self.spec = spec
         self.transform = transform

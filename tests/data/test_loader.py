@@ -202,3 +202,64 @@ def test_shard_dataset_source_keeps_its_image_format(tmp_path, helpers):
     )  # fmt: skip
     take(loader, 1)
     assert received == [bytes, bytes]  # pretraining from open_dataset: the augmentation decodes
+
+
+# --------------------------------------------------------------------------- with the real pipeline
+
+
+def _real_pipeline():
+    from functools import partial
+
+    from dinoscale.data.augment import MultiCropAugmentation
+    from dinoscale.data.collate import collate_multicrop
+    from dinoscale.data.masking import MaskingGenerator
+
+    augmentation = MultiCropAugmentation(
+        local_crops_number=2, global_crops_size=28, local_crops_size=14, global_crops_scale=(0.5, 1.0)
+    )
+    collate = partial(
+        collate_multicrop,
+        mask_generator=MaskingGenerator((4, 4), max_num_patches=8),
+        n_tokens=16,
+        mask_ratio_tuple=(0.1, 0.5),
+        mask_probability=0.5,
+    )
+    return augmentation, collate
+
+
+def _assert_same_dicts(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            if torch.is_tensor(x[key]):
+                assert torch.equal(x[key], y[key]), key
+            else:
+                assert x[key] == y[key], key
+
+
+@pytest.mark.parametrize("kind", ["map", "shards"])
+def test_real_multicrop_pipeline_workers_and_resume(tmp_path, helpers, kind):
+    augmentation, collate = _real_pipeline()
+    if kind == "map":
+        from dinoscale.data.datasets import ImageFolderDataset
+
+        helpers.make_folder(tmp_path / "img", n=10)
+        source = ImageFolderDataset(tmp_path / "img", image_format="bytes")
+    else:
+        source = str(helpers.write_set(tmp_path, n=16, per_shard=4))
+    kw = dict(batch_size_per_rank=4, seed=11, rank=0, world_size=1, streams_per_rank=2)
+    if kind == "map":
+        kw.pop("streams_per_rank")
+
+    def run(num_workers, start_step, n):
+        loader = build_pretrain_loader(
+            source, augmentation, collate, num_workers=num_workers, start_step=start_step, **kw
+        )
+        return take(loader, n)
+
+    serial = run(0, 0, 4)
+    assert serial[0]["global_crops"].shape == (8, 3, 28, 28) and serial[0]["local_crops"].shape == (8, 3, 14, 14)
+    assert serial[0]["masks"].shape == (8, 16)
+    _assert_same_dicts(serial, run(2, 0, 4))
+    _assert_same_dicts(serial[2:], run(0, 2, 2))

@@ -1,9 +1,7 @@
 import importlib.util
-import io
 import itertools
 import json
 import logging
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,10 @@ def load_cli():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _identity(item):
+    return item
 
 
 def read_all(spec, **kw):
@@ -134,10 +136,10 @@ def test_specs_brace_directory_and_errors(tmp_path, helpers):
     assert piped.counts is None and len(piped.urls) == 3
     assert sorted(helpers.image_id(b) for b, _ in read_all(piped.spec, image_format="bytes")) == list(range(12))
     assert isinstance(open_dataset(str(out)), ShardDataset)
+    (tmp_path / "multi" / "train").mkdir(parents=True)
+    (tmp_path / "multi" / "train" / "index.json").write_text((out / "index.json").read_text())
     with pytest.raises(FileNotFoundError, match=r"sub-folders \['train'\]"):
-        (tmp_path / "multi" / "train").mkdir(parents=True)
-        (tmp_path / "multi" / "train" / "index.json").write_text((out / "index.json").read_text())
-        resolve_shards(str(tmp_path / "multi"))
+        open_dataset(str(tmp_path / "multi"))
     (tmp_path / "junk.json").write_text('{"hello": 1}')
     with pytest.raises(ValueError, match="not a dinoscale shard index"):
         resolve_shards(str(tmp_path / "junk.json"))
@@ -148,7 +150,7 @@ def test_one_pass_reads_every_sample_once_over_ranks_and_workers(tmp_path, helpe
     seen = []
     for rank in range(2):
         ds = ShardDataset(str(out), image_format="bytes", rank=rank, world_size=2)
-        loader = DataLoader(ds, batch_size=None, num_workers=2, collate_fn=lambda x: x)
+        loader = DataLoader(ds, batch_size=None, num_workers=2, collate_fn=_identity)
         seen.extend(helpers.image_id(b) for b, _ in loader)
     assert sorted(seen) == list(range(24))
     assert len(list(ShardDataset(str(out), max_samples=7))) == 7
