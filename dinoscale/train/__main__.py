@@ -1,0 +1,5 @@
+import sys
+
+from dinoscale.train.cli import main
+
+sys.exit(main())

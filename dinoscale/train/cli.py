@@ -1,0 +1,75 @@
+"""Command line of ``tools/train.py`` and ``python -m dinoscale.train``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from dinoscale import distributed
+from dinoscale.config import ConfigError, load_config
+
+# Signals that mean "save and stop at the next step boundary": SLURM's pre-timeout/preemption signals
+# (sbatch --signal=USR1@90, submitit's USR2) and the SIGTERM that scancel/preemption sends first.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+def install_stop_handler() -> threading.Event:
+    """An event set by any of STOP_SIGNALS; the loop checks it once per step (never saves inside a handler)."""
+    event = threading.Event()
+
+    def handler(signum, _frame):
+        logging.getLogger("dinoscale").warning("received %s: will checkpoint and stop after this step",
+                                               signal.Signals(signum).name)
+        event.set()
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+    return event
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="DINOv2 pretraining (single process, torchrun or srun).",
+        epilog="Example: python tools/train.py --config configs/quickstart.yaml train.max_steps=100",
+    )
+    parser.add_argument("--config", default=None, help="YAML config merged onto configs/default.yaml")
+    parser.add_argument("--resume", dest="resume", action="store_true", default=None,
+                        help="resume from the latest checkpoint in train.output_dir (the default)")
+    parser.add_argument("--no-resume", dest="resume", action="store_false", help="start from scratch")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.output_dir=DIR")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"train.resume={str(args.resume).lower()}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+    info = distributed.init_distributed()
+    logging.basicConfig(
+        level=logging.INFO if info.rank == 0 else logging.WARNING,
+        format=f"[%(asctime)s rank{info.rank}] %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from dinoscale.train.loop import train
+
+    stop = install_stop_handler()
+    try:
+        result = train(cfg, stop_requested=stop.is_set)
+    finally:
+        distributed.destroy_distributed()
+    if result.knn and info.rank == 0:
+        k = cfg.evaluation.knn_k
+        print(f"knn@{k} teacher={result.knn['teacher']:.2f}% random_init={result.knn['random_init']:.2f}%",
+              flush=True)
+    # 3 tells a batch script "stopped on request, requeue me" apart from success (0) and failure (1).
+    return 3 if result.status == "preempted" else 0

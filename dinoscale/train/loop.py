@@ -1,0 +1,296 @@
+"""The training loop. Reads top to bottom: build -> resume -> (batch -> loss -> step -> EMA -> log) -> save -> eval.
+
+It does not care whether the networks are sharded (``dinoscale.parallel`` decides, from the config and the
+process group) or where batches come from (``dinoscale.data.loader.build_pretrain_loader``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+
+from dinoscale import checkpoint, distributed
+from dinoscale.config import save_config
+from dinoscale.data.augment import MultiCropAugmentation
+from dinoscale.data.collate import collate_multicrop
+from dinoscale.data.datasets import open_dataset
+from dinoscale.data.loader import build_pretrain_loader
+from dinoscale.data.masking import MaskingGenerator
+from dinoscale.methods.dinov2 import DINOv2Loss, build_backbone, build_networks
+from dinoscale.train.metrics import MetricLogger
+from dinoscale.train.optim import apply_schedule_, build_optimizer, clip_grad_norm_, get_param_groups
+from dinoscale.train.schedules import build_schedules, scale_lr
+from dinoscale.train.teacher import ema_update_, init_teacher_from_student_
+
+log = logging.getLogger("dinoscale")
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" | "preempted"
+    step: int
+    output_dir: str
+    knn: dict[str, float] = field(default_factory=dict)
+
+
+class TooManyBadSteps(RuntimeError):
+    """Training stopped after too many consecutive steps with a non-finite loss or gradient."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def autocast_context(mode: str, device: torch.device):
+    """``train.autocast``: auto (bf16 on CUDA, off on CPU) | none | bf16 | fp16."""
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "none"
+    if mode == "none":
+        return contextlib.nullcontext
+    if mode not in ("bf16", "fp16"):
+        raise ValueError(f"train.autocast must be auto, none, bf16 or fp16, got '{mode}'")
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError("train.autocast=fp16 needs CUDA (fp16 training needs a loss scaler; use bf16 on CPU)")
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    return partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def build_data(cfg: DictConfig, *, patch_size: int, start_step: int):
+    """The infinite iterator of collated multi-crop batches for this rank, starting at ``start_step``."""
+    augmentation = MultiCropAugmentation(
+        global_crops_scale=tuple(cfg.crops.global_crops_scale),
+        local_crops_scale=tuple(cfg.crops.local_crops_scale),
+        local_crops_number=cfg.crops.local_crops_number,
+        global_crops_size=cfg.crops.global_crops_size,
+        local_crops_size=cfg.crops.local_crops_size,
+    )
+    grid = cfg.crops.global_crops_size // patch_size
+    n_tokens = grid * grid
+    collate = partial(
+        collate_multicrop,
+        mask_generator=MaskingGenerator((grid, grid), max_num_patches=int(0.5 * n_tokens)),
+        n_tokens=n_tokens,
+        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_probability=cfg.ibot.mask_sample_probability,
+    )
+    return build_pretrain_loader(
+        open_dataset(cfg.train.dataset),
+        augmentation,
+        collate,
+        batch_size_per_rank=cfg.train.batch_size_per_rank,
+        num_workers=cfg.train.num_workers,
+        seed=cfg.train.seed,
+        start_step=start_step,
+        rank=distributed.get_rank(),
+        world_size=distributed.get_world_size(),
+    )
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    device = resolve_device(cfg.train.device)
+    output_dir = Path(cfg.train.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+
+    # --- networks: the same initial weights on every rank, then parallelism applied from one place
+    torch.manual_seed(cfg.train.seed)
+    student, teacher = build_networks(cfg)
+    if cfg.model.pretrained_weights:
+        from dinoscale.hub import load_state_dict_any
+
+        load_state_dict_any(student["backbone"], cfg.model.pretrained_weights)
+    init_teacher_from_student_(teacher, student)
+    loss_module = DINOv2Loss(cfg)
+    student.to(device), teacher.to(device), loss_module.to(device)
+    if distributed.is_enabled():
+        from dinoscale.parallel import parallelize_student_teacher
+
+        parallelize_student_teacher(student, teacher, compute_cfg=cfg.compute, device=device)
+
+    # --- optimizer and schedules
+    n_blocks = student["backbone"].n_blocks
+    optimizer = build_optimizer(
+        get_param_groups(
+            student,
+            lr_decay_rate=cfg.optim.layerwise_decay,
+            patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
+            n_blocks=n_blocks,
+        ),
+        betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
+    )
+    global_batch = cfg.train.batch_size_per_rank * world_size
+    base_lr = scale_lr(cfg.optim.base_lr, global_batch) if cfg.optim.scale_lr_with_batch else cfg.optim.base_lr
+    epoch_length = cfg.train.official_epoch_length
+    total_steps = cfg.optim.epochs * epoch_length
+    schedules = build_schedules(
+        total_steps=total_steps,
+        epoch_length=epoch_length,
+        base_lr=base_lr,
+        min_lr=cfg.optim.min_lr,
+        warmup_epochs=cfg.optim.warmup_epochs,
+        weight_decay=cfg.optim.weight_decay,
+        weight_decay_end=cfg.optim.weight_decay_end,
+        momentum_teacher=cfg.teacher.momentum_teacher,
+        final_momentum_teacher=cfg.teacher.final_momentum_teacher,
+        teacher_temp=cfg.teacher.teacher_temp,
+        warmup_teacher_temp=cfg.teacher.warmup_teacher_temp,
+        warmup_teacher_temp_epochs=cfg.teacher.warmup_teacher_temp_epochs,
+        freeze_last_layer_epochs=cfg.optim.freeze_last_layer_epochs,
+    )
+    max_steps = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
+
+    # --- resume: weights, optimizer, centers, schedule position, RNG and data position
+    start_step, bad_steps = 0, 0
+    torch.manual_seed(cfg.train.seed + 1 + rank)  # drop path etc. differ per rank
+    latest = checkpoint.latest_checkpoint(output_dir) if cfg.train.resume else None
+    if latest is not None:
+        meta = checkpoint.load_checkpoint(
+            latest, student=student, teacher=teacher, optimizer=optimizer, loss_module=loss_module
+        )
+        start_step, bad_steps = meta["step"], meta.get("consecutive_bad_steps", 0)
+        if "rank_state" in meta:
+            checkpoint.set_rng_state(meta["rank_state"]["rng"])
+        else:  # resharded resume: RNG streams cannot be matched rank to rank; derive fresh ones
+            torch.manual_seed(cfg.train.seed + 1 + rank + 1_000_003 * start_step)
+        if rank == 0:
+            log.info("resumed from %s at step %d (world size %d -> %d)", latest, start_step,
+                     meta["world_size"], world_size)
+    elif rank == 0:
+        log.info("starting a new run in %s", output_dir)
+
+    metrics = MetricLogger(
+        output_dir, total_steps=max_steps, log_every=cfg.train.log_every, tensorboard=cfg.train.tensorboard,
+        enabled=rank == 0, start_step=start_step,
+    )
+    autocast = autocast_context(cfg.train.autocast, device)
+    batches = iter(build_data(cfg, patch_size=student["backbone"].patch_size, start_step=start_step))
+
+    def save(step: int) -> None:
+        checkpoint.save_checkpoint(
+            output_dir, step, student=student, teacher=teacher, optimizer=optimizer, loss_module=loss_module,
+            trainer_state={"consecutive_bad_steps": bad_steps, "data_position_step": step,
+                           "global_batch_size": global_batch},
+            keep=cfg.train.keep_checkpoints,
+        )
+
+    # --- the loop
+    student.train(), teacher.eval()
+    step, status = start_step, "finished"
+    while step < max_steps:
+        batch = _to_device(next(batches), device)
+        sched = schedules.at(step)
+        apply_schedule_(optimizer, lr=sched["lr"], wd=sched["wd"], last_layer_lr=sched["last_layer_lr"])
+        centers = {k: v.clone() for k, v in loss_module.state_dict().items()}  # restored if the step is skipped
+
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss, terms = loss_module(student, teacher, batch, sched["teacher_temp"])
+        loss.backward()
+        grad_norm = clip_grad_norm_(student.parameters(), cfg.optim.clip_grad)
+
+        # One small host sync per step: agree across ranks on "skip this step" and "stop now".
+        flags = torch.stack([
+            (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float(),
+            torch.tensor(float(bool(stop_requested and stop_requested())), device=loss.device),
+        ])
+        nonfinite, stop = (v > 0 for v in distributed.all_reduce_sum_(flags).tolist())
+        if nonfinite:
+            bad_steps += 1
+            loss_module.load_state_dict(centers)
+            metrics.log_event(step + 1, {"type": "skipped_step", "loss": float(loss.detach()), "grad_norm": float(grad_norm),
+                                     "consecutive_bad_steps": bad_steps})
+            log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step + 1, bad_steps)
+            if bad_steps >= cfg.train.max_consecutive_bad_steps:
+                raise TooManyBadSteps(
+                    f"{bad_steps} consecutive steps with a non-finite loss or gradient (up to step {step + 1}); "
+                    "stopping. Lower optim.base_lr, raise optim.warmup_epochs, or check the data. The last good "
+                    f"checkpoint is in {checkpoint.checkpoint_root(output_dir)}."
+                )
+        else:
+            bad_steps = 0
+            optimizer.step()
+            ema_update_(teacher, student, sched["momentum"])
+        step += 1
+
+        metrics.log(step, {"loss": loss.detach(), **{f"loss/{k}": v for k, v in terms.items()},
+                           "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"],
+                           "teacher_temp": sched["teacher_temp"], "grad_norm": grad_norm,
+                           "skipped_steps_in_a_row": bad_steps}, n_images=global_batch)
+        if stop:
+            save(step)
+            status = "preempted"
+            log.warning("stop requested: checkpoint saved at step %d", step)
+            break
+        if step % cfg.train.checkpoint_every == 0 or step == max_steps:
+            save(step)
+        if cfg.evaluation.period and step % cfg.evaluation.period == 0 and step < max_steps:
+            knn = evaluate_knn(cfg, teacher["backbone"], device)
+            metrics.log_event(step, {"type": "eval", **knn})
+
+    metrics.close()
+    result = TrainResult(status=status, step=step, output_dir=str(output_dir))
+    if status == "finished":
+        export_teacher(teacher, output_dir / "export")
+        if cfg.evaluation.final_knn and cfg.evaluation.knn_train_dataset:
+            torch.manual_seed(cfg.train.seed)  # the very network training started from
+            random_init = build_backbone(cfg.model, drop_path_rate=0.0).to(device)
+            trained = evaluate_knn(cfg, teacher["backbone"], device)
+            untrained = evaluate_knn(cfg, random_init, device)
+            result.knn = {"teacher": trained[f"knn/top1@{cfg.evaluation.knn_k}"],
+                          "random_init": untrained[f"knn/top1@{cfg.evaluation.knn_k}"]}
+            if rank == 0:
+                MetricLogger.append_jsonl(output_dir / "metrics.jsonl",
+                                          {"type": "final_knn", "step": step, **result.knn})
+    return result
+
+
+def export_teacher(teacher: torch.nn.Module, export_dir: Path) -> None:
+    """The teacher backbone in the official DINOv2 layout (.pth + .safetensors), and its heads beside it."""
+    full = checkpoint.full_state_dict(teacher)  # collective: every rank calls it
+    if distributed.get_rank() == 0:
+        backbone = {k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")}
+        heads = {k: v for k, v in full.items() if not k.startswith("backbone.")}
+        checkpoint.save_backbone(backbone, export_dir / "teacher_backbone")
+        checkpoint.save_backbone(heads, export_dir / "teacher_heads")
+    distributed.barrier()
+
+
+def evaluate_knn(cfg: DictConfig, backbone: torch.nn.Module, device: torch.device) -> dict[str, float]:
+    """Weighted cosine kNN of ``backbone``'s CLS features on the configured labeled datasets."""
+    from dinoscale.eval.features import eval_transform, extract_features
+    from dinoscale.eval.knn import knn_classify
+
+    ev = cfg.evaluation
+    transform = eval_transform(ev.knn_image_size, backbone.patch_size)
+    train_set = open_dataset(ev.knn_train_dataset, transform=transform, max_samples=ev.knn_max_train_samples)
+    test_set = open_dataset(ev.knn_test_dataset, transform=transform)
+    was_training = backbone.training
+    backbone.eval()
+    kw = dict(batch_size=256, num_workers=min(cfg.train.num_workers, 4), device=device, progress=False)
+    train_feats = extract_features(backbone, train_set, **kw)
+    test_feats = extract_features(backbone, test_set, **kw)
+    backbone.train(was_training)
+    results = knn_classify(train_feats["cls"], train_feats["labels"], test_feats["cls"], test_feats["labels"],
+                           ks=(ev.knn_k,), temperature=ev.knn_temperature)
+    return {f"knn/top1@{k}": v["top1"] for k, v in results.items()} | {
+        f"knn/top5@{k}": v["top5"] for k, v in results.items()}
+

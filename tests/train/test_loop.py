@@ -1,0 +1,131 @@
+"""End-to-end checks of the training loop on a tiny ViT and real Fashion-MNIST images (CPU, seconds)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinoscale import checkpoint
+from dinoscale.config import load_config
+from dinoscale.train import loop
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+
+TINY = [
+    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4", "model.img_size=16",
+    "model.drop_path_rate=0.1",
+    "dino.head_n_prototypes=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
+    "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=64", "ibot.head_bottleneck_dim=32",
+    "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
+    "train.batch_size_per_rank=8", "train.num_workers=0", "train.log_every=1", "train.tensorboard=false",
+    "train.official_epoch_length=4", "optim.epochs=5", "optim.warmup_epochs=1", "optim.base_lr=0.001",
+    "optim.scale_lr_with_batch=false", "evaluation.final_knn=false", "train.autocast=none",
+]
+
+
+def run(tmp_path, *extra):
+    cfg = load_config("quickstart", TINY + [f"train.output_dir={tmp_path}", *extra])
+    return cfg, loop.train(cfg)
+
+
+def rows(out_dir, kind=None):
+    lines = [json.loads(x) for x in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in lines if r.get("type") == kind] if kind else [r for r in lines if "type" not in r]
+
+
+def test_train_writes_config_checkpoints_metrics_and_export(tmp_path):
+    cfg, result = run(tmp_path, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=1")
+    assert result.status == "finished" and result.step == 4
+    assert (tmp_path / "config.yaml").exists()
+    logged = rows(tmp_path)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    for key in ("loss", "loss/dino_global", "loss/dino_local", "loss/koleo", "loss/ibot", "lr", "wd",
+                "momentum", "teacher_temp", "grad_norm", "images_per_s"):
+        assert key in logged[-1], key
+    # keep_checkpoints=1: only the last survives
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_000000004"]
+    # the export loads with plain torch.load + strict load_state_dict into the same architecture
+    from dinoscale.methods.dinov2 import build_backbone
+
+    model = build_backbone(cfg.model, drop_path_rate=0.0)
+    model.load_state_dict(torch.load(tmp_path / "export" / "teacher_backbone.pth"), strict=True)
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / "export" / "teacher_backbone.safetensors")) == set(model.state_dict())
+
+
+def test_loss_decreases_over_a_few_steps(tmp_path):
+    # With the teacher held fixed (EMA momentum 1, constant temperature, frozen center) the targets are a
+    # fixed function of the images, so the student's cross-entropy to them must go down. (With a moving
+    # teacher the DINO loss may rise while the teacher sharpens, which is not a failure.)
+    _, result = run(tmp_path, "train.max_steps=20", "optim.base_lr=0.004", "optim.warmup_epochs=0",
+                    "train.checkpoint_every=1000", "teacher.warmup_teacher_temp=0.07",
+                    "teacher.momentum_teacher=1.0", "teacher.final_momentum_teacher=1.0",
+                    "dino.center_momentum=1.0", "dino.koleo_loss_weight=0.0")
+    losses = [r["loss"] for r in rows(tmp_path)]
+    assert result.step == 20
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+
+
+def test_resume_is_exact(tmp_path):
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    run(full, "train.max_steps=6", "train.checkpoint_every=3")
+    run(stopped, "train.max_steps=3", "train.checkpoint_every=3")
+    _, result = run(stopped, "train.max_steps=6", "train.checkpoint_every=3")
+    assert result.step == 6
+    a, b = rows(full), rows(stopped)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # no duplicated rows after resume
+    for ra, rb in zip(a, b):
+        for key in ("loss", "loss/dino_global", "loss/dino_local", "loss/koleo", "loss/ibot", "grad_norm", "lr"):
+            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    ta = torch.load(full / "export" / "teacher_backbone.pth")
+    tb = torch.load(stopped / "export" / "teacher_backbone.pth")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_preemption_stop_saves_and_resumes(tmp_path):
+    calls = {"n": 0}
+
+    def stop_after_two():
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    cfg = load_config("quickstart", TINY + [f"train.output_dir={tmp_path}", "train.max_steps=5",
+                                           "train.checkpoint_every=100"])
+    result = loop.train(cfg, stop_requested=stop_after_two)
+    assert result.status == "preempted" and result.step == 2
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step_000000002"
+    assert loop.train(cfg).step == 5
+
+
+class NaNAtSteps(loop.DINOv2Loss):
+    bad_calls = {2, 3}
+
+    def forward(self, *args, **kwargs):
+        total, terms = super().forward(*args, **kwargs)
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls in self.bad_calls:
+            total = total * float("nan")
+        return total, terms
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "DINOv2Loss", NaNAtSteps)
+    _, result = run(tmp_path, "train.max_steps=5", "train.checkpoint_every=100")
+    assert result.step == 5
+    skipped = rows(tmp_path, "skipped_step")
+    assert [r["step"] for r in skipped] == [2, 3]
+    assert [r["consecutive_bad_steps"] for r in skipped] == [1, 2]
+    finite = {r["step"]: r["loss"] is not None for r in rows(tmp_path)}  # non-finite values are logged as null
+    assert finite == {1: True, 2: False, 3: False, 4: True, 5: True}
+
+
+def test_too_many_bad_steps_stop_with_clear_error(tmp_path, monkeypatch):
+    class AlwaysNaN(NaNAtSteps):
+        bad_calls = set(range(1, 100))
+
+    monkeypatch.setattr(loop, "DINOv2Loss", AlwaysNaN)
+    with pytest.raises(loop.TooManyBadSteps, match="3 consecutive steps"):
+        run(tmp_path, "train.max_steps=10", "train.max_consecutive_bad_steps=3")
