@@ -631,3 +631,66 @@ def load_backbone(
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def add_backbone_args(parser) -> None:
+    """The backbone options shared by the evaluation CLIs (see ``backbone_from_args``)."""
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--arch", help="dinoscale.hub name (dinov2_vits14, dinov2_vitb14_reg, ...) or vit_small/...")
+    group.add_argument(
+        "--weights",
+        help="checkpoint: official DINOv2 .pth, timm/HF weights, a dinoscale export or checkpoint, or a run directory",
+    )
+    group.add_argument("--config", help="dinoscale training config whose model: section defines the backbone")
+    group.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    group.add_argument(
+        "--model-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="constructor argument for --arch, e.g. --model-arg embed_dim=32 --model-arg depth=2",
+    )
+
+
+def backbone_from_args(args) -> torch.nn.Module:
+    return load_backbone(
+        args.arch,
+        args.weights,
+        config=args.config,
+        overrides=args.override,
+        model_kwargs=parse_model_args(args.model_arg),
+    )
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def sample_names(dataset: Dataset, indices: torch.Tensor) -> List[str]:
+    """A readable name per kept sample: the file path relative to the image folder, or
+    ``"<split>/<index>"`` for datasets without files."""
+    base, positions = dataset, [int(i) for i in indices]
+    while True:
+        if isinstance(base, Subset):
+            positions = [int(base.indices[i]) for i in positions]
+            base = base.dataset
+        elif isinstance(base, TransformedDataset):
+            base = base.dataset
+        else:
+            break
+    samples = getattr(base, "samples", None)
+    if samples is not None:
+        root = Path(getattr(base, "root", "."))
+        names = []
+        for i in positions:
+            path = Path(samples[i][0])
+            try:
+                names.append(str(path.relative_to(root)))
+            except ValueError:
+                names.append(str(path))
+        return names
+    split = getattr(base, "split", "sample")
+    return [f"{split}/{i}" for i in positions]

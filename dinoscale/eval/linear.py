@@ -26,6 +26,7 @@ validation, then refit on train + val. Objective (per C):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -95,6 +96,22 @@ def extract_linear_features(
         progress=progress,
         desc="linear features",
     )
+
+
+def usable_block_counts(model: torch.nn.Module, n_last_blocks_list: Sequence[int]) -> List[int]:
+    """The entries of ``n_last_blocks_list`` the model is deep enough for (others dropped with a warning)."""
+    if not n_last_blocks_list or min(n_last_blocks_list) < 1:
+        raise ValueError(f"n_last_blocks_list must hold positive block counts, got {list(n_last_blocks_list)}")
+    depth = len(model.blocks) if hasattr(model, "blocks") else None
+    if depth is None:
+        return sorted(set(n_last_blocks_list))
+    usable = sorted({n for n in n_last_blocks_list if n <= depth})
+    dropped = sorted({n for n in n_last_blocks_list if n > depth})
+    if dropped:
+        logger.warning("model has %d blocks: dropping n_last_blocks %s from the grid", depth, dropped)
+    if not usable:
+        raise ValueError(f"model has {depth} blocks, fewer than every requested n_last_blocks {dropped}")
+    return usable
 
 
 def build_linear_inputs(cache: Dict[str, torch.Tensor], n_last_blocks: int, avgpool: bool) -> torch.Tensor:
@@ -329,8 +346,7 @@ def linear_probe(
 ) -> Dict[str, Any]:
     """End to end: cache frozen features of ``model`` on the datasets, then
     ``train_linear_probes`` (see there for the returned dict)."""
-    if not n_last_blocks_list:
-        raise ValueError("n_last_blocks_list is empty")
+    n_last_blocks_list = usable_block_counts(model, n_last_blocks_list)
     n_max = max(n_last_blocks_list)
     extract = dict(
         n_last_blocks=n_max,
@@ -367,6 +383,16 @@ def linear_probe(
 # --------------------------------------------------------------------------------------
 
 
+def _blas_threads(n: int):
+    """Cap scipy's BLAS threads at torch's thread count: with torch's OpenMP pool loaded next to
+    it, an uncapped OpenBLAS pool can spin against it and make L-BFGS many times slower."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # shipped with scikit-learn; without it, run as is
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=max(1, n), user_api="blas")
+
+
 def _fit_logreg_sklearn(x: np.ndarray, y: np.ndarray, C: float, max_iter: int):
     import warnings
 
@@ -374,7 +400,7 @@ def _fit_logreg_sklearn(x: np.ndarray, y: np.ndarray, C: float, max_iter: int):
     from sklearn.linear_model import LogisticRegression
 
     clf = LogisticRegression(C=C, max_iter=max_iter)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _blas_threads(torch.get_num_threads()):
         # Non-convergence at extreme C is expected in a grid and judged by the val score.
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(x, y)
