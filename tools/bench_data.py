@@ -1,0 +1,234 @@
+"""Benchmark the multi-crop data pipeline on real photos.
+
+Photos: every colour image that ships with scikit-image (``skimage.data``; images that need the
+optional ``pooch`` download are skipped) and scikit-learn's two sample images, each re-encoded as
+JPEG (quality 90) in memory. Printed figures, all single-threaded (``torch.set_num_threads(1)``)
+except the DataLoader one:
+
+* decode only (PIL decode to RGB): the ceiling for any pipeline that decodes every image;
+* the reference DINOv2-style PIL pipeline (written below from the DINOv2 recipe, for comparison
+  only): decode, then per crop PIL RandomResizedCrop/flip/ColorJitter/grayscale, torchvision
+  GaussianBlur, PIL solarize, ToTensor, Normalize;
+* ours: :class:`dinoscale.data.augment.MultiCropAugmentation` on the JPEG bytes, per-sample
+  photometry on the CPU, and with ``photometric_on_device=True`` (geometry only on the CPU,
+  photometry timed separately as :func:`photometric_batch` on CPU batches);
+* end-to-end DataLoader throughput with W workers and :func:`collate_multicrop`.
+
+Both pipelines produce 2 x 224 and 8 x 96 crops with the same distribution (the reference uses
+the documented blur probabilities, not DINOv2's inverted ones). The CPU may be shared, so every
+figure is the best of several interleaved rounds.
+
+Usage: python tools/bench_data.py [--workers 2] [--rounds 5] [--repeats 3] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import random
+import time
+from typing import Callable, List
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from dinoscale.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, photometric_batch
+from dinoscale.data.collate import collate_multicrop
+from dinoscale.data.masking import MaskingGenerator
+
+
+def load_photos() -> List[tuple]:
+    """(name, JPEG bytes) for every colour photo in skimage.data and sklearn's sample images."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    arrays = []
+    for name in skimage.data.__all__:
+        loader = getattr(skimage.data, name)
+        if not callable(loader) or name in ("download_all", "file_hash", "lbp_frontal_face_cascade_filename"):
+            continue
+        try:
+            result = loader()
+        except Exception:  # needs the optional pooch download, or takes arguments
+            continue
+        candidates = result if isinstance(result, tuple) else (result,)
+        for k, arr in enumerate(candidates):
+            if isinstance(arr, np.ndarray) and arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] in (3, 4):
+                arrays.append((name if len(candidates) == 1 else f"{name}[{k}]", arr))
+    sample = load_sample_images()
+    for path, arr in zip(sample.filenames, sample.images):
+        arrays.append((path.rsplit("/", 1)[-1].split(".")[0], arr))
+
+    photos = []
+    for name, arr in arrays:
+        buf = io.BytesIO()
+        Image.fromarray(arr).convert("RGB").save(buf, format="JPEG", quality=90)
+        photos.append((name, buf.getvalue()))
+    return photos
+
+
+class ReferenceDINOv2Augmentation:
+    """The DINOv2 recipe as plain torchvision/PIL transforms (benchmark comparison only)."""
+
+    def __init__(self, global_size: int = 224, local_size: int = 96, local_number: int = 8):
+        bicubic = T.InterpolationMode.BICUBIC
+        self.geometric_global = T.Compose(
+            [T.RandomResizedCrop(global_size, scale=(0.32, 1.0), interpolation=bicubic), T.RandomHorizontalFlip(0.5)]
+        )
+        self.geometric_local = T.Compose(
+            [T.RandomResizedCrop(local_size, scale=(0.05, 0.32), interpolation=bicubic), T.RandomHorizontalFlip(0.5)]
+        )
+        colour = T.Compose(
+            [
+                T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+            ]
+        )
+
+        def blur(p):
+            return T.RandomApply([T.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=p)
+
+        normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.global1 = T.Compose([colour, blur(1.0), normalize])
+        self.global2 = T.Compose([colour, blur(0.1), T.RandomSolarize(threshold=128, p=0.2), normalize])
+        self.local = T.Compose([colour, blur(0.5), normalize])
+        self.local_number = local_number
+
+    def __call__(self, data: bytes) -> dict:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        return {
+            "global_crops": [
+                self.global1(self.geometric_global(image)),
+                self.global2(self.geometric_global(image)),
+            ],
+            "local_crops": [self.local(self.geometric_local(image)) for _ in range(self.local_number)],
+        }
+
+
+def decode_only(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def time_pass(fn: Callable, items: list, repeats: int) -> float:
+    """CPU seconds of this process per item for ``repeats`` passes over ``items``.
+
+    Process CPU time rather than wall time: with one thread it is the per-core cost, and it does
+    not count the time other processes on a shared machine hold the core.
+    """
+    start = time.process_time()
+    for _ in range(repeats):
+        for item in items:
+            fn(item)
+    return (time.process_time() - start) / (repeats * len(items))
+
+
+class _BytesDataset(torch.utils.data.Dataset):
+    def __init__(self, photos: List[bytes], length: int, transform):
+        self.photos, self.length, self.transform = photos, length, transform
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        return self.transform(self.photos[index % len(self.photos)]), -1
+
+
+class _Collate:
+    """collate_multicrop with a random.Random seeded from the worker's torch seed and the batch count.
+
+    A plain ``functools.partial`` with one ``random.Random`` would give every worker the same masks.
+    """
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.count = kwargs, 0
+
+    def __call__(self, samples):
+        self.count += 1
+        rng = random.Random((torch.initial_seed() << 20) + self.count)
+        return collate_multicrop(samples, rng=rng, **self.kwargs)
+
+
+def dataloader_throughput(photos: List[bytes], workers: int, batch_size: int, batches: int, on_device: bool) -> float:
+    aug = MultiCropAugmentation(photometric_on_device=on_device)
+    dataset = _BytesDataset(photos, batch_size * (batches + workers), aug)
+    collate = _Collate(mask_generator=MaskingGenerator((16, 16)), n_tokens=256)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, persistent_workers=False
+    )
+    it = iter(loader)
+    for _ in range(workers):  # warm-up: one batch per worker (process start, first imports)
+        next(it)
+    start = time.perf_counter()
+    n = 0
+    for batch in it:
+        n += batch["labels"].shape[0]
+    return n / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the end-to-end figure")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (best is reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="passes over the photos per round")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=8, help="timed DataLoader batches")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    photos = load_photos()
+    data = [b for _, b in photos]
+    print(f"{len(photos)} photos: " + ", ".join(f"{n} {Image.open(io.BytesIO(b)).size}" for n, b in photos))
+
+    reference = ReferenceDINOv2Augmentation()
+    ours = MultiCropAugmentation()
+    ours_geometry = MultiCropAugmentation(photometric_on_device=True)
+    geometry_out = [ours_geometry(b) for b in data]
+    g1 = torch.stack([o["global_crops"][0] for o in geometry_out])
+    g2 = torch.stack([o["global_crops"][1] for o in geometry_out])
+    loc = torch.stack([c for o in geometry_out for c in o["local_crops"]])
+
+    def photometric_only(_):
+        photometric_batch(g1, "global1")
+        photometric_batch(g2, "global2")
+        photometric_batch(loc, "local")
+
+    pipelines = {
+        "decode only": (decode_only, data),
+        "reference PIL pipeline": (reference, data),
+        "ours (per-sample photometry)": (ours, data),
+        "ours, geometry only (photometric_on_device)": (ours_geometry, data),
+    }
+    for fn, items in pipelines.values():  # warm-up
+        fn(items[0])
+    best = {name: float("inf") for name in pipelines}
+    best_photometric = float("inf")
+    for _ in range(args.rounds):
+        for name, (fn, items) in pipelines.items():
+            best[name] = min(best[name], time_pass(fn, items, args.repeats))
+        # Batched photometry over the same crops, per image (the trainer runs this on the GPU).
+        best_photometric = min(best_photometric, time_pass(photometric_only, [None], args.repeats) / len(data))
+
+    print("\nper core (torch.set_num_threads(1)), decode + 2x224 + 8x96 crops, best of "
+          f"{args.rounds} rounds x {args.repeats} passes x {len(data)} photos:")
+    for name, seconds in best.items():
+        print(f"  {name:48s} {1.0 / seconds:8.1f} images/s  ({seconds * 1e3:6.2f} ms/image)")
+    print(f"  {'photometric_batch on CPU (batched, per image)':48s} {1.0 / best_photometric:8.1f} images/s  "
+          f"({best_photometric * 1e3:6.2f} ms/image)")
+    ratio = best["reference PIL pipeline"] / best["ours (per-sample photometry)"]
+    ratio_geometry = best["reference PIL pipeline"] / best["ours, geometry only (photometric_on_device)"]
+    print(f"  speed-up vs reference: {ratio:.2f}x (per-sample photometry), "
+          f"{ratio_geometry:.2f}x (photometric_on_device, CPU part)")
+
+    print(f"\nDataLoader, {args.workers} workers, batch {args.batch_size}, collate_multicrop (16x16 masks):")
+    for on_device in (False, True):
+        rate = dataloader_throughput(data, args.workers, args.batch_size, args.batches, on_device)
+        label = "photometric_on_device (uint8 crops)" if on_device else "per-sample photometry"
+        print(f"  {label:48s} {rate:8.1f} images/s")
+
+
+if __name__ == "__main__":
+    main()
