@@ -29,7 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from dinoscale import distributed  # noqa: E402
 from dinoscale.data.datasets import open_dataset  # noqa: E402

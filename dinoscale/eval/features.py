@@ -13,7 +13,6 @@ import functools
 import io
 import logging
 import math
-import os
 from contextlib import nullcontext
 from pathlib import Path
 from functools import lru_cache
@@ -32,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_MAX_SKIP_LOGS = 10  # individual warnings per extraction; the total is always reported
 
 
 # --------------------------------------------------------------------------------------
@@ -374,8 +374,9 @@ def extract_outputs(
             total = len(loader)
         for batch_indices, images, batch_labels, failures in _progress(batches, total, progress, desc):
             for index, error in failures:
-                logger.warning("skipping sample %s: %s", index, error)
-            skipped.extend(failures)
+                if len(skipped) < _MAX_SKIP_LOGS:  # a systematic failure must not flood the log
+                    logger.warning("skipping sample %s: %s", index, error)
+                skipped.append((index, error))
             if images is None:
                 continue
             images = images.to(device, non_blocking=True)
