@@ -22,13 +22,15 @@ submits nothing (no SLURM needed).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
 from dinoscale.launch import DEFAULT_MAX_REQUEUES, TrainingJob  # noqa: E402
 
@@ -140,6 +142,8 @@ def slurm_parameters(args: argparse.Namespace) -> dict[str, Any]:
         # One task dying for a real error ends the whole step at once instead of leaving the other
         # ranks blocked in a collective until the process-group timeout.
         "srun_args": ["--kill-on-bad-exit=1"],
+        # The tasks unpickle dinoscale.launch.TrainingJob: import the same checkout as this script.
+        "setup": [f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"],
     }
     if args.ngpus > 0:
         params["gpus_per_node"] = args.ngpus
@@ -217,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.local:
+        # The local tasks inherit this environment; they unpickle TrainingJob from this checkout.
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=args.timeout, tasks_per_node=tasks_per_node(args),
                                    gpus_per_node=args.ngpus, signal_delay_s=args.signal_delay)
