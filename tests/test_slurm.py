@@ -1,0 +1,284 @@
+"""Training on a real SLURM cluster (two nodes): tools/submit.py (submitit) and slurm/train.sbatch.
+
+Needs SLURM with at least two responding nodes; when ``sinfo`` is missing or does not answer, the
+session fixture starts the two-node dev cluster with slurm/dev-cluster/start.sh (as CI does). The
+tests are skipped only when that cannot be done.
+
+Preemption is simulated the way SLURM announces it: the submitit job gets SIGTERM then USR2 on all
+tasks (submitit's own ``SlurmJob._interrupt``), the sbatch job gets USR1 on its batch shell (what
+``--signal=B:USR1@90`` sends). Both must checkpoint, requeue and finish with exactly the losses of
+an uninterrupted run. A requeued job is held about two minutes by SLURM (BeginTime); the tests
+release it at once with ``scontrol update StartTime=now``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+SUBMIT = REPO / "tools" / "submit.py"
+SBATCH_SCRIPT = REPO / "slurm" / "train.sbatch"
+START_SCRIPT = REPO / "slurm" / "dev-cluster" / "start.sh"
+CONFIG = "configs/quickstart.yaml"
+STEPS = 30
+JOB_WAIT_S = 420
+
+TINY = [
+    "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+    "dino.head_n_prototypes=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
+    "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=64", "ibot.head_bottleneck_dim=32",
+    "crops.local_crops_number=2", "train.batch_size_per_rank=8", "train.num_workers=0",
+    "train.autocast=none", "train.tensorboard=false", "train.log_every=1", "evaluation.final_knn=false",
+    "train.checkpoint_every=10",
+]
+RUNNING_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
+                  "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster and job helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _cluster_problem() -> str | None:
+    """None when SLURM answers with >= 2 usable nodes, else why not."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "sinfo/sbatch not installed"
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo does not answer within 20 s"
+    if proc.returncode != 0:
+        return f"sinfo failed: {proc.stderr.strip()}"
+    usable = {line.split()[0] for line in proc.stdout.splitlines()
+              if len(line.split()) == 2 and line.split()[1].rstrip("*~#!%$@^-") in ("idle", "mix", "alloc", "comp")}
+    if len(usable) < 2:
+        return f"fewer than 2 usable nodes:\n{proc.stdout}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    problem = _cluster_problem()
+    if problem is None:
+        return
+    if os.geteuid() != 0:
+        pytest.skip(f"SLURM is not usable ({problem}) and only root can run {START_SCRIPT.relative_to(REPO)}")
+    try:
+        proc = subprocess.run(["bash", str(START_SCRIPT)], capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"SLURM is not usable ({problem}) and start.sh did not finish within 900 s")
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+        pytest.skip(f"SLURM is not usable ({problem}) and start.sh could not install/start it:\n{tail}")
+    problem = _cluster_problem()
+    if problem is not None:
+        pytest.skip(f"start.sh ran but SLURM is still not usable: {problem}")
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    proc = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        return {}
+    return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
+
+
+def wait_for_job(job_id: str, *, until=None, logs: list[Path] = (), timeout_s: float = JOB_WAIT_S) -> dict[str, str]:
+    """Poll until ``until()`` is true (None: until the job ended); returns the last job info.
+
+    A requeued job waits ~2 min for its BeginTime: it is released at once to keep tests short.
+    """
+    deadline = time.monotonic() + timeout_s
+    info: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        info = job_info(job_id)
+        state = info.get("JobState", "UNKNOWN")
+        if until is not None and until():
+            return info
+        if until is None and info and state not in RUNNING_STATES:
+            return info
+        if until is not None and info and state not in RUNNING_STATES:
+            pytest.fail(f"job {job_id} ended ({state}) before the awaited condition\n{_tails(logs)}")
+        if state == "PENDING" and info.get("Reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=30)
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+    pytest.fail(f"job {job_id} still {info.get('JobState')} after {timeout_s} s (cancelled)\n{_tails(logs)}")
+
+
+def _tails(paths) -> str:
+    out = []
+    for path in paths:
+        path = Path(path)
+        text = path.read_text(errors="replace") if path.exists() else "<missing>"
+        out.append(f"---- {path}\n" + "\n".join(text.splitlines()[-30:]))
+    return "\n".join(out)
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "type" not in r]
+
+
+def submit(output_dir: Path, *overrides: str) -> tuple[str, Path]:
+    """tools/submit.py on two nodes, one CPU task each; returns (job id, submitit log dir)."""
+    cmd = [sys.executable, str(SUBMIT), "--nodes", "2", "--ngpus", "0", "--timeout", "20",
+           "--job-name", "dinoscale-test", "--config", CONFIG, "--output-dir", str(output_dir),
+           f"train.max_steps={STEPS}", *TINY, *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    match = re.search(r"submitted job (\d+)", proc.stdout)
+    assert match, proc.stdout
+    job_id = match.group(1)
+    log_dir = Path(re.search(r"stdout: (\S+)", proc.stdout).group(1)).parent
+    assert f"output dir: {str(output_dir).replace('%j', job_id)}" in proc.stdout
+    return job_id, log_dir
+
+
+def task_logs(log_dir: Path, job_id: str) -> list[Path]:
+    return [log_dir / f"{job_id}_{t}_log.{ext}" for t in (0, 1) for ext in ("out", "err")]
+
+
+def task_results(log_dir: Path, job_id: str) -> list[tuple[str, object]]:
+    return [pickle.loads((log_dir / f"{job_id}_{t}_result.pkl").read_bytes()) for t in (0, 1)]
+
+
+def placement(log_text: str) -> tuple[int, int, str]:
+    """(rank, world size, node) from the line dinoscale.launch prints on every rank."""
+    m = re.search(r"\[dinoscale\.launch\] rank (\d+) of world size (\d+) .* on node (\S+),", log_text)
+    assert m, log_text[-2000:]
+    return int(m.group(1)), int(m.group(2)), m.group(3)
+
+
+def assert_same_losses(got: list[dict], want: list[dict]) -> None:
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1)), [r["step"] for r in got]
+    assert [r["step"] for r in want] == list(range(1, STEPS + 1))
+    for a, b in zip(got, want):
+        for key in ("loss", "loss/dino_global", "loss/ibot", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key, a[key], b[key])
+
+
+def wait_for_rows(job_id: str, run_dir: Path, n: int, logs: list[Path]) -> None:
+    wait_for_job(job_id, until=lambda: len(metrics_rows(run_dir)) >= n, logs=logs)
+    assert len(metrics_rows(run_dir)) < STEPS, "the run finished before it could be preempted"
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/submit.py (submitit)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, tmp_path_factory):
+    """An uninterrupted 2-node run: checked by the first test, the yardstick of the others."""
+    root = tmp_path_factory.mktemp("slurm_reference")
+    job_id, log_dir = submit(root / "%j")
+    info = wait_for_job(job_id, logs=task_logs(log_dir, job_id))
+    return {"job_id": job_id, "log_dir": log_dir, "run_dir": root / job_id, "info": info}
+
+
+def test_two_node_submitit_run_finishes_as_one_process_group(reference_run):
+    job_id, log_dir, run_dir = reference_run["job_id"], reference_run["log_dir"], reference_run["run_dir"]
+    logs = task_logs(log_dir, job_id)
+    assert reference_run["info"]["JobState"] == "COMPLETED", _tails(logs)
+    assert reference_run["info"]["NumNodes"] == "2"
+
+    for outcome, result in task_results(log_dir, job_id):
+        assert outcome == "success", result
+        assert (result.status, result.step) == ("finished", STEPS)
+
+    # One process group of two ranks, one rank on each node.
+    ranks = [placement((log_dir / f"{job_id}_{t}_log.out").read_text()) for t in (0, 1)]
+    assert [(r, w) for r, w, _ in ranks] == [(0, 2), (1, 2)]
+    nodes = {node for _, _, node in ranks}
+    assert len(nodes) == 2, ranks
+    job_nodes = subprocess.run(["scontrol", "show", "hostnames", reference_run["info"]["NodeList"]],
+                               capture_output=True, text=True, timeout=30).stdout.split()
+    assert nodes == set(job_nodes), (nodes, job_nodes)
+
+    # The run directory: %j expanded, metrics for every step, checkpoints, exported teacher.
+    assert [r["step"] for r in metrics_rows(run_dir)] == list(range(1, STEPS + 1))
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts and ckpts[-1].endswith(f"{STEPS:09d}"), ckpts
+    assert (run_dir / "config.yaml").exists()
+    assert f"output_dir: {run_dir}" in (run_dir / "config.yaml").read_text()
+
+
+def test_submitit_preemption_requeues_and_resumes_exactly(reference_run, tmp_path):
+    import submitit
+
+    job_id, log_dir = submit(tmp_path / "%j")
+    run_dir = tmp_path / job_id
+    logs = task_logs(log_dir, job_id)
+    wait_for_rows(job_id, run_dir, 5, logs)
+    # What SLURM does before a preemption: SIGTERM, then submitit's USR2, to every task.
+    submitit.SlurmJob(folder=log_dir, job_id=job_id, tasks=[0, 1])._interrupt()
+
+    info = wait_for_job(job_id, logs=logs)
+    assert info["JobState"] == "COMPLETED", _tails(logs)
+    assert info["Restarts"] == "1", info
+    out0 = (log_dir / f"{job_id}_0_log.out").read_text()
+    assert "requeueing (1 of at most" in out0 and "(requeued 1 times)" in out0, _tails(logs)
+    stopped = int(re.search(r"training stopped at step (\d+) for preemption", out0).group(1))
+    assert 5 <= stopped < STEPS
+    for outcome, result in task_results(log_dir, job_id):
+        assert outcome == "success", result
+        assert (result.status, result.step) == ("finished", STEPS)
+    assert_same_losses(metrics_rows(run_dir), metrics_rows(reference_run["run_dir"]))
+
+
+def test_failing_job_is_not_requeued(slurm_cluster, tmp_path):
+    job_id, log_dir = submit(tmp_path / "%j", f"train.dataset={tmp_path / 'no_such_dataset'}")
+    info = wait_for_job(job_id, logs=task_logs(log_dir, job_id))
+    assert info["JobState"] == "FAILED", info
+    assert info["Restarts"] == "0", info
+    outcome, trace = task_results(log_dir, job_id)[0]
+    assert outcome == "error" and "no_such_dataset" in trace, trace
+
+
+# ---------------------------------------------------------------------------------------------
+# slurm/train.sbatch (no submitit)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sbatch_script_preempts_requeues_and_resumes_exactly(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    log = tmp_path / "sbatch-%j.out"
+    env = dict(os.environ, CONFIG=CONFIG, OUTPUT_DIR=str(run_dir), PYTHON=sys.executable,
+               DINOSCALE_ROOT=str(REPO), PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+         "--time=20", "--job-name=dinoscale-sbatch-test", f"--output={log}", str(SBATCH_SCRIPT),
+         f"train.max_steps={STEPS}", *TINY],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    log = tmp_path / f"sbatch-{job_id}.out"
+    wait_for_rows(job_id, run_dir, 5, [log])
+    # What `#SBATCH --signal=B:USR1@90` does before the time limit: USR1 to the batch shell.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=30)
+
+    info = wait_for_job(job_id, logs=[log])
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", _tails([log])
+    assert info["Restarts"] == "1", info
+    assert "received USR1" in text and f"requeueing job {job_id} (restart 1)" in text, _tails([log])
+    assert f"job {job_id} (restart 1)" in text
+    assert "training exited with status 0" in text, _tails([log])
+    assert_same_losses(metrics_rows(run_dir), metrics_rows(reference_run["run_dir"]))
