@@ -305,6 +305,11 @@ def _progress(iterable, total: Optional[int], enabled: bool, desc: str):
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
 
 
+def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
+    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op for full precision (None)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
 @torch.inference_mode()
 def extract_outputs(
     model: torch.nn.Module,
@@ -350,6 +355,7 @@ def extract_outputs(
     labels: List[torch.Tensor] = []
     indices: List[torch.Tensor] = []
     skipped: List[Tuple[int, str]] = []
+    n_forwards, last_image = 0, None
     try:
         if isinstance(dataset, IterableDataset):
             if world > 1:
@@ -360,6 +366,8 @@ def extract_outputs(
             batches = _iterable_batches(loader_in, dataset, batch_size, num_workers, transform)
             total = None
         else:
+            if len(dataset) < world:  # known on every rank: all fail alike, none waits
+                raise ValueError(f"{len(dataset)} samples cannot be split over {world} ranks")
             # Interleaved shard like DistributedSampler(shuffle=False) without the padding duplicates.
             shard = list(range(rank, len(dataset), world))
             loader = DataLoader(
@@ -380,13 +388,29 @@ def extract_outputs(
             if images is None:
                 continue
             images = images.to(device, non_blocking=True)
-            autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-            with autocast:
+            with autocast_context(device, amp_dtype):
                 out = forward_fn(model, images)
+            n_forwards += 1
+            last_image = images[:1]
             for name, value in out.items():
                 outputs.setdefault(name, []).append(value.float().cpu())
             labels.append(batch_labels)
             indices.append(batch_indices)
+        if world > 1:
+            # A sharded (FSDP) model all-gathers its parameters inside every forward, so every
+            # rank must run as many forwards as the rank with the most batches (rank 0: the
+            # interleaved split gives it the largest shard), before any other collective.
+            # Ranks with fewer batches (uneven split, batches lost to unreadable images) run
+            # throw-away forwards on one of their own images.
+            target = math.ceil(len(range(0, len(dataset), world)) / batch_size)
+            if n_forwards < target and last_image is None:
+                raise RuntimeError(
+                    f"rank {rank} has no readable sample ({len(skipped)} skipped), so it cannot take part in "
+                    "the model's collectives; use fewer ranks or fix the unreadable images"
+                )
+            for _ in range(target - n_forwards):
+                with autocast_context(device, amp_dtype):
+                    forward_fn(model, last_image)
     finally:
         if moved:
             model.to(model_device)
@@ -396,16 +420,6 @@ def extract_outputs(
     local_indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
     local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     if world > 1:
-        # Every rank must issue the same gathers: if any shard came out empty (more ranks than
-        # samples, or all of a shard unreadable) it has no shapes to contribute, so all ranks
-        # fail together with the same message instead of hanging.
-        have = torch.tensor([1 if outputs else 0], device=device)
-        distributed.all_reduce_sum_(have)
-        if int(have) != world:
-            raise RuntimeError(
-                f"{world - int(have)} rank(s) got no loadable samples ({len(dataset)} samples over {world} "
-                "ranks); use fewer ranks or fix the unreadable images"
-            )
         all_indices = gather_variable(local_indices.to(device)).cpu()
         order = torch.argsort(all_indices)
         result["indices"] = all_indices[order]

@@ -149,15 +149,40 @@ def _free_port():
         return s.getsockname()[1]
 
 
+class CollectiveModel(TinyTokenModel):
+    """Runs a collective in every forward, like an FSDP-sharded model all-gathering its weights."""
+
+    def forward_features(self, x):
+        from dinoscale import distributed
+
+        tag = torch.tensor([1.0, 0.0, 0.0, 7.0])
+        got = distributed.all_reduce_sum_(tag.clone())
+        # Matched with another rank's forward, the sum is world * tag; matched with any other
+        # collective (a rank that skipped a forward), it is not.
+        if not torch.equal(got, tag * distributed.get_world_size()):
+            raise RuntimeError(f"forward collective mismatched across ranks: {got.tolist()}")
+        return super().forward_features(x)
+
+
 def _distributed_worker(rank, world, port, result_path):
+    import datetime
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A short timeout turns a collective mismatch (hang) into a failure.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
         out = extract_features(
             TinyTokenModel(), ListDataset(11, bad={3}), batch_size=2, autocast_dtype="fp32", progress=False
         )
-        torch.save({k: out[k] for k in ("cls", "labels", "indices", "num_skipped")}, f"{result_path}.{rank}")
+        # 5 samples, batch 2: rank 0 gets [0, 2, 4] (2 batches), rank 1 gets [1, 3] (1 batch, with
+        # sample 1 unreadable) and must add a throw-away forward to match rank 0.
+        uneven = extract_features(
+            CollectiveModel(), ListDataset(5, bad={1}), batch_size=2, autocast_dtype="fp32", progress=False
+        )
+        saved = {k: out[k] for k in ("cls", "labels", "indices", "num_skipped")}
+        saved["uneven_indices"] = uneven["indices"]
+        torch.save(saved, f"{result_path}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -175,3 +200,4 @@ def test_distributed_gathers_in_dataset_order(tmp_path):
         assert got["num_skipped"] == 1
         torch.testing.assert_close(got["cls"], single["cls"])
         assert torch.equal(got["labels"], single["labels"])
+        assert got["uneven_indices"].tolist() == [0, 2, 3, 4]
