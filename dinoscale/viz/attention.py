@@ -73,8 +73,13 @@ def load_images(names_or_paths: Sequence[str]) -> List[Tuple[str, np.ndarray]]:
             with Image.open(path) as im:
                 out.append((path.stem, np.asarray(im.convert("RGB"))))
             continue
-        import skimage.data
-
+        try:
+            import skimage.data
+        except ImportError as exc:
+            raise ImportError(
+                f"{item!r} is not a file, and scikit-image (for its sample photos) is not installed: "
+                "pip install scikit-image, or pass image files"
+            ) from exc
         loader = getattr(skimage.data, item, None)
         if loader is None or not callable(loader):
             raise FileNotFoundError(f"{item!r} is neither an image file nor a scikit-image sample (e.g. astronaut)")
