@@ -1,0 +1,222 @@
+"""All model parallelism in one place: activation checkpointing, ``torch.compile`` and FSDP2.
+
+The model code (``dinoscale.models``) stays plain PyTorch. :func:`parallelize` wraps a module from
+the outside, in this order (the order matters):
+
+1. activation checkpointing of every block of ``module.blocks`` (optional; training only),
+2. ``torch.compile`` of every block, in place (optional),
+3. ``torch.distributed.fsdp.fully_shard`` on every block, then on the root module.
+
+Sharding block by block means only one block's full parameters (plus the root's: patch embedding,
+tokens, final norm) are materialised at a time; the all-gather of a block is released after its
+forward (``reshard_after_forward=True``) and gathered again for the backward. Modules without
+``blocks`` (projection heads) are sharded as a whole.
+
+Naming: the activation-checkpoint wrapper inserts ``_checkpoint_wrapped_module.`` into the
+*parameter* names (``blocks.3._checkpoint_wrapped_module.attn.qkv.weight``), but its state-dict
+hooks strip it again, so ``state_dict()`` keys, checkpoints and the unwrapped teacher keep the plain
+names. Code matching ``named_parameters()`` by name should use
+``dinoscale.train.optim.canonical_param_name`` (or :func:`strip_wrapper_prefixes` here). In-place
+``nn.Module.compile()`` adds no prefix.
+
+Without a process group (single process) or with ``mesh=None`` only steps 1-2 are applied and the
+parameters stay plain tensors. With a process group every parameter becomes a ``DTensor`` holding
+this rank's shard: create the optimizer *after* :func:`parallelize`, and update EMA teachers on
+``p.to_local()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+from dinoscale import distributed
+
+__all__ = [
+    "build_mesh",
+    "parallelize",
+    "parallelize_student_teacher",
+    "strip_wrapper_prefixes",
+    "CHECKPOINT_PREFIX",
+]
+
+CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
+
+# Methods other than forward that callers use as entry points of a backbone. FSDP2 only hooks
+# ``forward``; calling any other method of a sharded root would run on sharded parameters.
+_FORWARD_METHODS = ("forward_features", "get_intermediate_layers", "get_last_selfattention")
+
+
+def strip_wrapper_prefixes(name: str) -> str:
+    """``blocks.0._checkpoint_wrapped_module.attn.qkv.weight`` -> ``blocks.0.attn.qkv.weight``."""
+    return name.replace(CHECKPOINT_PREFIX, "")
+
+
+def build_mesh(*, hybrid_shard: bool, devices_per_node: int | None = None) -> DeviceMesh | None:
+    """The data-parallel device mesh over all ranks of the default process group.
+
+    - ``hybrid_shard=False``: 1-D mesh ``("dp_shard",)``: parameters are sharded over all ranks
+      (full sharding, ZeRO-3 style).
+    - ``hybrid_shard=True``: 2-D mesh ``("dp_replicate", "dp_shard")`` of shape
+      ``(world_size // devices_per_node, devices_per_node)``: sharded within a node (fast
+      NVLink all-gathers), replicated across nodes (only the gradient all-reduce crosses the
+      network). ``devices_per_node`` defaults to the local world size from :func:`init_distributed`.
+
+    The mesh lives on ``cuda`` when CUDA is available, else on ``cpu`` (gloo). Returns ``None``
+    when no process group exists (single process): :func:`parallelize` then shards nothing.
+    """
+    if not distributed.is_enabled():
+        return None
+    world_size = distributed.get_world_size()
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if not hybrid_shard:
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp_shard",))
+    if devices_per_node is None:
+        devices_per_node = distributed.init_distributed().local_world_size
+    if not isinstance(devices_per_node, int) or devices_per_node < 1:
+        raise ValueError(f"devices_per_node must be a positive int, got {devices_per_node!r}")
+    if world_size % devices_per_node != 0:
+        raise ValueError(
+            f"hybrid sharding needs world_size ({world_size}) to be a multiple of "
+            f"devices_per_node ({devices_per_node})"
+        )
+    return init_device_mesh(
+        device_type,
+        (world_size // devices_per_node, devices_per_node),
+        mesh_dim_names=("dp_replicate", "dp_shard"),
+    )
+
+
+def _blocks(module: nn.Module) -> nn.ModuleList | None:
+    blocks = getattr(module, "blocks", None)
+    if blocks is None:
+        return None
+    if not isinstance(blocks, nn.ModuleList):
+        raise TypeError(
+            f"{type(module).__name__}.blocks is a {type(blocks).__name__}; parallelize expects a flat "
+            "nn.ModuleList of transformer blocks"
+        )
+    return blocks
+
+
+def parallelize(
+    module: nn.Module,
+    *,
+    mesh: DeviceMesh | None,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    reshard_after_forward: bool = True,
+    activation_checkpointing: bool = False,
+    compile_blocks: bool = False,
+    compile_options: dict | None = None,
+) -> nn.Module:
+    """Apply activation checkpointing, ``torch.compile`` and FSDP2 to ``module`` (in place).
+
+    Args:
+        module: a backbone with ``module.blocks`` (an ``nn.ModuleList``) or any other module
+            (e.g. a projection head), which is then sharded as one unit.
+        mesh: from :func:`build_mesh`. ``None`` (or no process group) skips sharding.
+        param_dtype: dtype the parameters are all-gathered in and computed with (e.g.
+            ``torch.bfloat16``); ``None`` keeps the stored dtype. The stored (sharded) parameters,
+            the gradients handed to the optimizer and its states stay in the original dtype.
+        reduce_dtype: dtype of the gradient reduce-scatter (fp32 avoids bf16 round-off in the
+            sum over ranks).
+        reshard_after_forward: free gathered parameters after each block's forward (saves
+            memory, costs a second all-gather in backward).
+        activation_checkpointing: recompute each block's activations in backward instead of
+            storing them (only the block inputs are kept).
+        compile_blocks: ``torch.compile`` each block in place (same parameter names).
+        compile_options: keyword arguments of ``nn.Module.compile`` (e.g. ``{"fullgraph": True}``,
+            or ``{"backend": "aot_eager"}`` to trace without code generation).
+
+    Returns ``module`` (the same object, wrapped in place).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"parallelize expects an nn.Module, got {type(module).__name__}")
+    if not isinstance(reshard_after_forward, bool):
+        raise TypeError(f"reshard_after_forward must be a bool, got {reshard_after_forward!r}")
+    blocks = _blocks(module)
+    if activation_checkpointing:
+        if blocks is None:
+            raise ValueError(
+                f"activation_checkpointing needs a module with .blocks; {type(module).__name__} has none"
+            )
+        for i, block in enumerate(blocks):
+            # Non-reentrant checkpointing (the wrapper's default) supports lists of crops as input
+            # and keeps the RNG state, so stochastic depth draws the same masks when recomputing.
+            blocks[i] = checkpoint_wrapper(block)
+    if compile_options is not None and not compile_blocks:
+        raise ValueError("compile_options given but compile_blocks=False")
+    if compile_blocks and blocks is not None:
+        for block in blocks:
+            block.compile(**(compile_options or {}))
+    if mesh is None or not distributed.is_enabled():
+        return module
+
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    if blocks is not None:
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(module, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    for name in _FORWARD_METHODS:
+        if callable(getattr(module, name, None)):
+            register_fsdp_forward_method(module, name)
+    return module
+
+
+def parallelize_student_teacher(
+    student: nn.ModuleDict,
+    teacher: nn.ModuleDict,
+    *,
+    mesh: DeviceMesh | None,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    reshard_after_forward: bool = True,
+    activation_checkpointing: bool = False,
+    compile_blocks: bool = False,
+    compile_options: dict | None = None,
+) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+    """:func:`parallelize` every entry (backbone, heads) of the student and of the EMA teacher.
+
+    The student gets the options as given (activation checkpointing only where there are blocks,
+    i.e. the backbone). The teacher never needs gradients: its parameters are
+    frozen, it is never activation-checkpointed and always reshards right after its forward
+    (nothing of it is needed again until the next step). Both are sharded over the same mesh in
+    the same way, so an EMA update can run shard by shard on ``p.to_local()``.
+    """
+    for name, d in (("student", student), ("teacher", teacher)):
+        if not isinstance(d, nn.ModuleDict):
+            raise TypeError(f"{name} must be an nn.ModuleDict, got {type(d).__name__}")
+    if set(student.keys()) != set(teacher.keys()):
+        raise ValueError(
+            f"student and teacher have different parts: student {sorted(student.keys())}, "
+            f"teacher {sorted(teacher.keys())}"
+        )
+    for key in student.keys():
+        parallelize(
+            student[key],
+            mesh=mesh,
+            param_dtype=param_dtype,
+            reduce_dtype=reduce_dtype,
+            reshard_after_forward=reshard_after_forward,
+            # heads have no blocks to checkpoint; their activations are small
+            activation_checkpointing=activation_checkpointing and _blocks(student[key]) is not None,
+            compile_blocks=compile_blocks,
+            compile_options=compile_options,
+        )
+    for key in teacher.keys():
+        teacher[key].requires_grad_(False)
+        parallelize(
+            teacher[key],
+            mesh=mesh,
+            param_dtype=param_dtype,
+            reduce_dtype=reduce_dtype,
+            reshard_after_forward=True,
+            activation_checkpointing=False,
+            compile_blocks=compile_blocks,
+            compile_options=compile_options,
+        )
+    return student, teacher
