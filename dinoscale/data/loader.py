@@ -181,6 +181,19 @@ def _no_collate(item: Any) -> Any:
     return item
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SLURM's/scancel's stop signals to the main process.
+
+    SLURM, ``timeout`` and job schedulers signal the whole process group. A worker killed by that signal would
+    crash the trainer before it can save its checkpoint at the next step boundary; the main process ends the
+    workers itself when it exits.
+    """
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class PretrainLoader:
     """Infinite iterator of collated batches for one rank, starting at global step ``start_step``.
 
@@ -221,6 +234,7 @@ class PretrainLoader:
         if not isinstance(steps, IterableDataset):
             kwargs["sampler"] = _StepCounter(start_step)
         if num_workers > 0:
+            kwargs["worker_init_fn"] = _ignore_stop_signals
             kwargs["persistent_workers"] = persistent_workers
             if prefetch_factor is not None:
                 kwargs["prefetch_factor"] = prefetch_factor

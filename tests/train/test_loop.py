@@ -129,3 +129,31 @@ def test_too_many_bad_steps_stop_with_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "DINOv2Loss", AlwaysNaN)
     with pytest.raises(loop.TooManyBadSteps, match="3 consecutive steps"):
         run(tmp_path, "train.max_steps=10", "train.max_consecutive_bad_steps=3")
+
+
+def test_sigterm_checkpoints_and_exits_with_requeue_code(tmp_path):
+    """The CLI path with DataLoader workers: SIGTERM (as SLURM/scancel send it to the whole process group)
+    makes the trainer save at the next step boundary and exit with code 3; rerunning resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(repo / "tools" / "train.py"), "--config", "quickstart", *TINY,
+           f"train.output_dir={tmp_path}", "train.num_workers=2", "train.max_steps=400",
+           "train.checkpoint_every=1000", "optim.epochs=100"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, workers included
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, out[-3000:]
+    saved = checkpoint.latest_checkpoint(tmp_path)
+    assert saved is not None and "checkpoint saved" in out
+    step = int(saved.name.split("_")[1])
+    assert step >= 3 and [r["step"] for r in rows(tmp_path)][-1] == step
