@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from dinoscale import distributed as D
+from dinoscale.models.heads import DINOHead
 from dinoscale.models.vit import vit_small
 from dinoscale.parallel import (
     CHECKPOINT_PREFIX,
@@ -21,6 +22,7 @@ from dinoscale.parallel import (
     parallelize_student_teacher,
     strip_wrapper_prefixes,
 )
+from dinoscale.train.teacher import ema_update_
 
 IMG = 32
 PATCH = 8
@@ -31,16 +33,9 @@ def _tiny_vit(**kwargs):
     return vit_small(patch_size=PATCH, img_size=IMG, embed_dim=DIM, depth=2, num_heads=2, num_register_tokens=1, **kwargs)
 
 
-class _TinyHead(nn.Module):
-    """A projection head without ``blocks`` (sharded as one unit)."""
-
-    def __init__(self, in_dim=DIM, out_dim=16):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, 24), nn.GELU(), nn.Linear(24, 8))
-        self.last_layer = nn.Linear(8, out_dim, bias=False)
-
-    def forward(self, x):
-        return self.last_layer(nn.functional.normalize(self.mlp(x), dim=-1))
+def _head():
+    """A small DINO head: no ``blocks``, so it is sharded as one unit."""
+    return DINOHead(in_dim=DIM, out_dim=64, hidden_dim=48, bottleneck_dim=16, nlayers=3)
 
 
 def _crops(generator, batch):
@@ -111,7 +106,7 @@ def test_activation_checkpointing_preserves_outputs_and_grads(list_input):
     g = torch.Generator().manual_seed(1)
     crops = _crops(g, 4)
     x = crops if list_input else crops[0]
-    head = _TinyHead()
+    head = _head()
 
     def loss_of(model):
         torch.manual_seed(123)
@@ -153,7 +148,7 @@ def test_compile_blocks_with_inductor_and_checkpointing():
 
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="activation_checkpointing needs a module with .blocks"):
-        parallelize(_TinyHead(), mesh=None, activation_checkpointing=True)
+        parallelize(_head(), mesh=None, activation_checkpointing=True)
 
     class NotAList(nn.Module):
         def __init__(self):
@@ -168,14 +163,14 @@ def test_bad_arguments_are_rejected():
         parallelize(_tiny_vit(), mesh=None, compile_options={"backend": "eager"})
     with pytest.raises(ValueError, match="different parts"):
         parallelize_student_teacher(
-            nn.ModuleDict({"backbone": _tiny_vit(), "head": _TinyHead()}),
+            nn.ModuleDict({"backbone": _tiny_vit(), "head": _head()}),
             nn.ModuleDict({"backbone": _tiny_vit()}),
             mesh=None,
         )
 
 
 def test_student_teacher_single_process_freezes_teacher():
-    student = nn.ModuleDict({"backbone": _tiny_vit(), "head": _TinyHead()})
+    student = nn.ModuleDict({"backbone": _tiny_vit(), "head": _head()})
     teacher = copy.deepcopy(student)
     parallelize_student_teacher(student, teacher, mesh=None, activation_checkpointing=True)
     assert all(p.requires_grad for p in student.parameters())
@@ -228,7 +223,7 @@ def _parity_worker(rank, world_size, port, out_dir, config_names):
         for name in config_names:
             cfg = dict(PARITY_CONFIGS[name])
             torch.manual_seed(0)
-            backbone, head = _tiny_vit(), _TinyHead()
+            backbone, head = _tiny_vit(), _head()
             ref_backbone, ref_head = copy.deepcopy(backbone), copy.deepcopy(head)
             mesh = build_mesh(hybrid_shard=cfg.pop("hybrid_shard"), devices_per_node=cfg.pop("devices_per_node", None))
             parallelize(backbone, mesh=mesh, **cfg)
@@ -302,7 +297,7 @@ def _ema_worker(rank, world_size, port, out_dir):
     result = {}
     try:
         torch.manual_seed(0)
-        student = nn.ModuleDict({"backbone": _tiny_vit(), "head": _TinyHead()})
+        student = nn.ModuleDict({"backbone": _tiny_vit(), "head": _head()})
         teacher = copy.deepcopy(student)
         with torch.no_grad():
             for p in teacher.parameters():
@@ -342,6 +337,16 @@ def _ema_worker(rank, world_size, port, out_dir):
                 diff = max(diff, (t_params[k].full_tensor() - expected).abs().max().item())
         result["ema_diff"] = diff
         result["ema_change"] = ref_changed
+
+        # The trainer's EMA (dinoscale.train.teacher) pairs the AC-wrapped student with the plain
+        # teacher by name and updates the local shards the same way.
+        ema_update_(teacher, student, m)
+        with torch.no_grad():
+            diff = 0.0
+            for k in keys:
+                expected = m * (m * ref_t[k] + (1 - m) * ref_s[k]) + (1 - m) * ref_s[k]
+                diff = max(diff, (t_params[k].full_tensor() - expected).abs().max().item())
+        result["trainer_ema_diff"] = diff
     finally:
         D.destroy_distributed()
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -354,6 +359,7 @@ def test_ema_on_local_shards_matches_unsharded_ema(tmp_path):
         assert r["teacher_frozen"] and r["same_sharding"] and r["is_sharded"]
         assert r["ema_change"] > 1e-2  # the update did something
         assert r["ema_diff"] < 1e-6, r
+        assert r["trainer_ema_diff"] < 1e-6, r
 
 
 def _cpu_supports_bf16():
