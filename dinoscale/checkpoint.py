@@ -2,7 +2,7 @@
 
 Layout of ``OUTPUT_DIR/checkpoints/step_000001250/``:
   ``.metadata`` + ``__*.distcp``  torch.distributed.checkpoint (DCP) of ``student``, ``teacher``, ``optimizer`` and
-                                  ``loss`` (the loss centers); sharded parameters are saved as shards and
+                                  ``method`` (the loss centers); sharded parameters are saved as shards and
                                   resharded on load, so a run may resume on a different number of ranks.
   ``rank_K.pt``                   per-rank RNG states (torch, numpy, python, CUDA) and the loader state of rank K.
   ``trainer.json``                step, world size, consecutive bad steps, data position (the global step the
@@ -79,15 +79,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _app_state(student: nn.Module, teacher: nn.Module, optimizer, loss_module: nn.Module) -> dict[str, Any]:
+def _app_state(student: nn.Module, teacher: nn.Module | None, optimizer, method: nn.Module) -> dict[str, Any]:
     # The torch.distributed.checkpoint.state_dict helpers give fully-qualified names for plain and FSDP2
     # modules alike, so the same code saves a single-process run and a sharded one.
-    return {
+    state = {
         "student": get_model_state_dict(student),
-        "teacher": get_model_state_dict(teacher),
         "optimizer": get_optimizer_state_dict(student, optimizer),
-        "loss": loss_module.state_dict(),
+        "method": method.state_dict(),  # the loss centers
     }
+    if teacher is not None:  # methods without an EMA teacher (SimCLR, Barlow Twins, SimMIM) have none
+        state["teacher"] = get_model_state_dict(teacher)
+    return state
 
 
 def save_checkpoint(
@@ -95,9 +97,9 @@ def save_checkpoint(
     step: int,
     *,
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     optimizer: torch.optim.Optimizer,
-    loss_module: nn.Module,
+    method: nn.Module,
     trainer_state: dict[str, Any],
     rank_state: dict[str, Any] | None = None,
     keep: int = 3,
@@ -112,7 +114,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     distributed.barrier()
 
-    dcp.save(_app_state(student, teacher, optimizer, loss_module), checkpoint_id=str(tmp))
+    dcp.save(_app_state(student, teacher, optimizer, method), checkpoint_id=str(tmp))
     per_rank = {"rng": rng_state(), **(rank_state or {})}
     torch.save(per_rank, tmp / f"rank_{rank}.pt")
     distributed.barrier()
@@ -133,9 +135,9 @@ def load_checkpoint(
     path: str | Path,
     *,
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     optimizer: torch.optim.Optimizer,
-    loss_module: nn.Module,
+    method: nn.Module,
 ) -> dict[str, Any]:
     """Load checkpoint ``path`` into the given (possibly sharded) modules and optimizer, in place.
 
@@ -152,7 +154,7 @@ def load_checkpoint(
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read {meta_file}: {exc}") from exc
 
-    state = _app_state(student, teacher, optimizer, loss_module)
+    state = _app_state(student, teacher, optimizer, method)
     try:
         dcp.load(state, checkpoint_id=str(path))
     except Exception as exc:  # DCP raises several kinds (CheckpointException, RuntimeError, OSError)
@@ -162,9 +164,10 @@ def load_checkpoint(
             "the previous one, or start a new output_dir."
         ) from exc
     set_model_state_dict(student, state["student"])
-    set_model_state_dict(teacher, state["teacher"])
+    if teacher is not None:
+        set_model_state_dict(teacher, state["teacher"])
     set_optimizer_state_dict(student, optimizer, state["optimizer"])
-    loss_module.load_state_dict(state["loss"])
+    method.load_state_dict(state["method"])
 
     rank_file = path / f"rank_{distributed.get_rank()}.pt"
     if meta.get("world_size") == distributed.get_world_size() and rank_file.exists():
@@ -213,14 +216,17 @@ def read_dcp_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def export_from_checkpoint(path: str | Path, out_prefix: str | Path, *, heads: bool = False) -> list[Path]:
-    """A (sharded) training checkpoint -> the teacher backbone in the official layout (+ heads if asked)."""
+    """A (sharded) training checkpoint -> its backbone in the official layout (+ heads if asked).
+
+    The teacher's backbone when the method has an EMA teacher, else the student's.
+    """
     state = read_dcp_checkpoint(path)
-    teacher = state["teacher"]
-    backbone = {k[len("backbone.") :]: v for k, v in teacher.items() if k.startswith("backbone.")}
+    network = state.get("teacher") or state.get("student") or {}
+    backbone = {k[len("backbone.") :]: v for k, v in network.items() if k.startswith("backbone.")}
     if not backbone:
-        raise CheckpointError(f"{path} holds no teacher backbone (keys: {sorted(teacher)[:5]}...)")
+        raise CheckpointError(f"{path} holds no backbone (top-level keys: {sorted(state)})")
     written = save_backbone(backbone, out_prefix)
     if heads:
-        head_sd = {k: v for k, v in teacher.items() if not k.startswith("backbone.")}
+        head_sd = {k: v for k, v in network.items() if not k.startswith("backbone.")}
         written += save_backbone(head_sd, Path(str(out_prefix) + "_heads"))
     return written

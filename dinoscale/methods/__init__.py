@@ -1,0 +1,23 @@
+"""Self-supervised methods. Each module declares its networks, views and loss; the engine is shared.
+
+``train.method`` names one of ``METHODS``. A method is an ``nn.Module`` (its loss buffers are checkpointed) with
+``uses_teacher``, ``build_networks()``, ``build_transform()``, ``build_collate(patch_size)`` and
+``forward(student, teacher, batch, sched) -> (loss, terms)``; see ``dinov2.DINOv2``.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+from torch import nn
+
+from dinoscale.methods.dinov2 import DINOv2
+
+METHODS: dict[str, type[nn.Module]] = {
+    "dinov2": DINOv2,
+}
+
+
+def build_method(cfg: DictConfig) -> nn.Module:
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method '{cfg.method}'; choose one of {sorted(METHODS)}")
+    return METHODS[cfg.method](cfg)

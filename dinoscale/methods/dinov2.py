@@ -10,9 +10,15 @@ Batch layout (from ``dinoscale.data.collate.collate_multicrop``), B images per r
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from omegaconf import DictConfig
 from torch import nn
+
+from dinoscale.data.augment import MultiCropAugmentation
+from dinoscale.data.collate import collate_multicrop
+from dinoscale.data.masking import MaskingGenerator
 
 from dinoscale.losses.dino import DINOLoss, dino_cls_loss
 from dinoscale.losses.ibot import iBOTPatchLoss
@@ -78,8 +84,15 @@ def build_networks(cfg: DictConfig) -> tuple[nn.ModuleDict, nn.ModuleDict]:
     return nets[0], nets[1]
 
 
-class DINOv2Loss(nn.Module):
-    """The loss modules of DINOv2 (their centers are buffers: they are checkpointed with this module)."""
+class DINOv2(nn.Module):
+    """The DINOv2 method: networks, views and loss. Its loss centers are buffers, checkpointed with it.
+
+    The interface every method in ``dinoscale/methods`` offers the train loop:
+      ``build_networks() -> (student, teacher or None)``, ``build_transform()``, ``build_collate(patch_size)``,
+      ``forward(student, teacher, batch, sched) -> (total loss, dict of detached terms)``.
+    """
+
+    uses_teacher = True
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
@@ -92,6 +105,32 @@ class DINOv2Loss(nn.Module):
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes, cfg.dino.student_temp, cfg.dino.center_momentum)
         self.ibot_loss = iBOTPatchLoss(ibot_dim, cfg.dino.student_temp, cfg.dino.center_momentum)
         self.koleo_loss = KoLeoLoss(distributed=cfg.dino.koleo_distributed)
+
+    def build_networks(self) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+        return build_networks(self.cfg)
+
+    def build_transform(self) -> MultiCropAugmentation:
+        c = self.cfg.crops
+        return MultiCropAugmentation(
+            global_crops_scale=tuple(c.global_crops_scale),
+            local_crops_scale=tuple(c.local_crops_scale),
+            local_crops_number=c.local_crops_number,
+            global_crops_size=c.global_crops_size,
+            local_crops_size=c.local_crops_size,
+            photometric_on_device=c.photometric_on_device,
+        )
+
+    def build_collate(self, patch_size: int):
+        """Multi-crop collate with iBOT block masks on the global crops' patch grid."""
+        grid = self.cfg.crops.global_crops_size // patch_size
+        n_tokens = grid * grid
+        return partial(
+            collate_multicrop,
+            mask_generator=MaskingGenerator((grid, grid), max_num_patches=int(0.5 * n_tokens)),
+            n_tokens=n_tokens,
+            mask_ratio_tuple=tuple(self.cfg.ibot.mask_ratio_min_max),
+            mask_probability=self.cfg.ibot.mask_sample_probability,
+        )
 
     @torch.no_grad()
     def _teacher_targets(self, teacher: nn.ModuleDict, batch: dict, teacher_temp: float):
@@ -122,9 +161,9 @@ class DINOv2Loss(nn.Module):
             )
         return cls_probs, patch_probs
 
-    def forward(self, student: nn.ModuleDict, teacher: nn.ModuleDict, batch: dict, teacher_temp: float):
-        """Returns (total loss, dict of detached loss terms)."""
-        cls_probs, patch_probs = self._teacher_targets(teacher, batch, teacher_temp)
+    def forward(self, student: nn.ModuleDict, teacher: nn.ModuleDict, batch: dict, sched: dict):
+        """Returns (total loss, dict of detached loss terms); ``sched`` holds this step's teacher_temp."""
+        cls_probs, patch_probs = self._teacher_targets(teacher, batch, sched["teacher_temp"])
 
         has_local = batch["local_crops"].shape[0] > 0
         crops = [batch["global_crops"], batch["local_crops"]] if has_local else [batch["global_crops"]]

@@ -18,12 +18,11 @@ from omegaconf import DictConfig
 
 from dinoscale import checkpoint, distributed
 from dinoscale.config import save_config
-from dinoscale.data.augment import MultiCropAugmentation
-from dinoscale.data.collate import collate_multicrop
-from dinoscale.data.datasets import open_dataset
+from dinoscale.data.augment import photometric_collated
+from dinoscale.data.datasets import derive_seed, open_dataset
 from dinoscale.data.loader import build_pretrain_loader
-from dinoscale.data.masking import MaskingGenerator
-from dinoscale.methods.dinov2 import DINOv2Loss, build_backbone, build_networks
+from dinoscale.methods import build_method
+from dinoscale.methods.dinov2 import build_backbone
 from dinoscale.train.metrics import MetricLogger
 from dinoscale.train.optim import apply_schedule_, build_optimizer, clip_grad_norm_, get_param_groups
 from dinoscale.train.schedules import build_schedules, scale_lr
@@ -68,28 +67,12 @@ def autocast_context(mode: str, device: torch.device):
     return partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
-def build_data(cfg: DictConfig, *, patch_size: int, start_step: int):
-    """The infinite iterator of collated multi-crop batches for this rank, starting at ``start_step``."""
-    augmentation = MultiCropAugmentation(
-        global_crops_scale=tuple(cfg.crops.global_crops_scale),
-        local_crops_scale=tuple(cfg.crops.local_crops_scale),
-        local_crops_number=cfg.crops.local_crops_number,
-        global_crops_size=cfg.crops.global_crops_size,
-        local_crops_size=cfg.crops.local_crops_size,
-    )
-    grid = cfg.crops.global_crops_size // patch_size
-    n_tokens = grid * grid
-    collate = partial(
-        collate_multicrop,
-        mask_generator=MaskingGenerator((grid, grid), max_num_patches=int(0.5 * n_tokens)),
-        n_tokens=n_tokens,
-        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
-    )
+def build_data(cfg: DictConfig, method, *, patch_size: int, start_step: int):
+    """The infinite iterator of this rank's collated batches, starting at ``start_step``."""
     return build_pretrain_loader(
         open_dataset(cfg.train.dataset),
-        augmentation,
-        collate,
+        method.build_transform(),
+        method.build_collate(patch_size),
         batch_size_per_rank=cfg.train.batch_size_per_rank,
         num_workers=cfg.train.num_workers,
         seed=cfg.train.seed,
@@ -97,6 +80,33 @@ def build_data(cfg: DictConfig, *, patch_size: int, start_step: int):
         rank=distributed.get_rank(),
         world_size=distributed.get_world_size(),
     )
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def apply_parallelism(compute: DictConfig, student, teacher) -> None:
+    """FSDP2 sharding (when a process group exists), activation checkpointing and compile, from ``compute:``."""
+    from dinoscale.parallel import build_mesh, parallelize, parallelize_student_teacher
+
+    for key in ("param_dtype", "reduce_dtype"):
+        if compute[key] not in _DTYPES:
+            raise ValueError(f"compute.{key} must be one of {sorted(_DTYPES)}, got '{compute[key]}'")
+    mesh = build_mesh(hybrid_shard=compute.hybrid_shard) if distributed.is_enabled() else None
+    options = dict(
+        mesh=mesh,
+        param_dtype=_DTYPES[compute.param_dtype],
+        reduce_dtype=_DTYPES[compute.reduce_dtype],
+        reshard_after_forward=compute.reshard_after_forward,
+        activation_checkpointing=compute.activation_checkpointing,
+        compile_blocks=compute.compile,
+    )
+    if teacher is not None:
+        parallelize_student_teacher(student, teacher, **options)
+    else:
+        for key, part in student.items():
+            parallelize(part, **{**options, "activation_checkpointing": options["activation_checkpointing"]
+                                 and key == "backbone"})
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -113,18 +123,17 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
 
     # --- networks: the same initial weights on every rank, then parallelism applied from one place
     torch.manual_seed(cfg.train.seed)
-    student, teacher = build_networks(cfg)
+    method = build_method(cfg)
+    student, teacher = method.build_networks()
     if cfg.model.pretrained_weights:
         from dinoscale.hub import load_state_dict_any
 
         load_state_dict_any(student["backbone"], cfg.model.pretrained_weights)
-    init_teacher_from_student_(teacher, student)
-    loss_module = DINOv2Loss(cfg)
-    student.to(device), teacher.to(device), loss_module.to(device)
-    if distributed.is_enabled():
-        from dinoscale.parallel import parallelize_student_teacher
-
-        parallelize_student_teacher(student, teacher, compute_cfg=cfg.compute, device=device)
+    if teacher is not None:
+        init_teacher_from_student_(teacher, student)
+        teacher.to(device)
+    student.to(device), method.to(device)
+    apply_parallelism(cfg.compute, student, teacher)
 
     # --- optimizer and schedules
     n_blocks = student["backbone"].n_blocks
@@ -164,7 +173,7 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
     latest = checkpoint.latest_checkpoint(output_dir) if cfg.train.resume else None
     if latest is not None:
         meta = checkpoint.load_checkpoint(
-            latest, student=student, teacher=teacher, optimizer=optimizer, loss_module=loss_module
+            latest, student=student, teacher=teacher, optimizer=optimizer, method=method
         )
         start_step, bad_steps = meta["step"], meta.get("consecutive_bad_steps", 0)
         if "rank_state" in meta:
@@ -182,28 +191,34 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
         enabled=rank == 0, start_step=start_step,
     )
     autocast = autocast_context(cfg.train.autocast, device)
-    batches = iter(build_data(cfg, patch_size=student["backbone"].patch_size, start_step=start_step))
+    batches = iter(build_data(cfg, method, patch_size=student["backbone"].patch_size, start_step=start_step))
 
     def save(step: int) -> None:
         checkpoint.save_checkpoint(
-            output_dir, step, student=student, teacher=teacher, optimizer=optimizer, loss_module=loss_module,
+            output_dir, step, student=student, teacher=teacher, optimizer=optimizer, method=method,
             trainer_state={"consecutive_bad_steps": bad_steps, "data_position_step": step,
                            "global_batch_size": global_batch},
             keep=cfg.train.keep_checkpoints,
         )
 
     # --- the loop
-    student.train(), teacher.eval()
+    eval_net = teacher if teacher is not None else student  # what evaluation and export use
+    student.train()
+    if teacher is not None:
+        teacher.eval()
     step, status = start_step, "finished"
     while step < max_steps:
         batch = _to_device(next(batches), device)
+        if cfg.crops.photometric_on_device:  # colour jitter, blur, solarize as batched ops on the device
+            generator = torch.Generator(device).manual_seed(derive_seed(cfg.train.seed, "photometric", step, rank))
+            batch = photometric_collated(batch, generator)
         sched = schedules.at(step)
         apply_schedule_(optimizer, lr=sched["lr"], wd=sched["wd"], last_layer_lr=sched["last_layer_lr"])
-        centers = {k: v.clone() for k, v in loss_module.state_dict().items()}  # restored if the step is skipped
+        centers = {k: v.clone() for k, v in method.state_dict().items()}  # restored if the step is skipped
 
         optimizer.zero_grad(set_to_none=True)
         with autocast():
-            loss, terms = loss_module(student, teacher, batch, sched["teacher_temp"])
+            loss, terms = method(student, teacher, batch, sched)
         loss.backward()
         grad_norm = clip_grad_norm_(student.parameters(), cfg.optim.clip_grad)
 
@@ -215,7 +230,7 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
         nonfinite, stop = (v > 0 for v in distributed.all_reduce_sum_(flags).tolist())
         if nonfinite:
             bad_steps += 1
-            loss_module.load_state_dict(centers)
+            method.load_state_dict(centers)
             metrics.log_event(step + 1, {"type": "skipped_step", "loss": float(loss.detach()), "grad_norm": float(grad_norm),
                                      "consecutive_bad_steps": bad_steps})
             log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step + 1, bad_steps)
@@ -228,7 +243,8 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
         else:
             bad_steps = 0
             optimizer.step()
-            ema_update_(teacher, student, sched["momentum"])
+            if teacher is not None:
+                ema_update_(teacher, student, sched["momentum"])
         step += 1
 
         metrics.log(step, {"loss": loss.detach(), **{f"loss/{k}": v for k, v in terms.items()},
@@ -243,17 +259,17 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
         if step % cfg.train.checkpoint_every == 0 or step == max_steps:
             save(step)
         if cfg.evaluation.period and step % cfg.evaluation.period == 0 and step < max_steps:
-            knn = evaluate_knn(cfg, teacher["backbone"], device)
+            knn = evaluate_knn(cfg, eval_net["backbone"], device)
             metrics.log_event(step, {"type": "eval", **knn})
 
     metrics.close()
     result = TrainResult(status=status, step=step, output_dir=str(output_dir))
     if status == "finished":
-        export_teacher(teacher, output_dir / "export")
+        export_network(eval_net, output_dir / "export", "teacher" if teacher is not None else "student")
         if cfg.evaluation.final_knn and cfg.evaluation.knn_train_dataset:
             torch.manual_seed(cfg.train.seed)  # the very network training started from
             random_init = build_backbone(cfg.model, drop_path_rate=0.0).to(device)
-            trained = evaluate_knn(cfg, teacher["backbone"], device)
+            trained = evaluate_knn(cfg, eval_net["backbone"], device)
             untrained = evaluate_knn(cfg, random_init, device)
             result.knn = {"teacher": trained[f"knn/top1@{cfg.evaluation.knn_k}"],
                           "random_init": untrained[f"knn/top1@{cfg.evaluation.knn_k}"]}
@@ -263,14 +279,15 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
     return result
 
 
-def export_teacher(teacher: torch.nn.Module, export_dir: Path) -> None:
-    """The teacher backbone in the official DINOv2 layout (.pth + .safetensors), and its heads beside it."""
-    full = checkpoint.full_state_dict(teacher)  # collective: every rank calls it
+def export_network(network: torch.nn.Module, export_dir: Path, name: str) -> None:
+    """``NAME_backbone`` in the official DINOv2 layout (.pth + .safetensors), and ``NAME_heads`` beside it."""
+    full = checkpoint.full_state_dict(network)  # collective: every rank calls it
     if distributed.get_rank() == 0:
         backbone = {k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")}
         heads = {k: v for k, v in full.items() if not k.startswith("backbone.")}
-        checkpoint.save_backbone(backbone, export_dir / "teacher_backbone")
-        checkpoint.save_backbone(heads, export_dir / "teacher_heads")
+        checkpoint.save_backbone(backbone, export_dir / f"{name}_backbone")
+        if heads:
+            checkpoint.save_backbone(heads, export_dir / f"{name}_heads")
     distributed.barrier()
 
 

@@ -8,6 +8,8 @@ import torch
 
 from dinoscale import checkpoint
 from dinoscale.config import load_config
+from dinoscale.methods import METHODS
+from dinoscale.methods.dinov2 import DINOv2
 from dinoscale.train import loop
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -100,7 +102,7 @@ def test_preemption_stop_saves_and_resumes(tmp_path):
     assert loop.train(cfg).step == 5
 
 
-class NaNAtSteps(loop.DINOv2Loss):
+class NaNAtSteps(DINOv2):
     bad_calls = {2, 3}
 
     def forward(self, *args, **kwargs):
@@ -112,7 +114,7 @@ class NaNAtSteps(loop.DINOv2Loss):
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "DINOv2Loss", NaNAtSteps)
+    monkeypatch.setitem(METHODS, "dinov2", NaNAtSteps)
     _, result = run(tmp_path, "train.max_steps=5", "train.checkpoint_every=100")
     assert result.step == 5
     skipped = rows(tmp_path, "skipped_step")
@@ -126,7 +128,7 @@ def test_too_many_bad_steps_stop_with_clear_error(tmp_path, monkeypatch):
     class AlwaysNaN(NaNAtSteps):
         bad_calls = set(range(1, 100))
 
-    monkeypatch.setattr(loop, "DINOv2Loss", AlwaysNaN)
+    monkeypatch.setitem(METHODS, "dinov2", AlwaysNaN)
     with pytest.raises(loop.TooManyBadSteps, match="3 consecutive steps"):
         run(tmp_path, "train.max_steps=10", "train.max_consecutive_bad_steps=3")
 
@@ -157,3 +159,23 @@ def test_sigterm_checkpoints_and_exits_with_requeue_code(tmp_path):
     assert saved is not None and "checkpoint saved" in out
     step = int(saved.name.split("_")[1])
     assert step >= 3 and [r["step"] for r in rows(tmp_path)][-1] == step
+
+
+def test_export_tool_from_checkpoint_loads_through_hub(tmp_path):
+    import importlib.util
+
+    cfg, _ = run(tmp_path / "run", "train.max_steps=2")
+    spec = importlib.util.spec_from_file_location("export_backbone", Path(__file__).resolve().parents[2]
+                                                  / "tools" / "export_backbone.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(tmp_path / "run"), str(tmp_path / "out" / "bb"), "--heads"]) == 0
+    from dinoscale.hub import load_state_dict_any
+    from dinoscale.methods.dinov2 import build_backbone
+
+    model = build_backbone(cfg.model, drop_path_rate=0.0)
+    assert load_state_dict_any(model, str(tmp_path / "out" / "bb.safetensors")) == "dinov2"
+    exported = torch.load(tmp_path / "run" / "export" / "teacher_backbone.pth")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in exported.items())
+    assert (tmp_path / "out" / "bb_heads.pth").exists()
+    assert tool.main([str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
