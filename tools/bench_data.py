@@ -24,7 +24,6 @@ Usage: python tools/bench_data.py [--workers 2] [--rounds 5] [--repeats 3] [--ba
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import random
 import time
@@ -35,7 +34,13 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from dinoscale.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, photometric_batch
+from dinoscale.data.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MultiCropAugmentation,
+    photometric_batch,
+    tune_cpu_allocator,
+)
 from dinoscale.data.collate import collate_multicrop
 from dinoscale.data.masking import MaskingGenerator
 
@@ -151,8 +156,10 @@ class _Collate:
         return collate_multicrop(samples, rng=rng, **self.kwargs)
 
 
-def dataloader_throughput(photos: List[bytes], workers: int, batch_size: int, batches: int, on_device: bool) -> float:
-    aug = MultiCropAugmentation(photometric_on_device=on_device)
+def dataloader_throughput(
+    photos: List[bytes], workers: int, batch_size: int, batches: int, on_device: bool, tuned: bool
+) -> float:
+    aug = MultiCropAugmentation(photometric_on_device=on_device, tune_allocator=tuned)
     dataset = _BytesDataset(photos, batch_size * (batches + workers), aug)
     collate = _Collate(mask_generator=MaskingGenerator((16, 16)), n_tokens=256)
     loader = torch.utils.data.DataLoader(
@@ -175,8 +182,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="passes over the photos per round")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=8, help="timed DataLoader batches")
+    parser.add_argument(
+        "--no-tune-allocator",
+        action="store_true",
+        help="keep glibc's default malloc thresholds (by default they are raised for the whole "
+        "process, so the reference pipeline gets the same benefit)",
+    )
     args = parser.parse_args()
 
+    tuned = False if args.no_tune_allocator else tune_cpu_allocator()
+    print(f"malloc thresholds raised (tune_cpu_allocator): {tuned}")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     photos = load_photos()
@@ -184,8 +199,8 @@ def main():
     print(f"{len(photos)} photos: " + ", ".join(f"{n} {Image.open(io.BytesIO(b)).size}" for n, b in photos))
 
     reference = ReferenceDINOv2Augmentation()
-    ours = MultiCropAugmentation()
-    ours_geometry = MultiCropAugmentation(photometric_on_device=True)
+    ours = MultiCropAugmentation(tune_allocator=tuned)
+    ours_geometry = MultiCropAugmentation(photometric_on_device=True, tune_allocator=tuned)
     geometry_out = [ours_geometry(b) for b in data]
     g1 = torch.stack([o["global_crops"][0] for o in geometry_out])
     g2 = torch.stack([o["global_crops"][1] for o in geometry_out])
@@ -225,7 +240,7 @@ def main():
 
     print(f"\nDataLoader, {args.workers} workers, batch {args.batch_size}, collate_multicrop (16x16 masks):")
     for on_device in (False, True):
-        rate = dataloader_throughput(data, args.workers, args.batch_size, args.batches, on_device)
+        rate = dataloader_throughput(data, args.workers, args.batch_size, args.batches, on_device, tuned)
         label = "photometric_on_device (uint8 crops)" if on_device else "per-sample photometry"
         print(f"  {label:48s} {rate:8.1f} images/s")
 

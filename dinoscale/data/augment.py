@@ -28,10 +28,12 @@ reproducible.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -60,6 +62,33 @@ SOLARIZE_THRESHOLD = 128
 _LUMA = (0.299, 0.587, 0.114)
 
 ImageInput = Union[Image.Image, torch.Tensor, bytes, bytearray, memoryview]
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_cpu_allocator(mmap_threshold: int = 16 << 20, trim_threshold: int = 64 << 20) -> bool:
+    """Make glibc's malloc keep freed memory for reuse in this process (once per process).
+
+    The colour ops allocate float temporaries of a few hundred KB per crop. With glibc's default
+    (dynamic) thresholds such blocks are mmap-ed or trimmed back to the kernel after each call,
+    so every call page-faults fresh zeroed pages; that alone made the photometry 3-6x slower.
+    Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` keeps up to ``trim_threshold`` bytes of
+    freed heap for reuse. Returns False (and changes nothing) where ``mallopt`` is unavailable
+    (non-glibc platforms). Forked data-loader workers inherit the setting.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> constants
+    _ALLOCATOR_TUNED = mallopt(m_mmap_threshold, int(mmap_threshold)) == 1 and mallopt(
+        m_trim_threshold, int(trim_threshold)
+    ) == 1
+    return _ALLOCATOR_TUNED
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,36 +126,33 @@ def sample_crop_boxes(
 
     area = float(height * width)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    u = torch.rand(num_crops, num_attempts + 1, 2, generator=generator, dtype=torch.float64)
-    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[:, :num_attempts, 0])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, :num_attempts, 1])
-    box_w = torch.sqrt(target_area * aspect).round()
-    box_h = torch.sqrt(target_area / aspect).round()
-    fits = (box_w > 0) & (box_w <= width) & (box_h > 0) & (box_h <= height)
-    # Index of the first attempt that fits (argmax returns the first maximum).
-    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
-    found = fits.any(dim=1)
-    box_h = box_h.gather(1, first).squeeze(1)
-    box_w = box_w.gather(1, first).squeeze(1)
-
-    if not bool(found.all()):
-        # Central fallback crop, clamped to the aspect-ratio range.
-        in_ratio = width / height
-        if in_ratio < ratio[0]:
-            fb_w, fb_h = width, int(round(width / ratio[0]))
-        elif in_ratio > ratio[1]:
-            fb_w, fb_h = int(round(height * ratio[1])), height
+    # One RNG call for everything; the per-crop logic is a few scalar operations, far cheaper in
+    # plain Python than as tensor ops. The last pair of uniforms places the box.
+    draws = torch.rand(num_crops, num_attempts + 1, 2, generator=generator, dtype=torch.float64).tolist()
+    boxes = []
+    for attempts in draws:
+        for u_area, u_aspect in attempts[:num_attempts]:
+            target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+            aspect = math.exp(log_lo + (log_hi - log_lo) * u_aspect)
+            box_w = int(round(math.sqrt(target_area * aspect)))
+            box_h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < box_w <= width and 0 < box_h <= height:
+                u_top, u_left = attempts[num_attempts]
+                top = min(int(u_top * (height - box_h + 1)), height - box_h)
+                left = min(int(u_left * (width - box_w + 1)), width - box_w)
+                boxes.append((top, left, box_h, box_w))
+                break
         else:
-            fb_w, fb_h = width, height
-        box_h = torch.where(found, box_h, torch.full_like(box_h, fb_h))
-        box_w = torch.where(found, box_w, torch.full_like(box_w, fb_w))
-
-    # The extra (last) pair of uniforms places the box; a fallback box is centred instead.
-    top = torch.floor(u[:, -1, 0] * (height - box_h + 1))
-    left = torch.floor(u[:, -1, 1] * (width - box_w + 1))
-    top = torch.where(found, top, torch.div(height - box_h, 2, rounding_mode="floor"))
-    left = torch.where(found, left, torch.div(width - box_w, 2, rounding_mode="floor"))
-    return torch.stack([top, left, box_h, box_w], dim=1).long()
+            # No proposal fitted: the largest centred crop with its aspect ratio inside ``ratio``.
+            in_ratio = width / height
+            if in_ratio < ratio[0]:
+                box_w, box_h = width, int(round(width / ratio[0]))
+            elif in_ratio > ratio[1]:
+                box_w, box_h = int(round(height * ratio[1])), height
+            else:
+                box_w, box_h = width, height
+            boxes.append(((height - box_h) // 2, (width - box_w) // 2, box_h, box_w))
+    return torch.tensor(boxes, dtype=torch.long)
 
 
 def _open_image(image: ImageInput) -> Tuple[Union[Image.Image, torch.Tensor], int, int]:
@@ -232,80 +258,127 @@ def _resized_crop(chw: torch.Tensor, box: Sequence[int], size: int, flip: bool) 
 # --------------------------------------------------------------------------------------------
 # Photometry (batched)
 # --------------------------------------------------------------------------------------------
+#
+# On small crops these functions are dominated by per-op overhead (~1-2 us per torch call), so
+# they are written to issue few calls: parameters and per-image decisions live in numpy on the
+# CPU, constants are cached per device, and a batch of one uses Python floats instead of
+# coefficient tensors.
+
+_DEVICE_CONSTANTS: Dict[Tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _constant(name: str, values: Sequence[float], shape: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    key = (name, device)
+    tensor = _DEVICE_CONSTANTS.get(key)
+    if tensor is None:
+        tensor = torch.tensor(values, dtype=torch.float32, device=device).view(shape)
+        _DEVICE_CONSTANTS[key] = tensor
+    return tensor
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
-    """(B,3,H,W) -> (B,1,H,W) luma."""
-    return (x[:, 0:1] * _LUMA[0]).add_(x[:, 1:2], alpha=_LUMA[1]).add_(x[:, 2:3], alpha=_LUMA[2])
+    """(B,3,H,W) -> (B,1,H,W) luma, as one (1,3) x (3,HW) product per image."""
+    bsz, _, height, width = x.shape
+    weights = _constant("luma", _LUMA, (1, 3), x.device)
+    return torch.matmul(weights, x.reshape(bsz, 3, height * width)).view(bsz, 1, height, width)
 
 
-def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the HSV hue of ``x`` (B,3,H,W) in [0,1] by ``shift`` (B,) turns.
+def _per_image(values: np.ndarray, device: torch.device, ndim: int = 4):
+    """A Python float for a batch of one, else a (B,1,...,1) float32 tensor on ``device``."""
+    if values.shape[0] == 1:
+        return float(values[0])
+    return torch.from_numpy(values.astype(np.float32)).to(device, non_blocking=True).view((-1,) + (1,) * (ndim - 1))
 
-    Value (max) and chroma (max - min) are unchanged, so no full HSV round trip is needed: with
+
+def _adjust_hue(x: torch.Tensor, shift) -> torch.Tensor:
+    """Rotate the HSV hue of ``x`` (B,3,H,W) in [0,1] by ``shift`` turns (float or (B,1,1) tensor).
+
+    Value (max) and chroma (max - min) are unchanged, so no full HSV round trip is needed. With
     the hue ``h`` in sextants, wrapped to [0, 6), the channels are ``min + chroma * w`` with
     ``w_R = clamp(|h - 3| - 1, 0, 1)``, ``w_G = clamp(2 - |h - 2|, 0, 1)``,
-    ``w_B = clamp(2 - |h - 4|, 0, 1)``. Branches are written as 0/1 float masks because
-    ``torch.where`` is ~20x slower than plain arithmetic on CPU.
+    ``w_B = clamp(2 - |h - 4|, 0, 1)``. Before the shift, ``h`` is ``(g - b) / chroma`` when R is
+    the maximum, ``(b - r) / chroma + 2`` for G and ``(r - g) / chroma + 4`` for B; the branches
+    are 0/1 float masks from ``sign()`` (``torch.where`` is ~20x slower on CPU).
     """
-    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    r, g, b = x.unbind(1)
     max_gb = torch.maximum(g, b)
     maxc = torch.maximum(r, max_gb)
-    minc = torch.minimum(torch.minimum(r, g), b)
+    minc = torch.minimum(torch.minimum(g, b), r)
     chroma = maxc - minc
-    # Which channel is the maximum (ties go to R, then G), as 0/1 floats: sign() of a
-    # non-negative difference is 0 or 1, and it is ~3x cheaper than a comparison plus a cast.
-    not_r = torch.sign(maxc - r)
-    is_r = 1.0 - not_r
-    is_g = torch.sign(g - max_gb).add_(1.0).mul_(not_r)  # g - max(g, b) is 0 or negative
-    is_b = not_r - is_g
-    # hue = ((g - b) if max is R, (b - r) + 2 if G, (r - g) + 4 if B), in sextants.
-    hue = is_r * (g - b)
-    hue.addcmul_(is_g, b - r).addcmul_(is_b, r - g)
+    not_r = (maxc - r).sign_()  # 0 where R is the maximum (ties go to R), else 1
+    is_g = (g - max_gb).sign_().add_(1.0).mul_(not_r)  # G is the maximum (ties between G and B go to G)
+    # With is_r = 1 - not_r and is_b = not_r - is_g, the numerator
+    # is_r (g - b) + is_g (b - r) + is_b (r - g) = (g - b) + not_r (r + b - 2g) + is_g (b + g - 2r)
+    # and the sextant offset 2 is_g + 4 is_b = 4 not_r - 2 is_g.
+    hue = g - b
+    hue.addcmul_(not_r, (r + b).sub_(g, alpha=2.0))
+    hue.addcmul_(is_g, (b + g).sub_(r, alpha=2.0))
     hue.div_(chroma.clamp(min=1e-12))  # grey pixels: 0 / eps = 0 (their hue is irrelevant)
-    hue.add_(is_g, alpha=2.0).add_(is_b, alpha=4.0).add_(6.0 * shift.view(-1, 1, 1))
+    hue.add_(not_r, alpha=4.0).add_(is_g, alpha=-2.0)
+    hue.add_(shift * 6.0)
     hue.sub_(torch.floor(hue * (1.0 / 6.0)).mul_(6.0))
-    out = torch.empty_like(x)
-    torch.addcmul(minc, chroma, (hue - 3.0).abs_().sub_(1.0).clamp_(0.0, 1.0), out=out[:, 0])
-    torch.addcmul(minc, chroma, (hue - 2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0), out=out[:, 1])
-    torch.addcmul(minc, chroma, (hue - 4.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0), out=out[:, 2])
-    return out
+    device = x.device
+    weights = (hue.unsqueeze(1) - _constant("hue_centre", (3.0, 2.0, 4.0), (1, 3, 1, 1), device)).abs_()
+    weights.mul_(_constant("hue_sign", (1.0, -1.0, -1.0), (1, 3, 1, 1), device))
+    weights.add_(_constant("hue_offset", (-1.0, 2.0, 2.0), (1, 3, 1, 1), device)).clamp_(0.0, 1.0)
+    return weights.mul_(chroma.unsqueeze(1)).add_(minc.unsqueeze(1))
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = BLUR_KERNEL_SIZE) -> torch.Tensor:
-    """Separable Gaussian blur of (B,C,H,W) with a per-image ``sigma`` (B,), reflect padding.
+def _gaussian_blur(x: torch.Tensor, sigma: np.ndarray, kernel_size: int = BLUR_KERNEL_SIZE) -> torch.Tensor:
+    """Separable Gaussian blur of (B,C,H,W) with a per-image ``sigma`` (numpy (B,)), reflect padding.
 
-    Written as shifted multiply-adds: a depthwise conv2d with 9-tap kernels is ~10x slower on CPU.
+    The kernel is ``exp(-t^2 / (2 sigma^2))`` for ``t = -k//2 .. k//2``, normalised to sum 1 (as
+    torchvision). Written as shifted multiply-adds over ``unfold`` views: a depthwise conv2d
+    with 9-tap kernels is ~10x slower on CPU.
     """
-    bsz, channels, height, width = x.shape
+    bsz, _, height, width = x.shape
     half = kernel_size // 2
-    pos = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (pos.view(1, -1) / sigma.view(-1, 1).to(x.dtype)) ** 2)
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (B, K)
+    taps = np.exp(-0.5 * (np.arange(-half, half + 1)[None, :] / np.asarray(sigma, np.float64)[:, None]) ** 2)
+    taps /= taps.sum(axis=1, keepdims=True)  # (B, K)
+    if bsz == 1:
+        weights = [float(t) for t in taps[0]]
+    else:
+        weights = torch.from_numpy(taps.T.astype(np.float32)).to(x.device, non_blocking=True)
+        weights = weights.view(kernel_size, bsz, 1, 1, 1).unbind(0)
     padded = F.pad(x, (half, half, half, half), mode="reflect")
-    kw = kernel.view(bsz, 1, 1, 1, kernel_size)
-    rows = padded[..., 0:width] * kw[..., 0]
-    for k in range(1, kernel_size):
-        rows.addcmul_(padded[..., k : k + width], kw[..., k])
-    out = rows[..., 0:height, :] * kw[..., 0]
-    for k in range(1, kernel_size):
-        out.addcmul_(rows[..., k : k + height, :], kw[..., k])
+    # unfold(dim, n, 1).unbind gives the K shifted views of length n along dim in two calls.
+    shifted = padded.unfold(3, width, 1).unbind(3)  # K x (B,C,H+2h,W)
+    rows = _weighted_sum(shifted, weights)
+    shifted = rows.unfold(2, height, 1).movedim(-1, 3).unbind(2)  # K x (B,C,H,W)
+    return _weighted_sum(shifted, weights)
+
+
+def _weighted_sum(views, weights) -> torch.Tensor:
+    out = views[0] * weights[0]
+    if isinstance(weights[0], float):
+        for view, w in zip(views[1:], weights[1:]):
+            out.add_(view, alpha=w)
+    else:
+        for view, w in zip(views[1:], weights[1:]):
+            out.addcmul_(view, w)
     return out
 
 
-def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn) -> torch.Tensor:
-    """Apply ``fn(x_subset, cpu_indices)`` to the images selected by the CPU bool ``mask``.
+def _on_subset(x: torch.Tensor, mask: np.ndarray, fn) -> torch.Tensor:
+    """Apply ``fn(x_subset, indices)`` to the images selected by the numpy bool ``mask``.
 
     The selection is decided on the CPU, so a GPU batch needs no synchronisation for it.
+    ``indices`` is a numpy index array (all images: ``slice(None)``).
     """
     count = int(mask.sum())
     if count == 0:
         return x
-    if count == mask.numel():
+    if count == mask.shape[0]:
         return fn(x, slice(None))
-    idx = mask.nonzero().squeeze(1)
-    idx_device = idx.to(x.device, non_blocking=True)
-    return x.index_copy_(0, idx_device, fn(x.index_select(0, idx_device), idx))
+    idx = np.flatnonzero(mask)
+    idx_device = torch.from_numpy(idx).to(x.device, non_blocking=True)
+    result = fn(x.index_select(0, idx_device), idx)
+    if x.device.type != "cpu" or count > 16:
+        return x.index_copy_(0, idx_device, result)
+    # index_copy_ is not vectorised on CPU; a few whole-image copies are several times faster.
+    for j, i in enumerate(idx.tolist()):
+        x[i].copy_(result[j])
+    return x
 
 
 def _crop_kinds(crop_kind: Union[str, Sequence[str]], bsz: int) -> List[str]:
@@ -318,6 +391,34 @@ def _crop_kinds(crop_kind: Union[str, Sequence[str]], bsz: int) -> List[str]:
     return kinds
 
 
+def _draw_photometric_params(
+    crop_kind: Union[str, Sequence[str]], bsz: int, generator: Optional[torch.Generator]
+) -> Dict[str, np.ndarray]:
+    kinds = _crop_kinds(crop_kind, bsz)
+    device = generator.device if generator is not None else torch.device("cpu")
+    # One RNG call; the derived values are computed in numpy (cheaper than tiny tensor ops).
+    u = torch.rand(bsz, 13, generator=generator, device=device, dtype=torch.float64).cpu().numpy()
+    blur_p = np.array([BLUR_PROBABILITY[k] for k in kinds])
+    solarize_p = np.array([SOLARIZE_PROBABILITY[k] for k in kinds])
+    return {
+        "jitter": u[:, 0] < JITTER_PROBABILITY,
+        "brightness": 1.0 - BRIGHTNESS + 2.0 * BRIGHTNESS * u[:, 1],
+        "contrast": 1.0 - CONTRAST + 2.0 * CONTRAST * u[:, 2],
+        "saturation": 1.0 - SATURATION + 2.0 * SATURATION * u[:, 3],
+        "hue": -HUE + 2.0 * HUE * u[:, 4],
+        # argsort of 4 uniforms: a uniformly random permutation (torchvision uses randperm).
+        "order": np.argsort(u[:, 9:13], axis=1),
+        "grayscale": u[:, 5] < GRAYSCALE_PROBABILITY,
+        "blur": u[:, 6] < blur_p,
+        "sigma": BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 7],
+        "solarize": u[:, 8] < solarize_p,
+    }
+
+
+def _params_to_torch(params: Dict[str, np.ndarray]) -> Dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in params.items()}
+
+
 def sample_photometric_params(
     crop_kind: Union[str, Sequence[str]], bsz: int, generator: Optional[torch.Generator] = None
 ) -> Dict[str, torch.Tensor]:
@@ -326,71 +427,74 @@ def sample_photometric_params(
     Keys: ``jitter`` (bool), ``brightness``/``contrast``/``saturation`` (multiplicative factors),
     ``hue`` (shift in turns), ``order`` (B,4) (jitter order: 0 brightness, 1 contrast,
     2 saturation, 3 hue), ``grayscale`` (bool), ``blur`` (bool), ``sigma``, ``solarize`` (bool).
+    :func:`photometric_batch` draws exactly these with the same generator calls.
     """
-    kinds = _crop_kinds(crop_kind, bsz)
-    device = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand(bsz, 9, generator=generator, device=device).cpu()
-    # argsort of uniforms = a uniformly random permutation per crop (torchvision uses randperm).
-    order = torch.rand(bsz, 4, generator=generator, device=device).argsort(dim=1).cpu()
-    blur_p = torch.tensor([BLUR_PROBABILITY[k] for k in kinds])
-    solarize_p = torch.tensor([SOLARIZE_PROBABILITY[k] for k in kinds])
-    return {
-        "jitter": u[:, 0] < JITTER_PROBABILITY,
-        "brightness": 1.0 - BRIGHTNESS + 2.0 * BRIGHTNESS * u[:, 1],
-        "contrast": 1.0 - CONTRAST + 2.0 * CONTRAST * u[:, 2],
-        "saturation": 1.0 - SATURATION + 2.0 * SATURATION * u[:, 3],
-        "hue": -HUE + 2.0 * HUE * u[:, 4],
-        "order": order,
-        "grayscale": u[:, 5] < GRAYSCALE_PROBABILITY,
-        "blur": u[:, 6] < blur_p,
-        "sigma": BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 7],
-        "solarize": u[:, 8] < solarize_p,
-    }
+    return _params_to_torch(_draw_photometric_params(crop_kind, bsz, generator))
 
 
-def _color_jitter(x: torch.Tensor, p: Dict[str, torch.Tensor]) -> torch.Tensor:
+def _color_jitter(x: torch.Tensor, p: Dict[str, np.ndarray]) -> torch.Tensor:
     """torchvision ColorJitter semantics, per image, in each image's own random order.
 
     Brightness, contrast and saturation are all ``clamp(a * x + (1 - a) * ref, 0, 1)`` with
-    ``ref`` = 0, the mean luma, or the per-pixel luma, so each of the 4 steps is one blend
-    ``alpha * x + beta_s * luma + beta_c * mean(luma)`` over the whole batch (identity
-    coefficients for the images doing something else) plus a hue rotation of the images whose
-    step is the hue. The coefficient tables and the per-step decisions are made on the CPU.
-    With every factor <= 1 a step is a convex combination of values in [0, 1], so its clamp is
-    skipped.
+    ``ref`` = 0, the mean luma, or the per-pixel luma, so a linear step is one blend
+    ``alpha * x + beta_s * luma + beta_c * mean(luma)`` over the whole batch, with identity
+    coefficients for the images that do nothing in that step. Each image's sequence is aligned
+    on its hue step: slot ``t + 3 - k`` holds the op at position ``t`` of an image whose hue is at
+    position ``k``, so slots 0-2 and 4-6 are blends and slot 3 is one hue rotation for the whole
+    batch (instead of up to four rotations of subsets). A step whose factors are all <= 1 is a
+    convex combination of values in [0, 1], so its clamp is skipped.
     """
-    op = p["order"]  # (B, 4)
-    jitter = p["jitter"].unsqueeze(1)
-    is_b, is_c, is_s = (op == 0) & jitter, (op == 1) & jitter, (op == 2) & jitter
-    is_hue = (op == 3) & jitter
-    one = torch.ones_like(op, dtype=torch.float32)
-    zero = torch.zeros_like(one)
-    brightness, contrast, saturation = (p[k].unsqueeze(1).expand_as(one) for k in ("brightness", "contrast", "saturation"))
-    alpha = torch.where(is_b, brightness, torch.where(is_c, contrast, torch.where(is_s, saturation, one)))
-    beta_s = torch.where(is_s, 1.0 - saturation, zero)
-    beta_c = torch.where(is_c, 1.0 - contrast, zero)
-    # (4 steps, 3 coefficients, B) -> one copy to the device.
-    coef = torch.stack([alpha.t(), beta_s.t(), beta_c.t()], dim=1).contiguous().to(x.device, non_blocking=True)
-    any_linear = (is_b | is_c | is_s).any(dim=0).tolist()
-    any_luma = (is_c | is_s).any(dim=0).tolist()
-    any_contrast = is_c.any(dim=0).tolist()
-    needs_clamp = (alpha > 1.0).any(dim=0).tolist()
-    view = (-1, 1, 1, 1)
-    for step in range(4):
-        if any_linear[step]:
-            a = coef[step, 0].view(view)
-            if any_luma[step]:
-                luma = _luma(x)
-                ref = luma * coef[step, 1].view(view)
-                if any_contrast[step]:
-                    ref.add_(luma.mean(dim=(2, 3), keepdim=True).mul_(coef[step, 2].view(view)))
-                x = torch.addcmul(ref, x, a)
-            else:
-                x = x.mul_(a)
-            if needs_clamp[step]:
-                x = x.clamp_(0.0, 1.0)
-        x = _on_subset(x, is_hue[:, step], lambda xs, idx: _adjust_hue(xs, p["hue"][idx].to(x.device)))
+    bsz = x.shape[0]
+    jitter, order = p["jitter"], p["order"]
+    hue_position = np.argmax(order == 3, axis=1)
+    slots = np.full((bsz, 7), -1)
+    slots[np.arange(bsz)[:, None], np.arange(4)[None, :] + 3 - hue_position[:, None]] = order
+    slots[~jitter] = -1
+    is_b, is_c, is_s = slots == 0, slots == 1, slots == 2
+    brightness, contrast, saturation = (p[k][:, None] for k in ("brightness", "contrast", "saturation"))
+    alpha = np.where(is_b, brightness, np.where(is_c, contrast, np.where(is_s, saturation, 1.0)))
+    beta_s = np.where(is_s, 1.0 - saturation, 0.0)
+    beta_c = np.where(is_c, 1.0 - contrast, 0.0)
+    any_linear = (is_b | is_c | is_s).any(axis=0)
+    any_luma = (is_c | is_s).any(axis=0)
+    any_contrast = is_c.any(axis=0)
+    needs_clamp = (alpha > 1.0).any(axis=0)
+    if bsz > 1:
+        # All coefficients in one host-to-device copy: (7 slots, 3, B, 1, 1, 1).
+        table = np.stack([alpha.T, beta_s.T, beta_c.T], axis=1).astype(np.float32)
+        coef = torch.from_numpy(table).to(x.device, non_blocking=True).view(7, 3, bsz, 1, 1, 1).unbind(0)
+    for slot in range(7):
+        if slot == 3:
+            x = _on_subset(x, jitter, lambda xs, idx: _adjust_hue(xs, _per_image(p["hue"][idx], xs.device, 3)))
+            continue
+        if not any_linear[slot]:
+            continue
+        if bsz == 1:
+            a, b_s, b_c = float(alpha[0, slot]), float(beta_s[0, slot]), float(beta_c[0, slot])
+        else:
+            a, b_s, b_c = coef[slot].unbind(0)
+        if any_luma[slot]:
+            luma = _luma(x)
+            if any_contrast[slot]:
+                mean_term = luma.mean(dim=(2, 3), keepdim=True).mul_(b_c)
+            ref = luma.mul_(b_s)
+            if any_contrast[slot]:
+                ref.add_(mean_term)
+            x = x.mul_(a).add_(ref)
+        else:
+            x = x.mul_(a)
+        if needs_clamp[slot]:
+            x = x.clamp_(0.0, 1.0)
     return x
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    return _luma(x).expand_as(x).contiguous()
+
+
+def _solarize(x: torch.Tensor) -> torch.Tensor:
+    # uint8 threshold 128 on [0, 255] <=> x >= 128/255 on [0, 1].
+    return torch.where(x >= SOLARIZE_THRESHOLD / 255.0, 1.0 - x, x)
 
 
 def photometric_batch(
@@ -405,8 +509,8 @@ def photometric_batch(
     """Colour jitter, grayscale, blur, solarize and normalise a batch of crops.
 
     Runs as batched tensor ops on whatever device ``crops`` is on; every image draws its own
-    parameters (:func:`sample_photometric_params`). ``crops`` is uint8 (B,3,S,S), or float in
-    [0, 1]. ``crop_kind`` is ``"global1"``, ``"global2"`` or ``"local"`` (or one of these per
+    parameters (see :func:`sample_photometric_params`). ``crops`` is uint8 (B,3,S,S), or float
+    in [0, 1]. ``crop_kind`` is ``"global1"``, ``"global2"`` or ``"local"`` (or one of these per
     crop) and selects the blur/solarize probabilities. Random numbers come from ``generator``
     (torch's global RNG when None), are drawn on the generator's device and copied to the CPU,
     where the per-image decisions are made.
@@ -419,26 +523,25 @@ def photometric_batch(
         # Reflect padding needs more pixels than the kernel's half width.
         raise ValueError(f"crops must be at least {BLUR_KERNEL_SIZE // 2 + 1} pixels wide, got {tuple(crops.shape)}")
     if crops.dtype == torch.uint8:
-        x = crops.mul(1.0 / 255.0)  # one pass: uint8 * float -> float32
+        x = crops.to(torch.float32).mul_(1.0 / 255.0)
     elif crops.is_floating_point():
         x = crops.to(torch.float32, copy=True)
     else:
         raise TypeError(f"crops must be uint8 or floating point, got {crops.dtype}")
     device = x.device
-    p = sample_photometric_params(crop_kind, crops.shape[0], generator)
+    p = _draw_photometric_params(crop_kind, crops.shape[0], generator)
 
-    x = _color_jitter(x, p)
-    x = _on_subset(x, p["grayscale"], lambda xs, idx: _luma(xs).expand_as(xs).contiguous())
-    x = _on_subset(x, p["blur"], lambda xs, idx: _gaussian_blur(xs, p["sigma"][idx].to(device)))
-    # uint8 threshold 128 on [0, 255] <=> x >= 128/255 on [0, 1].
-    threshold = SOLARIZE_THRESHOLD / 255.0
-    x = _on_subset(x, p["solarize"], lambda xs, idx: torch.where(xs >= threshold, 1.0 - xs, xs))
-    inv_std = 1.0 / torch.tensor(std, dtype=torch.float32)
-    scale = inv_std.to(device).view(1, 3, 1, 1)
-    bias = (-torch.tensor(mean, dtype=torch.float32) * inv_std).to(device).view(1, 3, 1, 1)
-    x = torch.addcmul(bias, x, scale)
+    if x.shape[0] > 0:
+        x = _color_jitter(x, p)
+        x = _on_subset(x, p["grayscale"], lambda xs, idx: _grayscale(xs))
+        x = _on_subset(x, p["blur"], lambda xs, idx: _gaussian_blur(xs, p["sigma"][idx]))
+        x = _on_subset(x, p["solarize"], lambda xs, idx: _solarize(xs))
+        inv_std = [1.0 / s for s in std]
+        # In place: an out-of-place addcmul with these broadcast operands is ~5x slower on CPU.
+        x = x.mul_(_constant(f"scale{tuple(std)}", inv_std, (1, 3, 1, 1), device))
+        x = x.add_(_constant(f"bias{tuple(mean)}{tuple(std)}", [-m * s for m, s in zip(mean, inv_std)], (1, 3, 1, 1), device))
     if return_params:
-        return x, p
+        return x, _params_to_torch(p)
     return x
 
 
@@ -479,7 +582,8 @@ class MultiCropAugmentation:
     ``{"global_crops": [t1, t2], "local_crops": [t, ...]}`` of normalised float32 (3,S,S)
     tensors. With ``photometric_on_device=True`` the crops are uint8 after geometry only, and
     the trainer applies :func:`photometric_collated` (or :func:`photometric_batch` per slot) to
-    the collated batch on its device.
+    the collated batch on its device. ``ratio`` is the RandomResizedCrop aspect-ratio range;
+    ``tune_allocator`` calls :func:`tune_cpu_allocator` on the first call in each process.
     """
 
     def __init__(
@@ -493,6 +597,7 @@ class MultiCropAugmentation:
         std: Sequence[float] = IMAGENET_STD,
         photometric_on_device: bool = False,
         ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+        tune_allocator: bool = True,
     ):
         for name, scale in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
             if len(scale) != 2 or not (0.0 < scale[0] <= scale[1] <= 1.0):
@@ -515,6 +620,7 @@ class MultiCropAugmentation:
         self.std = tuple(float(s) for s in std)
         self.photometric_on_device = bool(photometric_on_device)
         self.ratio = tuple(ratio)
+        self.tune_allocator = bool(tune_allocator)
 
     def __repr__(self) -> str:
         return (
@@ -532,6 +638,8 @@ class MultiCropAugmentation:
         return torch.cat([global_boxes, local_boxes]), flips
 
     def __call__(self, image: ImageInput, *, return_params: bool = False):
+        if self.tune_allocator and not _ALLOCATOR_TUNED:
+            tune_cpu_allocator()  # in the process that runs the transform (e.g. each loader worker)
         source, height, width = _open_image(image)
         boxes, flips = self.sample_geometry(height, width)
         n_local = self.local_crops_number
@@ -551,14 +659,16 @@ class MultiCropAugmentation:
             }
         else:
             kw = dict(mean=self.mean, std=self.std, return_params=True)
-            # Both global crops in one batch (same size, per-crop blur/solarize probabilities).
-            globals_, params["global"] = photometric_batch(torch.cat(crops[:2]), ("global1", "global2"), **kw)
+            # One call per global crop: a batch of one never needs subset indexing, and its
+            # temporaries stay small enough for the caches.
+            g1, params["global1"] = photometric_batch(crops[0], "global1", **kw)
+            g2, params["global2"] = photometric_batch(crops[1], "global2", **kw)
             if n_local > 0:
                 local, params["local"] = photometric_batch(torch.cat(crops[2:]), "local", **kw)
                 local_list = list(local.unbind(0))
             else:
                 local_list = []
-            out = {"global_crops": list(globals_.unbind(0)), "local_crops": local_list}
+            out = {"global_crops": [g1[0], g2[0]], "local_crops": local_list}
         if return_params:
             return out, params
         return out

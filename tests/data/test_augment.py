@@ -141,10 +141,11 @@ def test_blur_and_solarize_probabilities_per_slot(photo):
     jitter = grayscale = 0.0
     for _ in range(n):
         _, params = aug(image, return_params=True)
-        blur += torch.cat([params["global"]["blur"], params["local"]["blur"]]).float()
-        solarize += torch.cat([params["global"]["solarize"], params["local"]["solarize"]]).float()
-        jitter += float(params["global"]["jitter"].float().mean())
-        grayscale += float(params["global"]["grayscale"].float().mean())
+        slots = [params["global1"], params["global2"], params["local"]]
+        blur += torch.cat([q["blur"] for q in slots]).float()
+        solarize += torch.cat([q["solarize"] for q in slots]).float()
+        jitter += float(torch.cat([q["jitter"] for q in slots[:2]]).float().mean())
+        grayscale += float(torch.cat([q["grayscale"] for q in slots[:2]]).float().mean())
     rate = blur / n
 
     def within(p_hat, p, count):  # 4 standard errors
