@@ -9,7 +9,9 @@ import torch
 from dinoscale.data.collate import collate_multicrop
 from dinoscale.data.masking import MaskingGenerator
 
-KEYS = {"global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "n_masked_patches", "upperbound", "labels"}
+KEYS = {
+    "global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "n_masked_patches", "upperbound", "labels"
+}
 
 
 def make_samples(batch_size, n_local=3, g=8, l=4, dtype=torch.float32):
