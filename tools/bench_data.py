@@ -15,8 +15,13 @@ except the DataLoader one:
 * end-to-end DataLoader throughput with W workers and :func:`collate_multicrop`.
 
 Both pipelines produce 2 x 224 and 8 x 96 crops with the same distribution (the reference uses
-the documented blur probabilities, not DINOv2's inverted ones). The CPU may be shared, so every
-figure is the best of several interleaved rounds.
+the documented blur probabilities, not DINOv2's inverted ones). Per-core figures are CPU time of
+this (single-threaded) process, the best of several interleaved rounds, so other processes on a
+shared machine disturb them little. glibc's malloc thresholds are raised for the whole process
+first (:func:`tune_cpu_allocator`, as the augmentation does in each worker), so the reference
+pipeline gets the same allocator; ``--no-tune-allocator`` compares both without it. The
+DataLoader figures are wall-clock images/s (they depend on the machine's load) and CPU ms per
+image summed over the main process and the workers.
 
 Usage: python tools/bench_data.py [--workers 2] [--rounds 5] [--repeats 3] [--batch-size 32]
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import random
 import time
 from typing import Callable, List
@@ -158,21 +164,32 @@ class _Collate:
 
 def dataloader_throughput(
     photos: List[bytes], workers: int, batch_size: int, batches: int, on_device: bool, tuned: bool
-) -> float:
+) -> tuple:
+    """(images/s of wall time after one warm-up batch per worker, CPU ms per image over all processes).
+
+    The CPU figure adds the main process's and the (joined) workers' CPU time, so it does not
+    depend on how much of the shared machine other processes take.
+    """
     aug = MultiCropAugmentation(photometric_on_device=on_device, tune_allocator=tuned)
     dataset = _BytesDataset(photos, batch_size * (batches + workers), aug)
     collate = _Collate(mask_generator=MaskingGenerator((16, 16)), n_tokens=256)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, persistent_workers=False
     )
+    cpu_start = os.times()
     it = iter(loader)
-    for _ in range(workers):  # warm-up: one batch per worker (process start, first imports)
+    for _ in range(workers):  # warm-up: one batch per worker (process start)
         next(it)
     start = time.perf_counter()
     n = 0
     for batch in it:
         n += batch["labels"].shape[0]
-    return n / (time.perf_counter() - start)
+    rate = n / (time.perf_counter() - start)
+    del it  # joins the workers, so their CPU time is accounted to this process's children
+    cpu_end = os.times()
+    fields = ("user", "system", "children_user", "children_system")
+    cpu = sum(getattr(cpu_end, k) - getattr(cpu_start, k) for k in fields)
+    return rate, cpu / len(dataset) * 1e3
 
 
 def main():
@@ -240,9 +257,9 @@ def main():
 
     print(f"\nDataLoader, {args.workers} workers, batch {args.batch_size}, collate_multicrop (16x16 masks):")
     for on_device in (False, True):
-        rate = dataloader_throughput(data, args.workers, args.batch_size, args.batches, on_device, tuned)
+        rate, cpu_ms = dataloader_throughput(data, args.workers, args.batch_size, args.batches, on_device, tuned)
         label = "photometric_on_device (uint8 crops)" if on_device else "per-sample photometry"
-        print(f"  {label:48s} {rate:8.1f} images/s")
+        print(f"  {label:48s} {rate:8.1f} images/s wall  ({cpu_ms:6.2f} CPU ms/image, all processes)")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from .masking import MaskingGenerator
 
@@ -36,7 +37,9 @@ def _stack_crop_major(samples: Sequence[Tuple[Dict[str, Any], Any]], key: str) -
     shapes = {tuple(c.shape) for c in crops}
     if len(shapes) != 1:
         raise ValueError(f"all {key} must have the same shape, got {sorted(shapes)}")
-    return torch.stack(crops)
+    # default_collate stacks straight into shared memory inside a DataLoader worker, saving the
+    # copy that sending the batch to the main process would otherwise make.
+    return default_collate(crops)
 
 
 def _label(label: Any, index: int) -> int:
