@@ -67,8 +67,29 @@ def autocast_context(mode: str, device: torch.device):
     return partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
+def ensure_shards(cfg: DictConfig) -> None:
+    """Write ``train.dataset``'s shards from ``train.build_shards_from`` on first use (rank 0; others wait)."""
+    target = Path(cfg.train.dataset)
+    if not cfg.train.build_shards_from or (target / "index.json").exists():
+        return
+    if distributed.get_rank() == 0:
+        from dinoscale.data.shards import write_shards
+
+        source = cfg.train.build_shards_from
+        # Fashion-MNIST writes both splits, OUT/train and OUT/test: train.dataset names one of them.
+        is_fmnist = source.split(":")[0] == "fashion-mnist"
+        out = target.parent if is_fmnist else target
+        if is_fmnist and target.name not in ("train", "test"):
+            raise ValueError(f"train.dataset must end in /train or /test when building Fashion-MNIST shards, "
+                             f"got {target}")
+        log.info("writing shards of %s to %s (first run only)", source, out)
+        write_shards(source, out, max_samples_per_shard=5000, overwrite=True)
+    distributed.barrier()
+
+
 def build_data(cfg: DictConfig, method, *, patch_size: int, start_step: int):
     """The infinite iterator of this rank's collated batches, starting at ``start_step``."""
+    ensure_shards(cfg)
     return build_pretrain_loader(
         open_dataset(cfg.train.dataset),
         method.build_transform(),
@@ -247,7 +268,12 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
                 ema_update_(teacher, student, sched["momentum"])
         step += 1
 
-        metrics.log(step, {"loss": loss.detach(), **{f"loss/{k}": v for k, v in terms.items()},
+        data_stats = {}
+        if step % cfg.train.log_every == 0 or step == max_steps:  # skipped/damaged samples, summed over ranks
+            counts = batches.stats()
+            summed = distributed.all_reduce_sum_(torch.tensor(list(counts.values()), dtype=torch.float64))
+            data_stats = {f"data/{k}": v for k, v in zip(counts, summed.tolist())}
+        metrics.log(step, {**data_stats, "loss": loss.detach(), **{f"loss/{k}": v for k, v in terms.items()},
                            "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"],
                            "teacher_temp": sched["teacher_temp"], "grad_norm": grad_norm,
                            "skipped_steps_in_a_row": bad_steps}, n_images=global_batch)
