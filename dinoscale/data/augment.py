@@ -284,10 +284,10 @@ def _constant(name: str, values: Sequence[float], shape: Tuple[int, ...], device
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
-    """(B,3,H,W) -> (B,1,H,W) luma, as one (1,3) x (3,HW) product per image."""
-    bsz, _, height, width = x.shape
-    weights = _constant("luma", _LUMA, (1, 3), x.device)
-    return torch.matmul(weights, x.reshape(bsz, 3, height * width)).view(bsz, 1, height, width)
+    """(B,3,H,W) -> (B,1,H,W) luma. Elementwise on purpose: a matmul would run in reduced
+    precision under an autocast region or with TF32 enabled."""
+    r, g, b = x.unbind(1)
+    return (r * _LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
 
 
 def _per_image(values: np.ndarray, device: torch.device, ndim: int = 4):
