@@ -300,8 +300,10 @@ def _worker(rank, world_size, port, scenario, out_dir):
     try:
         if scenario == "never_arrives" and rank == 1:
             return  # never calls init_distributed: only the arrival timeout can end rank 0's wait
+        if scenario == "never_arrives":
+            os.environ[D.ARRIVAL_TIMEOUT_ENV] = "2"  # the configuration path users have
         try:
-            info = D.init_distributed(arrival_timeout_s=2 if scenario == "never_arrives" else 30)
+            info = D.init_distributed(arrival_timeout_s=None if scenario == "never_arrives" else 30)
         except RuntimeError as e:
             result["init_error"] = str(e)
             return
@@ -350,7 +352,7 @@ def test_rank_that_never_arrives_is_named(tmp_path):
     start = time.monotonic()
     results = _run("never_arrives", tmp_path)
     err = results[0]["init_error"]
-    assert "rank(s) 1 of 2 did not arrive" in err
+    assert "rank(s) 1 of 2 did not arrive" in err and "within 2 s" in err  # from $DINOSCALE_DIST_TIMEOUT
     assert D.ARRIVAL_TIMEOUT_ENV in err
     assert time.monotonic() - start < 30
 
