@@ -20,7 +20,7 @@ names. Code matching ``named_parameters()`` by name should use
 ``nn.Module.compile()`` adds no prefix.
 
 Without a process group (single process) or with ``mesh=None`` only steps 1-2 are applied and the
-parameters stay plain tensors. With a process group every parameter becomes a ``DTensor`` holding
+parameters stay plain tensors (``param_dtype`` then has no effect: use ``torch.autocast``). With a process group every parameter becomes a ``DTensor`` holding
 this rank's shard: create the optimizer *after* :func:`parallelize`, and update EMA teachers on
 ``p.to_local()``.
 """
