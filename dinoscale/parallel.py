@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from dinoscale import distributed
 
@@ -138,18 +138,22 @@ def parallelize(
         raise TypeError(f"parallelize expects an nn.Module, got {type(module).__name__}")
     if not isinstance(reshard_after_forward, bool):
         raise TypeError(f"reshard_after_forward must be a bool, got {reshard_after_forward!r}")
+    if compile_options is not None and not compile_blocks:
+        raise ValueError("compile_options given but compile_blocks=False")
+    if isinstance(module, FSDPModule):
+        raise ValueError(f"{type(module).__name__} is already sharded; call parallelize once per module")
     blocks = _blocks(module)
     if activation_checkpointing:
         if blocks is None:
             raise ValueError(
                 f"activation_checkpointing needs a module with .blocks; {type(module).__name__} has none"
             )
+        if any(isinstance(b, CheckpointWrapper) for b in blocks):
+            raise ValueError("the blocks are already activation-checkpointed; call parallelize once per module")
         for i, block in enumerate(blocks):
             # Non-reentrant checkpointing (the wrapper's default) supports lists of crops as input
             # and keeps the RNG state, so stochastic depth draws the same masks when recomputing.
             blocks[i] = checkpoint_wrapper(block)
-    if compile_options is not None and not compile_blocks:
-        raise ValueError("compile_options given but compile_blocks=False")
     if compile_blocks and blocks is not None:
         for block in blocks:
             block.compile(**(compile_options or {}))

@@ -161,6 +161,10 @@ def test_bad_arguments_are_rejected():
         parallelize("model", mesh=None)
     with pytest.raises(ValueError, match="compile_blocks=False"):
         parallelize(_tiny_vit(), mesh=None, compile_options={"backend": "eager"})
+    twice = _tiny_vit()
+    parallelize(twice, mesh=None, activation_checkpointing=True)
+    with pytest.raises(ValueError, match="already activation-checkpointed"):
+        parallelize(twice, mesh=None, activation_checkpointing=True)
     with pytest.raises(ValueError, match="different parts"):
         parallelize_student_teacher(
             nn.ModuleDict({"backbone": _tiny_vit(), "head": _head()}),
@@ -444,6 +448,10 @@ def _world_size_one_worker(rank, world_size, port, out_dir):
         result["mesh_shape"] = list(mesh.shape)
         result["dtensor"] = all(type(p).__name__ == "DTensor" for p in model.parameters())
         result["grad_diff"] = _max_diff(_named_grads(model), _named_grads(ref))
+        try:
+            parallelize(model, mesh=mesh)
+        except ValueError as e:
+            result["second_call"] = str(e)
     finally:
         D.destroy_distributed()
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -455,6 +463,7 @@ def test_world_size_one_mesh(tmp_path):
     (r,) = _spawn(_world_size_one_worker, tmp_path, 1)
     assert r["mesh_shape"] == [1] and r["dtensor"]
     assert r["grad_diff"] < 1e-6
+    assert "already sharded" in r.get("second_call", "")
 
 
 # ----------------------------------------------------------------------------- memory model
