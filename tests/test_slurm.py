@@ -28,11 +28,9 @@ import pytest
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
-SUBMIT = REPO / "tools" / "submit.py"
-SBATCH_SCRIPT = REPO / "slurm" / "train.sbatch"
 START_SCRIPT = REPO / "slurm" / "dev-cluster" / "start.sh"
 CONFIG = "configs/quickstart.yaml"
-STEPS = 30
+STEPS = 20
 JOB_WAIT_S = 420
 
 TINY = [
@@ -48,7 +46,22 @@ RUNNING_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED",
 
 
 # ---------------------------------------------------------------------------------------------
-# cluster and job helpers
+# a frozen copy of the code, cluster and job helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def checkout(tmp_path_factory) -> Path:
+    """A snapshot of the code the jobs run. The runs compared here start minutes apart; running
+    them from one snapshot keeps edits to the working tree in the meantime from making them differ."""
+    root = tmp_path_factory.mktemp("checkout")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("dinoscale", "tools", "configs", "slurm"):
+        shutil.copytree(REPO / name, root / name, ignore=ignore)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------
 
 
@@ -135,12 +148,12 @@ def metrics_rows(run_dir: Path) -> list[dict]:
     return [r for r in rows if "type" not in r]
 
 
-def submit(output_dir: Path, *overrides: str) -> tuple[str, Path]:
+def submit(checkout: Path, output_dir: Path, *overrides: str) -> tuple[str, Path]:
     """tools/submit.py on two nodes, one CPU task each; returns (job id, submitit log dir)."""
-    cmd = [sys.executable, str(SUBMIT), "--nodes", "2", "--ngpus", "0", "--timeout", "20",
+    cmd = [sys.executable, str(checkout / "tools" / "submit.py"), "--nodes", "2", "--ngpus", "0", "--timeout", "20",
            "--job-name", "dinoscale-test", "--config", CONFIG, "--output-dir", str(output_dir),
            f"train.max_steps={STEPS}", *TINY, *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     match = re.search(r"submitted job (\d+)", proc.stdout)
     assert match, proc.stdout
@@ -184,10 +197,10 @@ def wait_for_rows(job_id: str, run_dir: Path, n: int, logs: list[Path]) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference_run(slurm_cluster, tmp_path_factory):
+def reference_run(slurm_cluster, checkout, tmp_path_factory):
     """An uninterrupted 2-node run: checked by the first test, the yardstick of the others."""
     root = tmp_path_factory.mktemp("slurm_reference")
-    job_id, log_dir = submit(root / "%j")
+    job_id, log_dir = submit(checkout, root / "%j")
     info = wait_for_job(job_id, logs=task_logs(log_dir, job_id))
     return {"job_id": job_id, "log_dir": log_dir, "run_dir": root / job_id, "info": info}
 
@@ -219,10 +232,10 @@ def test_two_node_submitit_run_finishes_as_one_process_group(reference_run):
     assert f"output_dir: {run_dir}" in (run_dir / "config.yaml").read_text()
 
 
-def test_submitit_preemption_requeues_and_resumes_exactly(reference_run, tmp_path):
+def test_submitit_preemption_requeues_and_resumes_exactly(reference_run, checkout, tmp_path):
     import submitit
 
-    job_id, log_dir = submit(tmp_path / "%j")
+    job_id, log_dir = submit(checkout, tmp_path / "%j")
     run_dir = tmp_path / job_id
     logs = task_logs(log_dir, job_id)
     wait_for_rows(job_id, run_dir, 5, logs)
@@ -242,8 +255,8 @@ def test_submitit_preemption_requeues_and_resumes_exactly(reference_run, tmp_pat
     assert_same_losses(metrics_rows(run_dir), metrics_rows(reference_run["run_dir"]))
 
 
-def test_failing_job_is_not_requeued(slurm_cluster, tmp_path):
-    job_id, log_dir = submit(tmp_path / "%j", f"train.dataset={tmp_path / 'no_such_dataset'}")
+def test_failing_job_is_not_requeued(slurm_cluster, checkout, tmp_path):
+    job_id, log_dir = submit(checkout, tmp_path / "%j", f"train.dataset={tmp_path / 'no_such_dataset'}")
     info = wait_for_job(job_id, logs=task_logs(log_dir, job_id))
     assert info["JobState"] == "FAILED", info
     assert info["Restarts"] == "0", info
@@ -256,16 +269,16 @@ def test_failing_job_is_not_requeued(slurm_cluster, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_sbatch_script_preempts_requeues_and_resumes_exactly(reference_run, tmp_path):
+def test_sbatch_script_preempts_requeues_and_resumes_exactly(reference_run, checkout, tmp_path):
     run_dir = tmp_path / "run"
     log = tmp_path / "sbatch-%j.out"
     env = dict(os.environ, CONFIG=CONFIG, OUTPUT_DIR=str(run_dir), PYTHON=sys.executable,
-               DINOSCALE_ROOT=str(REPO), PYTHONPATH=str(REPO))
+               DINOSCALE_ROOT=str(checkout), PYTHONPATH=str(checkout))
     proc = subprocess.run(
         ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
-         "--time=20", "--job-name=dinoscale-sbatch-test", f"--output={log}", str(SBATCH_SCRIPT),
-         f"train.max_steps={STEPS}", *TINY],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+         "--time=20", "--job-name=dinoscale-sbatch-test", f"--output={log}",
+         str(checkout / "slurm" / "train.sbatch"), f"train.max_steps={STEPS}", *TINY],
+        cwd=checkout, env=env, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().split(";")[0]

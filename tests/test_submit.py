@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,14 +215,25 @@ def test_distributed_env_from_submitit_environment(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def _local_cmd(output_dir: Path, steps: int) -> list[str]:
-    return [sys.executable, str(SUBMIT), "--local", "--ngpus", "0", "--timeout", "20",
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory) -> Path:
+    """A snapshot of the code the local jobs run: runs compared with each other start a minute
+    apart, and edits to the working tree in between must not make them differ."""
+    root = tmp_path_factory.mktemp("checkout")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("dinoscale", "tools", "configs"):
+        shutil.copytree(REPO / name, root / name, ignore=ignore)
+    return root
+
+
+def _local_cmd(checkout: Path, output_dir: Path, steps: int) -> list[str]:
+    return [sys.executable, str(checkout / "tools" / "submit.py"), "--local", "--ngpus", "0", "--timeout", "20",
             "--config", "configs/quickstart.yaml", "--output-dir", str(output_dir),
             f"train.max_steps={steps}", "train.checkpoint_every=100", *TINY]
 
 
-def test_local_run_finishes_with_job_id_expanded(tmp_path):
-    proc = subprocess.run(_local_cmd(tmp_path / "%j", 4), cwd=REPO, capture_output=True, text=True, timeout=240)
+def test_local_run_finishes_with_job_id_expanded(checkout, tmp_path):
+    proc = subprocess.run(_local_cmd(checkout, tmp_path / "%j", 4), cwd=checkout, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "finished at step 4" in proc.stdout
     job_id = proc.stdout.split("submitted job ", 1)[1].split()[0]
@@ -234,14 +246,14 @@ def test_local_run_finishes_with_job_id_expanded(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_preemption_checkpoints_requeues_and_matches_uninterrupted_run(tmp_path):
+def test_local_preemption_checkpoints_requeues_and_matches_uninterrupted_run(checkout, tmp_path):
     steps = 14
-    reference = subprocess.run(_local_cmd(tmp_path / "reference", steps), cwd=REPO, capture_output=True,
+    reference = subprocess.run(_local_cmd(checkout, tmp_path / "reference", steps), cwd=checkout, capture_output=True,
                                text=True, timeout=300)
     assert reference.returncode == 0, reference.stdout + reference.stderr
 
     run_dir = tmp_path / "preempted"
-    proc = subprocess.Popen(_local_cmd(run_dir, steps), cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_local_cmd(checkout, run_dir, steps), cwd=checkout, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         # Signal the training task itself (as SLURM signals every task) once a few steps are done.
