@@ -75,8 +75,9 @@ def _cluster_problem() -> str | None:
         return "sinfo does not answer within 20 s"
     if proc.returncode != 0:
         return f"sinfo failed: {proc.stderr.strip()}"
+    # Exact states only: a suffix such as "idle*" means the node does not respond.
     usable = {line.split()[0] for line in proc.stdout.splitlines()
-              if len(line.split()) == 2 and line.split()[1].rstrip("*~#!%$@^-") in ("idle", "mix", "alloc", "comp")}
+              if len(line.split()) == 2 and line.split()[1] in ("idle", "mix", "alloc", "comp")}
     if len(usable) < 2:
         return f"fewer than 2 usable nodes:\n{proc.stdout}"
     return None

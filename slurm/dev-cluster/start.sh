@@ -10,10 +10,21 @@
 # (or restarted when the config changed). Needs root (it installs packages and starts
 # daemons as root; SlurmUser=root is fine for a dev cluster).
 #
+# Options:
+#   --check   after start-up, run `srun -N2 -n2 hostname` and a gloo all_reduce over one task on
+#             each node (python with torch: $PYTHON, default python3)
 # Environment knobs:
 #   DINOSCALE_SLURM_WAIT   seconds to wait for both nodes to become idle (default 60)
 #   DINOSCALE_SLURM_CONF   where to write slurm.conf (default /etc/slurm/slurm.conf)
 set -euo pipefail
+
+CHECK=0
+for arg in "$@"; do
+    case "$arg" in
+        --check) CHECK=1 ;;
+        *) echo "[dev-cluster] ERROR: unknown option '$arg' (only --check)" >&2; exit 2 ;;
+    esac
+done
 
 WAIT_S="${DINOSCALE_SLURM_WAIT:-60}"
 CONF="${DINOSCALE_SLURM_CONF:-/etc/slurm/slurm.conf}"
@@ -222,3 +233,29 @@ while :; do
 done
 log "cluster up:"
 sinfo -N -o '%N %P %t %c %m'
+
+# --- 7. optional end-to-end check -----------------------------------------------------------
+if [[ $CHECK == 1 ]]; then
+    log "check: srun -N2 -n2 hostname"
+    out="$(timeout 120 srun -N2 -n2 --ntasks-per-node=1 bash -c 'echo "$SLURMD_NODENAME $(hostname)"')" \
+        || die "srun -N2 -n2 failed"
+    echo "$out"
+    [[ "$(echo "$out" | awk '{print $1}' | sort -u | wc -l)" == 2 ]] || die "the two tasks did not run on two nodes"
+    log "check: gloo all_reduce across both nodes"
+    # Rank r contributes r + 1, so two ranks must both read 3.
+    out="$(timeout 180 srun -N2 -n2 --ntasks-per-node=1 "${PYTHON:-python3}" -c '
+import os, subprocess, torch, torch.distributed as dist
+rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+hosts = subprocess.check_output(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], text=True).split()
+os.environ["MASTER_ADDR"] = hosts[0]
+os.environ["MASTER_PORT"] = str(15000 + int(os.environ["SLURM_JOB_ID"]) % 15000)
+dist.init_process_group("gloo", rank=rank, world_size=world)
+t = torch.tensor([rank + 1.0])
+dist.all_reduce(t)
+print(os.environ["SLURMD_NODENAME"], "rank", rank, "of", world, "all_reduce", t.item(), flush=True)
+dist.destroy_process_group()
+')" || die "the gloo all_reduce across the two nodes failed"
+    echo "$out"
+    [[ "$(echo "$out" | grep -c 'all_reduce 3.0')" == 2 ]] || die "unexpected all_reduce result"
+    log "check passed"
+fi
