@@ -11,9 +11,10 @@
 Every task runs :class:`dinoscale.launch.TrainingJob`: one process per GPU (``--ngpus`` per node), or
 ``--tasks-per-node`` CPU processes when ``--ngpus 0``; together they form one process group.
 ``%j`` in ``--output-dir`` becomes the SLURM job id (stable across requeues); the directory is
-passed to training as ``train.output_dir`` and holds the checkpoints and metrics; submitit's pickles
-and the task logs go to ``--log-dir`` (default ``submitit_logs`` beside the ``%j`` folder). SLURM sends the preemption/timeout signal (USR2) ``--signal-delay``
-seconds before the end; the run then checkpoints at a step boundary and requeues itself.
+passed to training as ``train.output_dir`` and holds the checkpoints and metrics. submitit's
+pickles and the task logs go to ``--log-dir`` (default: ``submitit_logs`` beside the ``%j``
+folder). SLURM sends the preemption/time-out signal (USR2) ``--signal-delay`` seconds before the
+end; the run then checkpoints at the next step boundary and requeues itself.
 
 ``--dry-run`` prints the sbatch script that would be submitted and the config overrides, and
 submits nothing (no SLURM needed).
@@ -202,14 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     overrides = training_overrides(args, output_dir)
     check_config(args, overrides)
     folder = resolve_output_dir(args.log_dir) if args.log_dir else default_log_dir(output_dir)
-    job_fn = TrainingJob(args.config, overrides, max_requeues=args.max_requeues)
+    # The job may start in another directory than this one: pass the config file by absolute path.
+    config = str(Path(args.config).absolute()) if args.config and Path(args.config).exists() else args.config
+    job_fn = TrainingJob(config, overrides, max_requeues=args.max_requeues)
 
     if args.dry_run:
         params = slurm_parameters(args)
         print("# dry run: nothing submitted")
         print(f"# log dir (submitit folder): {folder}")
         print(f"# output dir: {output_dir}  (%j = the SLURM job id)")
-        print(f"# config: {args.config}")
+        print(f"# config: {config}")
         print("# config overrides:")
         for item in overrides:
             print(f"#   {item}")
