@@ -61,6 +61,8 @@ def collate_multicrop(
     mask_probability: float = 0.5,
     rng: random.Random,
     local_crops_size: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Dict[str, Any]:
     """Collate ``(crops_dict, label)`` samples from :class:`MultiCropAugmentation`.
 
@@ -70,6 +72,13 @@ def collate_multicrop(
     ``upperbound`` (int, >= M, for fixed-size buffers) and ``labels`` (B,) long. Crop dtypes are
     kept (uint8 when the photometric part runs on the device). With no local crops,
     ``local_crops`` is (0,3,L,L) when ``local_crops_size`` is given, else (0,3,0,0).
+
+    Masks are drawn for the GLOBAL batch (``world_size`` ranks of B samples each, rank r holding global
+    samples r*B .. (r+1)*B-1) and each rank builds only its own images' masks: ``rng`` must be the same
+    on every rank (seeded by the step). Of the 2*B*world_size global crops, exactly
+    ``int(2*B*world_size * mask_probability)`` are masked, with ratios spread over ``mask_ratio_tuple``
+    as DINOv2 does; each image's block mask comes from its own seed. So a step's masks do not depend on
+    how the global batch is split over ranks, and an N-rank run sees the masks of a 1-rank run.
     """
     if not isinstance(rng, random.Random):
         raise TypeError(f"rng must be a random.Random instance, got {type(rng).__name__}")
@@ -103,18 +112,30 @@ def collate_multicrop(
         local_crops = torch.empty(0, global_crops.shape[1], size, size, dtype=global_crops.dtype)
     labels = torch.tensor([_label(s[1], i) for i, s in enumerate(samples)], dtype=torch.long)
 
-    n_images = global_crops.shape[0]
-    n_masked_images = int(n_images * mask_probability)
+    n_images = global_crops.shape[0]  # 2B on this rank
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    global_batch = batch_size * world_size
+    n_global_images = 2 * global_batch
+    n_masked_images = int(n_global_images * mask_probability)
     bins = np.linspace(lo, hi, n_masked_images + 1)
+    # One (ratio, bin) per masked global image, then a shuffle assigns them to global crop slots.
+    assignment: List[Optional[int]] = list(range(n_masked_images)) + [None] * (n_global_images - n_masked_images)
+    ratios = [rng.uniform(bins[i], bins[i + 1]) for i in range(n_masked_images)]
+    rng.shuffle(assignment)
+    image_seed = rng.getrandbits(63)
     masks: List[np.ndarray] = []
     upperbound = 0
-    for i in range(n_masked_images):
-        ratio = rng.uniform(bins[i], bins[i + 1])
-        masks.append(mask_generator(int(n_tokens * ratio), rng))
-        upperbound += int(n_tokens * bins[i + 1])
     empty = np.zeros(mask_generator.get_shape(), dtype=bool)
-    masks.extend(empty for _ in range(n_masked_images, n_images))
-    rng.shuffle(masks)
+    for crop in range(2):  # crop-major: this rank's crop-0 images, then its crop-1 images
+        for j in range(rank * batch_size, (rank + 1) * batch_size):
+            g = crop * global_batch + j
+            b = assignment[g]
+            if b is None:
+                masks.append(empty)
+                continue
+            masks.append(mask_generator(int(n_tokens * ratios[b]), random.Random(f"{image_seed}:{g}")))
+            upperbound += int(n_tokens * bins[b + 1])
 
     mask_tensor = torch.from_numpy(np.stack(masks).reshape(n_images, n_tokens))
     mask_indices = mask_tensor.flatten().nonzero().squeeze(1)

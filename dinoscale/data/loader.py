@@ -23,9 +23,10 @@ the consumed samples of each stream without decoding them.
 Randomness. The augmentation of the sample at stream position ``p`` runs with torch's global
 RNG seeded from ``(seed, p)`` inside :func:`torch.random.fork_rng` (so the main process RNG is
 untouched when ``num_workers == 0``). The collate gets ``rng=random.Random(seed_k)`` with
-``seed_k`` derived from ``(seed, step, rank)`` (and torch's RNG seeded the same way while it
-runs). The rank is part of that seed on purpose: with ``(seed, step)`` alone every rank would
-draw the same masks for its batch in the same step.
+``seed_k`` derived from ``(seed, step)`` (and torch's RNG seeded the same way while it runs), the same
+on every rank: a collate draws batch-level randomness for the GLOBAL batch and derives per-sample
+randomness from the sample's global position (see ``collate_multicrop``'s ``rank``/``world_size``), so
+a step's batch is the same whether it is split over 1 or N ranks.
 
 Bad data. A sample whose loading or transform raises one of
 :data:`dinoscale.data.datasets.DECODE_ERRORS` is replaced by the next dataset index (map-style)
@@ -73,8 +74,12 @@ def run_seeded(seed: int, fn: Callable, *args: Any, **kwargs: Any) -> Any:
 def collate_step(
     collate_fn: Callable, samples: list, *, seed: int, step: int, rank: int
 ) -> Any:
-    """Run the collate for global ``step`` of ``rank`` with its step-derived ``rng``."""
-    step_seed = derive_seed(seed, "collate", step, rank)
+    """Run the collate for global ``step`` with its step-derived ``rng``, the same on every rank.
+
+    Collates draw randomness for the global batch (e.g. which crops get masks) and derive each sample's
+    own from its global position, so batches do not depend on the world size (see collate_multicrop).
+    """
+    step_seed = derive_seed(seed, "collate", step)
     return run_seeded(step_seed, collate_fn, samples, rng=random.Random(step_seed))
 
 

@@ -120,3 +120,21 @@ def test_bad_batches_raise():
         collate_multicrop(samples, mask_generator=MaskingGenerator((4, 4)), n_tokens=16, rng=None)
     with pytest.raises(ValueError, match="empty"):
         collate([])
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_masks_do_not_depend_on_how_the_global_batch_is_split(world_size):
+    """Rank r's masks are rows of the 1-rank batch's masks (crop-major), so N ranks see what 1 rank sees."""
+    per_rank = 4
+    samples = make_samples(per_rank * world_size)
+    single = collate(samples, seed=7)
+    gb = per_rank * world_size
+    n_masked = 0
+    for rank in range(world_size):
+        part = collate(samples[rank * per_rank:(rank + 1) * per_rank], seed=7, rank=rank, world_size=world_size)
+        rows = [c * gb + j for c in range(2) for j in range(rank * per_rank, (rank + 1) * per_rank)]
+        assert torch.equal(part["masks"], single["masks"][rows])
+        n_masked += int(part["masks"].any(dim=1).sum())
+    assert n_masked == int(single["masks"].any(dim=1).sum()) == int(2 * gb * 0.5)
+    with pytest.raises(ValueError, match="rank"):
+        collate(samples[:per_rank], rank=world_size, world_size=world_size)

@@ -105,8 +105,9 @@ def test_map_world_size_1_vs_2_same_global_batches():
         for key in ("index", "noise", "labels"):
             merged = torch.cat([ranks[0][step][key], ranks[1][step][key]])
             assert torch.equal(merged, single[step][key]), (step, key)
-    # Masks are seeded per (step, rank): the two ranks do not share masks.
-    assert not torch.equal(ranks[0][0]["mask"], ranks[1][0]["mask"])
+    # The collate rng is seeded per step, the same on every rank (collates draw for the global batch).
+    assert torch.equal(ranks[0][0]["mask"], ranks[1][0]["mask"])
+    assert not torch.equal(ranks[0][0]["mask"], ranks[0][1]["mask"])
     # Resume under a different world size continues the same sample stream.
     resumed = take(make(ds, batch_size_per_rank=3, world_size=2, rank=1, start_step=5), 4)
     for step in range(5, 9):
