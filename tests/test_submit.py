@@ -232,6 +232,7 @@ def _local_cmd(checkout: Path, output_dir: Path, steps: int) -> list[str]:
             f"train.max_steps={steps}", "train.checkpoint_every=100", *TINY]
 
 
+@pytest.mark.slow
 def test_local_run_finishes_with_job_id_expanded(checkout, tmp_path):
     proc = subprocess.run(_local_cmd(checkout, tmp_path / "%j", 4), cwd=checkout, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
