@@ -10,10 +10,22 @@ from __future__ import annotations
 from omegaconf import DictConfig
 from torch import nn
 
+from dinoscale.methods.barlow_twins import BarlowTwins
+from dinoscale.methods.dino import DINO
 from dinoscale.methods.dinov2 import DINOv2
+from dinoscale.methods.ibot import iBOT
+from dinoscale.methods.msn import MSN
+from dinoscale.methods.simclr import SimCLR
+from dinoscale.methods.simmim import SimMIM
 
 METHODS: dict[str, type[nn.Module]] = {
     "dinov2": DINOv2,
+    "dino": DINO,
+    "ibot": iBOT,
+    "simclr": SimCLR,
+    "barlow_twins": BarlowTwins,
+    "simmim": SimMIM,
+    "msn": MSN,
 }
 
 

@@ -68,8 +68,10 @@ def _head(section: DictConfig, in_dim: int) -> DINOHead:
     )
 
 
-def build_networks(cfg: DictConfig) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+def build_networks(cfg: DictConfig, *, with_ibot: bool = True) -> tuple[nn.ModuleDict, nn.ModuleDict]:
     """Student and teacher: ModuleDicts with ``backbone``, ``dino_head`` and (optionally) ``ibot_head``.
+
+    ``ibot_head`` exists when ``with_ibot`` and ``cfg.ibot.separate_head``.
 
     The teacher has the student's architecture with drop path 0; its weights are set from the student by
     the caller (``dinoscale.train.teacher.init_teacher_from_student_``).
@@ -78,7 +80,7 @@ def build_networks(cfg: DictConfig) -> tuple[nn.ModuleDict, nn.ModuleDict]:
     for drop_path in (cfg.model.drop_path_rate, 0.0):
         backbone = build_backbone(cfg.model, drop_path_rate=drop_path)
         parts = {"backbone": backbone, "dino_head": _head(cfg.dino, backbone.embed_dim)}
-        if cfg.ibot.separate_head:
+        if with_ibot and cfg.ibot.separate_head:
             parts["ibot_head"] = _head(cfg.ibot, backbone.embed_dim)
         nets.append(nn.ModuleDict(parts))
     return nets[0], nets[1]
@@ -90,24 +92,36 @@ class DINOv2(nn.Module):
     The interface every method in ``dinoscale/methods`` offers the train loop:
       ``build_networks() -> (student, teacher or None)``, ``build_transform()``, ``build_collate(patch_size)``,
       ``forward(student, teacher, batch, sched) -> (total loss, dict of detached terms)``.
+
+    The class attributes ``use_ibot`` and ``use_koleo`` switch parts of the objective off; the ``dino`` and
+    ``ibot`` methods are subclasses that do just that (``dinoscale/methods/dino.py``, ``ibot.py``).
     """
 
     uses_teacher = True
+    use_ibot = True  # masked-patch loss (off: no masks, no iBOT head, loss or center)
+    use_koleo = True  # KoLeo regulariser on the student's global [CLS] tokens
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
         if cfg.dino.centering not in ("centering", "sinkhorn_knopp"):
             raise ValueError(f"dino.centering must be 'centering' or 'sinkhorn_knopp', got '{cfg.dino.centering}'")
-        if cfg.ibot.centering not in ("centering", "sinkhorn_knopp"):
+        if self.use_ibot and cfg.ibot.centering not in ("centering", "sinkhorn_knopp"):
             raise ValueError(f"ibot.centering must be 'centering' or 'sinkhorn_knopp', got '{cfg.ibot.centering}'")
         self.cfg = cfg
-        ibot_dim = cfg.ibot.head_n_prototypes if cfg.ibot.separate_head else cfg.dino.head_n_prototypes
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes, cfg.dino.student_temp, cfg.dino.center_momentum)
-        self.ibot_loss = iBOTPatchLoss(ibot_dim, cfg.dino.student_temp, cfg.dino.center_momentum)
-        self.koleo_loss = KoLeoLoss(distributed=cfg.dino.koleo_distributed)
+        if self.use_ibot:
+            ibot_dim = cfg.ibot.head_n_prototypes if cfg.ibot.separate_head else cfg.dino.head_n_prototypes
+            self.ibot_loss = iBOTPatchLoss(ibot_dim, cfg.dino.student_temp, cfg.dino.center_momentum)
+        if self.use_koleo:
+            self.koleo_loss = KoLeoLoss(distributed=cfg.dino.koleo_distributed)
 
     def build_networks(self) -> tuple[nn.ModuleDict, nn.ModuleDict]:
-        return build_networks(self.cfg)
+        student, teacher = build_networks(self.cfg, with_ibot=self.use_ibot)
+        if not self.use_ibot:
+            # Never masked, so never given a gradient: keep it out of the optimizer (whose checkpointed state
+            # must cover every parameter it optimizes). It is still exported with the backbone.
+            student["backbone"].mask_token.requires_grad_(False)
+        return student, teacher
 
     def build_transform(self) -> MultiCropAugmentation:
         c = self.cfg.crops
@@ -121,7 +135,7 @@ class DINOv2(nn.Module):
         )
 
     def build_collate(self, patch_size: int):
-        """Multi-crop collate with iBOT block masks on the global crops' patch grid."""
+        """Multi-crop collate with iBOT block masks on the global crops' patch grid (none without iBOT)."""
         grid = self.cfg.crops.global_crops_size // patch_size
         n_tokens = grid * grid
         return partial(
@@ -129,29 +143,35 @@ class DINOv2(nn.Module):
             mask_generator=MaskingGenerator((grid, grid), max_num_patches=int(0.5 * n_tokens)),
             n_tokens=n_tokens,
             mask_ratio_tuple=tuple(self.cfg.ibot.mask_ratio_min_max),
-            mask_probability=self.cfg.ibot.mask_sample_probability,
+            mask_probability=self.cfg.ibot.mask_sample_probability if self.use_ibot else 0.0,
         )
 
     @torch.no_grad()
     def _teacher_targets(self, teacher: nn.ModuleDict, batch: dict, teacher_temp: float):
-        """Teacher probabilities for the global-crop CLS tokens (crop order A, B) and the masked patches."""
+        """Teacher probabilities for the global-crop CLS tokens (crop order A, B) and the masked patches
+        (None without iBOT)."""
         out = teacher["backbone"](batch["global_crops"], is_training=True)
         cls = out["x_norm_clstoken"]  # crop order A, B; dino_cls_loss pairs teacher A with student B and back
-        patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
-        ibot_head = teacher["ibot_head"] if "ibot_head" in teacher else teacher["dino_head"]
-        if "ibot_head" in teacher:
+        if not self.use_ibot:
+            cls_logits, patch_logits = teacher["dino_head"](cls), None
+        elif "ibot_head" in teacher:
+            patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
             cls_logits = teacher["dino_head"](cls)
-            patch_logits = ibot_head(patches)
+            patch_logits = teacher["ibot_head"](patches)
         else:  # shared head: one pass over CLS and masked patches together
+            patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
             logits = teacher["dino_head"](torch.cat((cls, patches)))
             cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0] :]
-        cls_logits, patch_logits = cls_logits.float(), patch_logits.float()
+        cls_logits = cls_logits.float()
 
         if self.cfg.dino.centering == "centering":
             cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
             self.dino_loss.update_center(cls_logits)
         else:
             cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
+        if patch_logits is None:
+            return cls_probs, None
+        patch_logits = patch_logits.float()
         if self.cfg.ibot.centering == "centering":
             patch_probs = self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
             self.ibot_loss.update_center(patch_logits)
@@ -166,25 +186,30 @@ class DINOv2(nn.Module):
         cls_probs, patch_probs = self._teacher_targets(teacher, batch, sched["teacher_temp"])
 
         has_local = batch["local_crops"].shape[0] > 0
+        global_masks = batch["masks"] if self.use_ibot else None
         crops = [batch["global_crops"], batch["local_crops"]] if has_local else [batch["global_crops"]]
-        masks = [batch["masks"], None] if has_local else [batch["masks"]]
+        masks = [global_masks, None] if has_local else [global_masks]
         outs = student["backbone"](crops, masks=masks, is_training=True)
         global_out = outs[0]
         global_cls = global_out["x_norm_clstoken"]
         local_cls = outs[1]["x_norm_clstoken"] if has_local else None
-        masked_patches = global_out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
 
         # Student heads: CLS of all crops (and masked patches, when the head is shared) in one pass.
         n_global = global_cls.shape[0]
         cls_in = [global_cls] + ([local_cls] if has_local else [])
-        if "ibot_head" in student:
+        patch_logits = None
+        if not self.use_ibot:
+            cls_logits = student["dino_head"](torch.cat(cls_in))
+        elif "ibot_head" in student:
+            masked_patches = global_out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
             cls_logits = student["dino_head"](torch.cat(cls_in))
             patch_logits = student["ibot_head"](masked_patches)
         else:
+            masked_patches = global_out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
             logits = student["dino_head"](torch.cat(cls_in + [masked_patches]))
             n_cls = n_global + (local_cls.shape[0] if has_local else 0)
             cls_logits, patch_logits = logits[:n_cls], logits[n_cls:]
-        cls_logits, patch_logits = cls_logits.float(), patch_logits.float()
+        cls_logits = cls_logits.float()
 
         global_term, local_term = dino_cls_loss(
             self.dino_loss,
@@ -192,24 +217,18 @@ class DINOv2(nn.Module):
             student_local=cls_logits[n_global:] if has_local else None,
             teacher_probs=cls_probs,
         )
-        koleo = sum(self.koleo_loss(p.float()) for p in global_cls.chunk(2))
-        ibot = self.ibot_loss.forward_masked(
-            patch_logits,
-            patch_probs,
-            student_masks_flat=batch["masks"],
-            n_masked_patches=batch["n_masked_patches"],
-            masks_weight=batch["masks_weight"],
-        )
-        terms = {
-            "dino_global": global_term,
-            "dino_local": local_term,
-            "koleo": koleo,
-            "ibot": ibot,
-        }
-        total = (
-            self.cfg.dino.loss_weight * (global_term + local_term)
-            + self.cfg.dino.koleo_loss_weight * koleo
-            + self.cfg.ibot.loss_weight * ibot
-        )
+        terms = {"dino_global": global_term, "dino_local": local_term}
+        total = self.cfg.dino.loss_weight * (global_term + local_term)
+        if self.use_koleo:
+            terms["koleo"] = sum(self.koleo_loss(p.float()) for p in global_cls.chunk(2))
+            total = total + self.cfg.dino.koleo_loss_weight * terms["koleo"]
+        if self.use_ibot:
+            terms["ibot"] = self.ibot_loss.forward_masked(
+                patch_logits.float(),
+                patch_probs,
+                student_masks_flat=batch["masks"],
+                n_masked_patches=batch["n_masked_patches"],
+                masks_weight=batch["masks_weight"],
+            )
+            total = total + self.cfg.ibot.loss_weight * terms["ibot"]
         return total, {k: v.detach() for k, v in terms.items()}
-

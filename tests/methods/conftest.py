@@ -1,0 +1,100 @@
+"""Tiny end-to-end runs of each method through ``dinoscale.train.loop.train`` (CPU, seconds each)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinoscale.config import load_config
+from dinoscale.train import loop
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+# The tiny ViT of tests/train/test_loop.py, plus small heads for every method.
+TINY = [
+    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4", "model.img_size=16",
+    "model.drop_path_rate=0.1",
+    "dino.head_n_prototypes=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
+    "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=64", "ibot.head_bottleneck_dim=32",
+    "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
+    "train.batch_size_per_rank=8", "train.num_workers=0", "train.log_every=1", "train.tensorboard=false",
+    "train.official_epoch_length=4", "optim.epochs=5", "optim.warmup_epochs=1", "optim.base_lr=0.001",
+    "optim.scale_lr_with_batch=false", "evaluation.final_knn=false", "train.autocast=none",
+    "simclr.proj_hidden_dim=64", "simclr.proj_out_dim=32",
+    "barlow_twins.proj_dims=[64,64]",
+    "simmim.mask_patch_size=8",
+    "msn.proj_hidden_dim=64", "msn.proj_out_dim=32", "msn.num_prototypes=64",
+]
+
+
+def short_run(steps: int) -> list[str]:
+    """``steps`` optimizer steps at a fixed learning rate, no warmup, no intermediate checkpoint."""
+    return [f"train.max_steps={steps}", f"optim.epochs={steps}", "optim.base_lr=0.002", "optim.min_lr=0.002",
+            "optim.warmup_epochs=0", "train.checkpoint_every=1000"]
+
+
+# An EMA teacher held fixed (momentum 1, constant temperature, frozen center): its targets are then a fixed
+# function of the images, so the student's loss to them must go down. (A moving teacher may raise it.) The
+# student starts as a copy of the teacher, so soft targets leave little to learn: the temperature is low.
+FIXED_TEACHER = ["teacher.momentum_teacher=1.0", "teacher.final_momentum_teacher=1.0",
+                 "teacher.teacher_temp=0.04", "teacher.warmup_teacher_temp=0.04", "dino.center_momentum=1.0"]
+
+
+class MethodRunner:
+    """Runs a method on the tiny config in ``tmp_path`` and reads its metrics (the ``runner`` fixture)."""
+
+    FIXED_TEACHER = FIXED_TEACHER
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+
+    def config(self, method, *extra, out=None):
+        out = out or self.tmp_path
+        return load_config("quickstart", TINY + [f"method={method}", f"train.output_dir={out}", *extra])
+
+    def train(self, method, *extra, out=None):
+        """``(cfg, TrainResult)`` of a run of ``method`` with the overrides ``extra``."""
+        cfg = self.config(method, *extra, out=out)
+        return cfg, loop.train(cfg)
+
+    def rows(self, out=None):
+        """The per-step metric rows of a run."""
+        path = Path(out or self.tmp_path) / "metrics.jsonl"
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        return [r for r in lines if "type" not in r]
+
+    def assert_training_lowers_loss(self, method, *extra, steps=20, factor=0.9):
+        """Train ``method`` for ``steps`` steps, and again with a learning rate of 0 (same seed, so the same
+        batches, augmentations, masks and drop-path draws), and compare the losses on the same batches.
+
+        Pairing the steps removes the batch-to-batch noise that makes "the loss went down" unreliable with
+        small batches: over the second half of the steps the trained network's mean loss must be below the
+        untouched one's by ``1 - factor`` of its magnitude. Returns ``(trained rows, untouched rows)``.
+        """
+        trained, untouched = self.tmp_path / "trained", self.tmp_path / "untouched"
+        self.train(method, *short_run(steps), *extra, out=trained)
+        self.train(method, *short_run(steps), *extra, "optim.base_lr=0.0", "optim.min_lr=0.0", out=untouched)
+        a, b = self.rows(trained), self.rows(untouched)
+        assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
+        assert a[0]["loss"] == b[0]["loss"]  # same batch, same initial weights
+        late_a = sum(r["loss"] for r in a[steps // 2 :]) / (steps - steps // 2)
+        late_b = sum(r["loss"] for r in b[steps // 2 :]) / (steps - steps // 2)
+        assert late_a < late_b - (1 - factor) * abs(late_b), ([r["loss"] for r in a], [r["loss"] for r in b])
+        return a, b
+
+
+@pytest.fixture
+def runner(tmp_path):
+    if not FMNIST.exists():
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    return MethodRunner(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    # The machine is shared and small: OpenMP threads spinning against other processes slow tiny ops down.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
