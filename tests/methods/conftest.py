@@ -21,6 +21,7 @@ TINY = [
     "train.batch_size_per_rank=8", "train.num_workers=0", "train.log_every=1", "train.tensorboard=false",
     "train.official_epoch_length=4", "optim.epochs=5", "optim.warmup_epochs=1", "optim.base_lr=0.001",
     "optim.scale_lr_with_batch=false", "evaluation.final_knn=false", "train.autocast=none",
+    "train.dataset=fashion-mnist:train", "train.build_shards_from=null",
     "simclr.proj_hidden_dim=64", "simclr.proj_out_dim=32",
     "barlow_twins.proj_dims=[64,64]",
     "simmim.mask_patch_size=8",
