@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:
 
 from dinoscale.hub import load_state_dict_any  # noqa: E402
 from dinoscale.models import vit  # noqa: E402
+from dinoscale.train.flops import count_forward_flops, peak_flops  # noqa: E402
 
 PATCH = 14
 GLOBAL_SIZE, N_GLOBAL = 224, 2
@@ -82,6 +83,22 @@ def loss_timm(model: torch.nn.Module, crops: tuple[torch.Tensor, torch.Tensor]) 
         out = model.forward_features(x)  # (B, 1 + N, D), normalised
         total = total + out[:, 0].float().sum() + out[:, 1:].float().sum()
     return total
+
+
+class _MultiCrop(torch.nn.Module):
+    """Ours on a list of crops, as a module of tensors (for the FLOP count)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *crops):
+        return [o["x_norm_clstoken"] + o["x_norm_patchtokens"].sum(1) for o in self.model.forward_features(list(crops))]
+
+
+def step_flops(model, crops) -> float:
+    """FLOPs of one forward + backward (backward = 2 x forward; see dinoscale.train.flops)."""
+    return 3 * count_forward_flops(_MultiCrop(model), *crops)
 
 
 def step(model, loss_fn, crops, autocast) -> float:
@@ -133,9 +150,10 @@ def bench(batch: int, reps: int, warmup: int, dtype: str, compile_mode: str | No
         for name in order:
             model, fn = runs[name]
             times[name].append(step(model, fn, crops, autocast))
-    result = {"max_abs_diff": err}
+    result = {"max_abs_diff": err, "step_flops": step_flops(ours, crops)}
     for name, ts in times.items():
-        result[name] = {"median_img_s": batch / statistics.median(ts), "best_img_s": batch / min(ts)}
+        result[name] = {"median_img_s": batch / statistics.median(ts), "best_img_s": batch / min(ts),
+                        "median_s": statistics.median(ts), "best_s": min(ts)}
     result["ratio_median"] = result["ours"]["median_img_s"] / result["timm"]["median_img_s"]
     result["ratio_best"] = result["ours"]["best_img_s"] / result["timm"]["best_img_s"]
     return result
@@ -158,17 +176,25 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}, "
           f"batch {args.batch} ({N_GLOBAL * args.batch}x{GLOBAL_SIZE} + {N_LOCAL * args.batch}x{LOCAL_SIZE} crops)")
     modes = [None, "blocks"] if args.compile else [None]
-    print(f"{'dtype':5} {'mode':8} {'ours img/s':>17} {'timm img/s':>17} {'ours/timm':>15}  (median / best)")
+    print(f"{'dtype':5} {'mode':8} {'ours img/s':>17} {'timm img/s':>17} {'ours/timm':>15}  "
+          f"{'ours GFLOP/s':>17} {'MFU':>13}  (median / best)")
     for dtype in args.dtypes.split(","):
+        dtype = dtype.strip()
+        peak, source = peak_flops("cpu", torch.bfloat16 if dtype == "bf16" else torch.float32)
         for mode in modes:
-            r = bench(args.batch, args.reps, args.warmup, dtype.strip(), mode)
+            r = bench(args.batch, args.reps, args.warmup, dtype, mode)
+            rate = [r["step_flops"] / r["ours"][k] for k in ("median_s", "best_s")]
             print(
                 f"{dtype:5} {mode or 'eager':8} "
                 f"{r['ours']['median_img_s']:8.2f} / {r['ours']['best_img_s']:6.2f} "
                 f"{r['timm']['median_img_s']:8.2f} / {r['timm']['best_img_s']:6.2f} "
-                f"{r['ratio_median']:7.3f} / {r['ratio_best']:5.3f}",
+                f"{r['ratio_median']:7.3f} / {r['ratio_best']:5.3f}  "
+                f"{rate[0] / 1e9:8.1f} / {rate[1] / 1e9:6.1f} "
+                f"{rate[0] / peak:6.1%} / {rate[1] / peak:5.1%}",
                 flush=True,
             )
+        print(f"      peak {dtype}: {peak / 1e9:.1f} GFLOP/s ({source})")
+    print(f"      step: {r['step_flops'] / 1e9:.1f} GFLOP (forward + backward, 1 multiply-add = 2 FLOPs)")
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 

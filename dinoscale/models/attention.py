@@ -2,8 +2,11 @@
 
 Three backends compute the same function, ``softmax(Q K^T / sqrt(d)) V`` per head:
 
-* ``"sdpa"`` -- ``torch.nn.functional.scaled_dot_product_attention`` (default; fused kernels on GPU,
-  a plain implementation on CPU).
+* ``"sdpa"`` -- ``torch.nn.functional.scaled_dot_product_attention`` (default; fused kernels on GPU).
+  On CPU with bfloat16/float16 tensors it runs as :func:`cpu_low_precision_attention` instead (two
+  batched matmuls, fp32 scores and softmax): for ViT sequence lengths that is 2-3x faster than the
+  fused CPU kernel and just as accurate, at the cost of keeping the ``N x N`` scores for the backward,
+  so it is used only while they stay under ``CPU_ATTN_MAX_SCORES`` elements per call.
 * ``"xformers"`` -- ``xformers.ops.memory_efficient_attention``. Only used when the tensors are on CUDA
   and xformers imports; otherwise the module falls back to sdpa and warns once.
 * ``"math"`` -- the explicit formula, kept as the reference and for debugging.
@@ -73,6 +76,30 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return scores.softmax(dim=-1) @ v
 
 
+# B * heads * Nq * Nk above which the CPU low-precision path hands over to the fused kernel: its
+# autograd keeps 6 bytes per score for the backward (fp32 and bf16 probabilities), ~200 MiB here.
+CPU_ATTN_MAX_SCORES = 2**25
+
+
+def cpu_low_precision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` for bf16/fp16 ``(B, heads, N, d)`` tensors on CPU, as two matmuls.
+
+    The scores and the softmax are computed in float32 (so large logits are not rounded to 8 bits, the
+    accuracy of a fused kernel); the probabilities are cast back to the input dtype for the product with
+    ``v``, whose matmul runs in bf16/fp16. Result in the input dtype.
+    """
+    scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
+    return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
+def _use_cpu_low_precision(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and q.shape[:-1].numel() * k.shape[-2] <= CPU_ATTN_MAX_SCORES
+    )
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused ``qkv`` projection and an output ``proj`` (DINOv2 names).
 
@@ -122,6 +149,8 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d)
         if self.attn_backend == "math":
             out = math_attention(q, k, v)
+        elif _use_cpu_low_precision(q, k):
+            out = cpu_low_precision_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(1, 2).reshape(B, N, -1)

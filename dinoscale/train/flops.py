@@ -106,11 +106,14 @@ def _bicubic_flop_jit(inputs: list, outputs: list) -> int:
 _EXTRA_HANDLES = {
     "aten::scaled_dot_product_attention": sdpa_flop_jit,
     "aten::upsample_bicubic2d": _bicubic_flop_jit,
+    "aten::_upsample_bicubic2d_aa": _bicubic_flop_jit,  # antialiased (timm's resampling); same estimate
 }
 
 
 def _analysis(model: nn.Module, inputs: tuple):
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # fvcore's import touches the deprecated torch.jit.script
+        from fvcore.nn import FlopCountAnalysis
 
     fa = FlopCountAnalysis(model, inputs)
     fa.set_op_handle(**_EXTRA_HANDLES)
@@ -164,6 +167,25 @@ def _traceable(modules: list[nn.Module]) -> Iterator[None]:
             m._compiled_call_impl = impl
         for m in backends:
             m.attn_backend = "xformers"
+
+
+@contextlib.contextmanager
+def _without_collectives() -> Iterator[None]:
+    """Make ``dinoscale.distributed`` report a single process while the step is traced.
+
+    The JIT tracer cannot record collectives. The method's all-reduces and gathers (loss centers, Sinkhorn
+    sums, KoLeo's gathered neighbour search) change values, not this rank's FLOPs, except that the KoLeo
+    search is then counted over the local batch only (a few thousand multiply-adds). As a result the count
+    needs no other rank: it may run on one rank only.
+    """
+    from dinoscale import distributed
+
+    original = distributed.is_enabled
+    distributed.is_enabled = lambda: False
+    try:
+        yield
+    finally:
+        distributed.is_enabled = original
 
 
 @contextlib.contextmanager
@@ -270,8 +292,8 @@ def flops_breakdown(
     """Per-part FLOPs of one training step on ``batch`` (see the module docstring); cached like :func:`step_flops`.
 
     Runs the method's forward once under ``torch.no_grad`` (on the batch's device), with the RNG state and the
-    method's buffers (loss centers) restored afterwards. The method may use collectives (centering, KoLeo):
-    in a multi-process run call this on every rank at the same point.
+    method's buffers (loss centers) restored afterwards, and collectives turned off (see
+    :func:`_without_collectives`), so it may be called on any subset of ranks.
     """
     key = _cache_key(method, student, teacher, batch)
     if use_cache and key in _CACHE:
@@ -283,7 +305,7 @@ def flops_breakdown(
     sched = _default_sched(method) if sched is None else sched
     wrapper = _Step(method, student, teacher, batch, keys, sched)
     nets = [student] + ([teacher] if teacher is not None else [])
-    with _traceable(nets), _no_side_effects(method, tensors), warnings.catch_warnings():
+    with _traceable(nets), _no_side_effects(method, tensors), _without_collectives(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about data-dependent Python values
         fa = _analysis(wrapper, tuple(tensors))
         by_module = fa.by_module()
@@ -316,8 +338,8 @@ def step_flops(
 
     ``batch`` is a collated batch as the method's forward takes it (e.g. :func:`example_batch`). The result is
     cached per (method, resolved config, parameter shapes, image-tensor shapes): later calls with the same
-    configuration return at once. See :func:`flops_breakdown` for the parts and the conditions (unsharded
-    networks; call on every rank).
+    configuration return at once. See :func:`flops_breakdown` for the parts and the condition (unsharded
+    networks: count before FSDP).
     """
     return flops_breakdown(method, student, teacher, batch, sched).step
 

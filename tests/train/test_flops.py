@@ -358,3 +358,71 @@ def _fsdp_step_worker(rank, port, out_dir):
         Path(out_dir, "result.json").write_text(json.dumps(result))
     finally:
         D.destroy_distributed()
+
+
+# ------------------------------------------------------------------------------------------- process groups
+
+
+def _count_on_rank0_worker(rank, world_size, port, out_dir):
+    from pathlib import Path
+
+    from dinoscale import distributed as D
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        del os.environ[name]
+    D.init_distributed(backend="gloo", timeout_s=60, arrival_timeout_s=60)
+    try:
+        cfg = load_config("quickstart", TINY + ["dino.koleo_distributed=true"])
+        torch.manual_seed(0)
+        method = build_method(cfg)
+        student, teacher = method.build_networks()
+        if rank == 0:  # a rank counting alone must not wait for the others' collectives
+            batch = flops.example_batch(method, patch_size=4, batch_size=4, image_size=32)
+            parts = flops.flops_breakdown(method, student, teacher, batch)
+            Path(out_dir, "parts.json").write_text(json.dumps(parts))
+        D.barrier()
+        assert D.is_enabled() and D.get_world_size() == world_size  # restored after counting
+    finally:
+        D.destroy_distributed()
+
+
+@pytest.mark.distributed
+def test_count_needs_no_other_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    from dinoscale import distributed as D
+
+    mp.spawn(_count_on_rank0_worker, args=(2, D.find_free_port(), str(tmp_path)), nprocs=2)
+    parts = json.loads((tmp_path / "parts.json").read_text())
+    cfg = load_config("quickstart", TINY)
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    student, teacher = method.build_networks()
+    batch = flops.example_batch(method, patch_size=4, batch_size=4, image_size=32)
+    single = flops.flops_breakdown(method, student, teacher, batch, use_cache=False)
+    assert parts["step"] == single["step"]
+
+
+# ------------------------------------------------------------------------------------------ benchmarks/gpu.sh
+
+
+@pytest.mark.slow
+def test_gpu_script_parses_and_dry_runs(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    done = subprocess.run(["bash", str(script), "--dry-run", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    plan = (tmp_path / "summary.txt").read_text()
+    assert "-m pytest -m gpu" in plan and "--configs vitl14" in plan
+    assert "bf16-eager" in plan and "bf16-compiled" in plan
+    # the gpu tests it would run are collected on this machine
+    assert "test_xformers_matches_sdpa_on_cuda" in plan and "test_bf16_fsdp_step_on_gpu" in plan
+    bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr

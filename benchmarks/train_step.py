@@ -1,0 +1,181 @@
+"""Full DINOv2 training-step throughput: images/s and MFU, fp32 vs bf16, eager vs compiled blocks.
+
+    python benchmarks/train_step.py                                  # CPU: quickstart and ViT-S/14, all variants
+    python benchmarks/train_step.py --configs quickstart --batch 64 --steps 5
+    python benchmarks/train_step.py --configs vits14 --variants bf16-eager,bf16-compiled
+    python benchmarks/train_step.py --device cuda --configs vitl14 --variants bf16-eager,bf16-compiled \
+        --json results.jsonl                                         # GPU (benchmarks/gpu.sh); + peak memory
+
+A step is what ``dinoscale.train.loop`` does between two batches: the method's forward under the configured
+autocast (student on all crops, EMA teacher on the global crops, DINO/iBOT heads and losses), backward,
+gradient clipping, AdamW step and the EMA update. It is built from the loop's own functions
+(``apply_parallelism``, ``build_optimizer``, ``autocast_context``, ``ema_update_``). Data loading is *not*
+timed: batches are made once by the method's own transform and collate (``dinoscale.train.flops.example_batch``)
+and reused, so the figure is the compute ceiling of the step.
+
+FLOPs per step come from ``dinoscale.train.flops.step_flops`` (fvcore; 1 multiply-add = 2 FLOPs, backward = 2 x
+forward); MFU is relative to ``dinoscale.train.flops.peak_flops`` for the variant's dtype: the measured matmul
+peak of this CPU (``--refresh-peak`` measures again), or the data-sheet figure of a known GPU. On CUDA the
+timed steps end with a device synchronisation, and the peak allocated memory of the timed steps is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from dinoscale.config import load_config  # noqa: E402
+from dinoscale.methods import build_method  # noqa: E402
+from dinoscale.train.flops import example_batch, peak_flops, step_flops  # noqa: E402
+from dinoscale.train.loop import apply_parallelism, autocast_context  # noqa: E402
+from dinoscale.train.optim import apply_schedule_, build_optimizer, clip_grad_norm_, get_param_groups  # noqa: E402
+from dinoscale.train.teacher import ema_update_, init_teacher_from_student_  # noqa: E402
+
+# name -> (config, overrides, default images per step)
+CONFIGS = {
+    "quickstart": ("quickstart", [], 128),
+    # the released ViT-S/14 recipe (2 x 224 + 8 x 98 crops, 65536 prototypes), a small batch
+    "vits14": ("train/vits14", ["model.drop_path_rate=0.1"], 4),
+    # ViT-L/14 recipe for one GPU: batch 32 fits 80 GB without activation checkpointing
+    # (benchmarks/memory_estimate.py: ~48 GB), so no recomputation hides in the figures
+    "vitl14": ("train/vitl14", ["compute.activation_checkpointing=false"], 32),
+}
+VARIANTS = ("fp32-eager", "bf16-eager", "fp32-compiled", "bf16-compiled")
+
+
+def build_step(config: str, overrides: list[str], batch_size: int, variant: str, *, batch_seed: int = 0,
+               device: str = "cpu"):
+    """(run one step, flops per step, images per step) for a config and a variant.
+
+    ``batch_size`` is per process. Under a process group ``apply_parallelism`` shards with FSDP2 as in the
+    loop (every rank must call this: building the mesh and sharding are collective).
+    """
+    dtype, mode = variant.split("-")
+    cfg = load_config(config, [
+        *overrides,
+        f"train.batch_size_per_rank={batch_size}",
+        f"train.autocast={'bf16' if dtype == 'bf16' else 'none'}",
+        f"compute.compile={'true' if mode == 'compiled' else 'false'}",
+        f"train.device={device}",
+    ])
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    method = build_method(cfg).to(dev)
+    student, teacher = method.build_networks()
+    if teacher is not None:
+        init_teacher_from_student_(teacher, student)
+        teacher.to(dev)
+    student.to(dev)
+    patch = student["backbone"].patch_size
+    batch = example_batch(method, patch, batch_size, image_size=max(256, cfg.crops.global_crops_size),
+                          seed=batch_seed, device=dev)
+    flops = step_flops(method, student, teacher, batch)  # before compile: counted on the plain networks
+    apply_parallelism(cfg.compute, student, teacher)
+    optimizer = build_optimizer(get_param_groups(student, lr_decay_rate=cfg.optim.layerwise_decay,
+                                                 patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
+                                                 n_blocks=student["backbone"].n_blocks))
+    apply_schedule_(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
+    autocast = autocast_context(cfg.train.autocast, dev)
+    sched = {"teacher_temp": cfg.teacher.teacher_temp, "momentum": cfg.teacher.momentum_teacher}
+    student.train()
+    if teacher is not None:
+        teacher.eval()
+
+    def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss, _terms = method(student, teacher, batch, sched)
+        loss.backward()
+        clip_grad_norm_(student.parameters(), cfg.optim.clip_grad)
+        optimizer.step()
+        if teacher is not None:
+            ema_update_(teacher, student, sched["momentum"])
+
+    return run, flops, batch_size
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="quickstart,vits14", help=f"comma list of {sorted(CONFIGS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default: per config)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--refresh-peak", action="store_true", help="measure the matmul peak again")
+    parser.add_argument("--json", default=None, help="also append one JSON line per result to this file")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    for name in args.configs.split(","):
+        if name not in CONFIGS:
+            parser.error(f"unknown config {name!r}; choose from {sorted(CONFIGS)}")
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            parser.error(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device")
+    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    peaks = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        peaks[dtype] = peak_flops(device, dtype, refresh=args.refresh_peak)
+    print(f"torch {torch.__version__}, {where}, load {os.getloadavg()[0]:.2f}")
+    for dtype, (value, source) in peaks.items():
+        print(f"peak {dtype}: {value / 1e9:.1f} GFLOP/s ({source})")
+    print(f"{'config':10} {'variant':14} {'batch':>5} {'GFLOP/step':>10} {'img/s':>15} {'GFLOP/s':>15} "
+          f"{'MFU':>13} {'peak mem':>9}  (median / best)")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for name in args.configs.split(","):
+        config, overrides, default_batch = CONFIGS[name]
+        batch_size = args.batch or default_batch
+        for variant in args.variants.split(","):
+            run, flops, images = build_step(config, overrides, batch_size, variant, device=str(device))
+            for _ in range(args.warmup):
+                run()
+            sync()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = []
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                run()
+                sync()
+                times.append(time.perf_counter() - start)
+            median, best = statistics.median(times), min(times)
+            peak = peaks[torch.bfloat16 if variant.startswith("bf16") else torch.float32][0]
+            memory_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            print(f"{name:10} {variant:14} {images:5d} {flops / 1e9:10.1f} "
+                  f"{images / median:7.2f} / {images / best:5.2f} "
+                  f"{flops / median / 1e9:7.1f} / {flops / best / 1e9:5.1f} "
+                  f"{flops / median / peak:6.1%} / {flops / best / peak:5.1%} "
+                  f"{'-' if memory_gib is None else f'{memory_gib:6.1f} GiB':>9}", flush=True)
+            if args.json:
+                row = {"config": name, "variant": variant, "device": where, "batch": images,
+                       "gflop_per_step": flops / 1e9, "img_s_median": images / median, "img_s_best": images / best,
+                       "mfu_median": flops / median / peak, "peak_flops": peak, "peak_memory_gib": memory_gib,
+                       "steps": args.steps, "torch": torch.__version__, "time": time.time()}
+                with open(args.json, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            del run
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
