@@ -269,9 +269,14 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
         step += 1
 
         data_stats = {}
-        if step % cfg.train.log_every == 0 or step == max_steps:  # skipped/damaged samples, summed over ranks
+        if step % cfg.train.log_every == 0 or step == max_steps:
+            # logged losses are means over ranks (each rank's is its local batch mean); data damage is summed
+            losses = torch.stack([loss.detach().float(), *(v.float() for v in terms.values())])
+            loss, *term_values = (distributed.all_reduce_sum_(losses) / world_size).unbind()
+            terms = dict(zip(terms, term_values))
             counts = batches.stats()
-            summed = distributed.all_reduce_sum_(torch.tensor(list(counts.values()), dtype=torch.float64))
+            summed = distributed.all_reduce_sum_(
+                torch.tensor(list(counts.values()), dtype=torch.float64, device=device))
             data_stats = {f"data/{k}": v for k, v in zip(counts, summed.tolist())}
         metrics.log(step, {**data_stats, "loss": loss.detach(), **{f"loss/{k}": v for k, v in terms.items()},
                            "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"],
