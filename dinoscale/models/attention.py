@@ -15,9 +15,11 @@ The backend is picked by the ``attn_backend`` constructor argument; the environm
 ``DINOSCALE_ATTN`` (``sdpa``/``xformers``/``math``) overrides it for every module built while it is set,
 so a run can be switched without touching configs.
 
-A module accepts either one token tensor ``(B, N, C)`` or a list of them with different ``N`` (the
-multi-crop forward). For a list, the token-wise projections run once over all tokens, and attention
-stays within each crop: per tensor for sdpa/math, through one block-diagonal xformers call otherwise.
+A module accepts one token tensor ``(B, N, C)``, a list of them with different ``N`` (the multi-crop
+forward), or such a list packed into one ``(sum_i B_i * N_i, C)`` tensor with its ``crop_shapes``
+``((B_1, N_1), ...)`` (what the ViT's blocks pass). For several crops the token-wise projections run once
+over all tokens, and attention stays within each crop: per crop for sdpa/math, through one
+block-diagonal xformers call otherwise.
 """
 
 from __future__ import annotations
@@ -155,10 +157,15 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(1, 2).reshape(B, N, -1)
 
-    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        """``x``: ``(B, N, C)`` -> ``(B, N, C)``; or a list of ``(B_i, N_i, C)`` -> list, no attention across items."""
+    def forward(
+        self, x: torch.Tensor | Sequence[torch.Tensor], crop_shapes: tuple[tuple[int, int], ...] | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """``(B, N, C)`` -> ``(B, N, C)``; a list of ``(B_i, N_i, C)`` -> a list; packed ``(sum B_i N_i, C)`` with
+        ``crop_shapes`` -> packed. Tokens attend only within their own image of their own crop."""
         if isinstance(x, (list, tuple)):
             return self._forward_list(list(x))
+        if crop_shapes is not None:
+            return self._forward_packed(x, crop_shapes)
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         if self._use_xformers(x):
@@ -172,24 +179,31 @@ class Attention(nn.Module):
         if not xs:
             raise ValueError("Attention got an empty list of token tensors")
         C = xs[0].shape[-1]
-        if self._use_xformers(xs[0]):
+        shapes = tuple((int(x.shape[0]), int(x.shape[1])) for x in xs)
+        out = self._forward_packed(torch.cat([x.reshape(-1, C) for x in xs]), shapes)
+        return [o.view(b, n, C) for o, (b, n) in zip(out.split([b * n for b, n in shapes]), shapes)]
+
+    def _forward_packed(self, x: torch.Tensor, crop_shapes: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """Packed tokens ``(sum_i B_i * N_i, C)`` of the crops ``((B_i, N_i), ...)`` -> packed output."""
+        T, C = x.shape
+        if T != sum(b * n for b, n in crop_shapes):
+            raise ValueError(f"{T} packed tokens do not match the crop shapes {crop_shapes}")
+        # Projections are token-wise: one matmul over all crops' tokens each.
+        qkv = self.qkv(x)
+        if self._use_xformers(x):
             fmha = _xformers_ops().fmha
             # One kernel call over all crops; the block-diagonal bias keeps each image's tokens separate.
-            attn_bias, x_cat = fmha.BlockDiagonalMask.from_tensor_list(xs)  # x_cat: (1, sum B_i*N_i, C)
-            qkv = self.qkv(x_cat).reshape(1, -1, 3, self.num_heads, self.head_dim)
-            q, k, v = qkv.unbind(2)
-            out = _xformers_ops().memory_efficient_attention(q, k, v, attn_bias=attn_bias)
-            out = self.proj(out.reshape(1, -1, C))
-            return list(attn_bias.split(out))
-        # Projections are token-wise: run them once on all tokens, attend per crop.
-        sizes = [x.shape[0] * x.shape[1] for x in xs]
-        qkv_all = self.qkv(torch.cat([x.reshape(-1, C) for x in xs])).split(sizes)
-        outs = [
-            self._attend(qkv.reshape(x.shape[0], x.shape[1], 3, self.num_heads, self.head_dim)).reshape(-1, C)
-            for qkv, x in zip(qkv_all, xs)
-        ]
-        out_all = self.proj(torch.cat(outs)).split(sizes)
-        return [o.reshape(x.shape) for o, x in zip(out_all, xs)]
+            attn_bias = fmha.BlockDiagonalMask.from_seqlens([n for b, n in crop_shapes for _ in range(b)])
+            q, k, v = qkv.reshape(1, T, 3, self.num_heads, self.head_dim).unbind(2)
+            out = _xformers_ops().memory_efficient_attention(q, k, v, attn_bias=attn_bias).reshape(T, C)
+        else:
+            sizes = [b * n for b, n in crop_shapes]
+            outs = [
+                self._attend(part.view(b, n, 3, self.num_heads, self.head_dim)).reshape(-1, C)
+                for part, (b, n) in zip(qkv.split(sizes), crop_shapes)
+            ]
+            out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        return self.proj(out)
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Attention probabilities ``(B, heads, N, N)`` for ``x`` of shape ``(B, N, C)`` (explicit softmax)."""

@@ -6,6 +6,10 @@ loads with ``strict=True``. No distribution code lives here: FSDP wraps ``self.b
 Token layout of a sequence: ``[cls, reg_1..reg_R, patch_1..patch_N]``; the registers carry no position
 embedding. ``forward_features`` also accepts a list of image batches of different resolutions (multi-crop),
 which go through the blocks together: norms and MLPs run on the concatenated tokens, attention per crop.
+
+Multi-crop tokens travel through the blocks *packed*: one ``(sum_i B_i * N_i, D)`` tensor plus the crop shapes
+``((B_1, N_1), ...)``, so the token-wise layers run as single large matmuls and no block concatenates and
+splits its input again (blocks take ``blk(x, crop_shapes)``; a list still works, and is packed on entry).
 """
 
 from __future__ import annotations
@@ -107,20 +111,36 @@ class DropPath(nn.Module):
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, crop_shapes: CropShapes | None = None) -> torch.Tensor:
+        """``x``: ``(B, ...)``, or packed multi-crop tokens ``(sum B_i * N_i, D)`` with their ``crop_shapes``."""
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep_prob = 1.0 - self.drop_prob
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+        if crop_shapes is None:
+            keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+        else:
+            # one draw per image of each crop, in crop order (the same draws as crop-by-crop), spread over its tokens
+            keep = torch.cat([x.new_empty(b).bernoulli_(keep_prob).repeat_interleave(n) for b, n in crop_shapes])
+            keep = keep.unsqueeze(-1)
         return x * keep / keep_prob
 
 
-def _apply_tokenwise(fn, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Run a token-wise ``fn`` once over the tokens of all tensors in ``xs`` and split the result back."""
-    C = xs[0].shape[-1]
-    sizes = [x.shape[0] * x.shape[1] for x in xs]
-    out = fn(torch.cat([x.reshape(-1, C) for x in xs]))
-    return [o.reshape(x.shape[0], x.shape[1], -1) for o, x in zip(out.split(sizes), xs)]
+CropShapes = tuple[tuple[int, int], ...]  # ((B_1, N_1), (B_2, N_2), ...) of packed multi-crop tokens
+
+
+def pack_crops(xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, CropShapes]:
+    """``[(B_i, N_i, D)]`` -> ``(sum_i B_i * N_i, D)`` and the crop shapes."""
+    if len(xs) == 0:
+        raise ValueError("got an empty list of token tensors")
+    D = xs[0].shape[-1]
+    shapes = tuple((int(x.shape[0]), int(x.shape[1])) for x in xs)
+    return torch.cat([x.reshape(-1, D) for x in xs]), shapes
+
+
+def unpack_crops(x: torch.Tensor, crop_shapes: CropShapes) -> list[torch.Tensor]:
+    """Inverse of :func:`pack_crops` (views, no copy)."""
+    sizes = [b * n for b, n in crop_shapes]
+    return [t.view(b, n, -1) for t, (b, n) in zip(x.split(sizes), crop_shapes)]
 
 
 def resample_pos_embed(
@@ -194,15 +214,15 @@ class Block(nn.Module):
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor | Sequence[torch.Tensor], crop_shapes: CropShapes | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """``(B, N, D)`` -> same; packed multi-crop tokens with ``crop_shapes`` -> same; a list -> a list."""
         if isinstance(x, (list, tuple)):
-            xs = list(x)
-            attn_out = self.attn(_apply_tokenwise(self.norm1, xs))
-            xs = [t + self.drop_path1(self.ls1(a)) for t, a in zip(xs, attn_out)]
-            ffn_out = _apply_tokenwise(self._ffn, xs)
-            return [t + self.drop_path2(f) for t, f in zip(xs, ffn_out)]
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path2(self._ffn(x))
+            packed, shapes = pack_crops(x)
+            return unpack_crops(self.forward(packed, shapes), shapes)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), crop_shapes)), crop_shapes)
+        return x + self.drop_path2(self._ffn(x), crop_shapes)
 
 
 class DinoVisionTransformer(nn.Module):
@@ -382,10 +402,10 @@ class DinoVisionTransformer(nn.Module):
             masks_list = [None] * len(x_list)
         if len(masks_list) != len(x_list):
             raise ValueError(f"got {len(x_list)} image batches but {len(masks_list)} masks")
-        xs = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]
+        x, shapes = pack_crops([self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)])
         for blk in self.blocks:
-            xs = blk(xs)
-        return [self._output_dict(x, m) for x, m in zip(xs, masks_list)]
+            x = blk(x, shapes)
+        return [self._output_dict(t, m) for t, m in zip(unpack_crops(x, shapes), masks_list)]
 
     def forward_features(
         self,

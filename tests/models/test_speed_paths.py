@@ -1,4 +1,5 @@
-"""The CPU low-precision attention path (sdpa backend, bf16 on CPU): same function as the fused kernel."""
+"""Speed paths of the backbone: CPU low-precision attention (same function as the fused kernel) and packed
+multi-crop tokens (same function as crop-by-crop)."""
 
 import pytest
 import torch
@@ -65,3 +66,63 @@ def test_dispatch_cpu_bf16_uses_the_matmul_path_and_large_calls_the_fused_kernel
     with torch.autocast("cpu", dtype=torch.bfloat16):
         attn(x)
     assert calls == [1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------- packed multi-crop tokens
+
+
+def _tiny_vit(**kwargs):
+    from dinoscale.models.vit import vit_small
+
+    return vit_small(patch_size=8, img_size=32, embed_dim=32, depth=2, num_heads=2, init_values=1e-5, **kwargs)
+
+
+def test_block_packed_list_and_single_agree():
+    from dinoscale.models.vit import pack_crops, unpack_crops
+
+    model = _tiny_vit().eval()
+    block = model.blocks[0]
+    xs = [torch.randn(2, 17, 32), torch.randn(3, 5, 32)]
+    packed, shapes = pack_crops(xs)
+    assert packed.shape == (2 * 17 + 3 * 5, 32) and shapes == ((2, 17), (3, 5))
+    out_packed = unpack_crops(block(packed, shapes), shapes)
+    out_list = block(xs)
+    for x, p, lst in zip(xs, out_packed, out_list):
+        single = block(x)  # a crop alone: no token sees another crop or image
+        torch.testing.assert_close(p, single, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lst, single, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not match the crop shapes"):
+        block.attn(packed[:-1], shapes)
+
+
+def test_packed_drop_path_drops_whole_images_with_the_per_crop_draws():
+    from dinoscale.models.vit import DropPath, pack_crops, unpack_crops
+
+    drop = DropPath(0.5).train()
+    xs = [torch.ones(16, 3, 4), torch.ones(32, 2, 4)]
+    packed, shapes = pack_crops(xs)
+    torch.manual_seed(0)
+    out = unpack_crops(drop(packed, shapes), shapes)
+    torch.manual_seed(0)
+    expected = [drop(x) for x in xs]  # crop by crop, in order: the same random draws
+    for o, e in zip(out, expected):
+        torch.testing.assert_close(o, e)
+        per_image = o.flatten(1)
+        assert torch.all((per_image == 0).all(1) | (per_image == 2).all(1))
+
+
+def test_multicrop_training_forward_with_drop_path_matches_crop_by_crop_blocks():
+    """The packed ViT forward equals running each block crop by crop with the same random draws."""
+    model = _tiny_vit(drop_path_rate=0.5).train()
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(4, 3, 16, 16)]
+    torch.manual_seed(3)
+    outs = model.forward_features(crops)
+    torch.manual_seed(3)
+    xs = [model.prepare_tokens_with_masks(x) for x in crops]
+    for blk in model.blocks:
+        attn = [blk.attn(blk.norm1(x)) for x in xs]
+        xs = [x + blk.drop_path1(blk.ls1(a)) for x, a in zip(xs, attn)]
+        ffn = [blk._ffn(x) for x in xs]
+        xs = [x + blk.drop_path2(f) for x, f in zip(xs, ffn)]
+    for o, x in zip(outs, xs):
+        torch.testing.assert_close(o["x_prenorm"], x, atol=1e-5, rtol=1e-5)
