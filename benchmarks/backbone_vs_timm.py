@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=4, help="source images per step (2B + 8B crops)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per model")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps per model first (blocks are compiled during the first)")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd blocks (both models)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -22,7 +22,8 @@ backward through everything that is not the teacher. The backward is counted as 
     step = 3 * (forward FLOPs outside the teacher) + teacher forward FLOPs
 
 The count comes from tracing the method once with fvcore (``FlopCountAnalysis``), on this rank's batch, so
-it is the FLOPs *per optimizer step for this rank*. Usage in a training loop::
+it is the FLOPs *per optimizer step for this rank*. Usage in a training loop (count before FSDP wraps the
+networks; :func:`throughput_meter` does both look-ups and returns None if the step cannot be traced)::
 
     flops = step_flops(method, student, teacher, example_batch(method, patch_size, batch_size, device=device))
     peak, source = peak_flops(device, torch.bfloat16)
@@ -62,21 +63,28 @@ __all__ = [
     "peak_flops",
     "sdpa_flop_jit",
     "step_flops",
+    "throughput_meter",
 ]
 
 log = logging.getLogger("dinoscale")
 
-# Pointwise and reduction ops of a DINOv2 step (and of common ViT/loss code): explicitly 0 FLOPs, see above.
+# Pointwise, reduction, indexing and loss ops met in the methods' steps (and common ViT code): explicitly
+# 0 FLOPs, see above. Losses such as cross_entropy are a log-softmax and a gather per row: pointwise too.
 POINTWISE_OPS = frozenset({
-    "aten::abs", "aten::add", "aten::add_", "aten::addcmul_", "aten::argmax", "aten::argmin", "aten::bernoulli_",
-    "aten::clamp_min", "aten::clamp_max", "aten::cos", "aten::cumsum", "aten::div", "aten::div_", "aten::dropout",
-    "aten::erf", "aten::exp", "aten::exp_", "aten::expand_as", "aten::gelu", "aten::isfinite", "aten::lerp_",
-    "aten::linalg_vector_norm", "aten::log", "aten::log_softmax", "aten::logsumexp", "aten::lt", "aten::le",
-    "aten::masked_fill_", "aten::maximum", "aten::mean", "aten::minimum", "aten::mul", "aten::mul_", "aten::ne",
-    "aten::neg", "aten::norm", "aten::pairwise_distance", "aten::pow", "aten::reciprocal", "aten::relu",
-    "aten::relu_", "aten::rsqrt", "aten::sigmoid", "aten::silu", "aten::sin", "aten::softmax", "aten::sqrt",
-    "aten::square", "aten::std", "aten::sub", "aten::sub_", "aten::sum", "aten::tanh", "aten::var",
-    "aten::where", "aten::zeros_like", "aten::ones_like", "aten::rand_like", "aten::bernoulli",
+    "aten::abs", "aten::add", "aten::add_", "aten::addcmul_", "aten::argmax", "aten::argmin", "aten::bernoulli",
+    "aten::bernoulli_", "aten::binary_cross_entropy_with_logits", "aten::clamp_max", "aten::clamp_min",
+    "aten::cos", "aten::cross_entropy_loss", "aten::cumsum", "aten::diag", "aten::diagonal", "aten::div",
+    "aten::div_", "aten::dropout", "aten::erf", "aten::exp", "aten::exp_", "aten::expand_as", "aten::eye",
+    "aten::gelu", "aten::index_select", "aten::isfinite", "aten::l1_loss", "aten::le", "aten::lerp_",
+    "aten::linalg_vector_norm", "aten::log", "aten::log_softmax", "aten::logical_not", "aten::logsumexp",
+    "aten::lt", "aten::masked_fill_", "aten::masked_select", "aten::maximum", "aten::mean", "aten::minimum",
+    "aten::mse_loss", "aten::mul", "aten::mul_", "aten::ne", "aten::neg", "aten::new_zeros", "aten::nll_loss",
+    "aten::nll_loss_nd", "aten::norm", "aten::one_hot", "aten::ones", "aten::ones_like", "aten::pairwise_distance",
+    "aten::pow", "aten::rand", "aten::rand_like", "aten::randn", "aten::randperm", "aten::reciprocal",
+    "aten::relu", "aten::relu_", "aten::repeat_interleave", "aten::rsqrt", "aten::rsub", "aten::scatter",
+    "aten::scatter_", "aten::sigmoid", "aten::silu", "aten::sin", "aten::smooth_l1_loss", "aten::softmax",
+    "aten::sort", "aten::sqrt", "aten::square", "aten::std", "aten::sub", "aten::sub_", "aten::sum",
+    "aten::tanh", "aten::topk", "aten::var", "aten::where", "aten::zeros", "aten::zeros_like",
 })
 
 
@@ -308,7 +316,14 @@ def flops_breakdown(
     with _traceable(nets), _no_side_effects(method, tensors), _without_collectives(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about data-dependent Python values
         fa = _analysis(wrapper, tuple(tensors))
-        by_module = fa.by_module()
+        try:
+            by_module = fa.by_module()
+        except Exception as exc:
+            raise RuntimeError(
+                f"cannot count the FLOPs of {type(method).__name__}'s step: fvcore's JIT trace of its forward "
+                f"failed ({type(exc).__name__}: {exc}). Under tracing, tensor sizes are tensors: Python "
+                "arithmetic on them (round(), math.*) must go through int() first."
+            ) from exc
         unsupported = dict(fa.unsupported_ops())
     total = 2.0 * by_module[""]
     student_fwd = 2.0 * by_module["student"]
@@ -543,3 +558,26 @@ class ThroughputMeter:
             return {"tflops_per_s": 0.0, "mfu": 0.0}
         achieved = self.flops_per_step * steps / elapsed
         return {"tflops_per_s": achieved / 1e12, "mfu": achieved / self.peak_flops_per_s}
+
+
+def throughput_meter(
+    method: nn.Module,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    batch: Mapping[str, Any],
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    window: int = 10,
+) -> ThroughputMeter | None:
+    """:class:`ThroughputMeter` for a run: counts the step (:func:`step_flops`, on unsharded networks) and looks up
+    the peak (:func:`peak_flops`). Returns None, with a warning, when either fails: a metric must not stop a run.
+    """
+    try:
+        flops = step_flops(method, student, teacher, batch)
+        peak, source = peak_flops(device, dtype)
+    except (RuntimeError, ValueError, OSError) as exc:
+        log.warning("no tflops_per_s / mfu in the logs: %s", exc)
+        return None
+    log.info("FLOPs per step and rank: %.4g; peak: %.4g FLOP/s (%s)", flops, peak, source)
+    return ThroughputMeter(flops, peak, window=window)

@@ -426,3 +426,23 @@ def test_gpu_script_parses_and_dry_runs(tmp_path):
     assert "test_xformers_matches_sdpa_on_cuda" in plan and "test_bf16_fsdp_step_on_gpu" in plan
     bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
+
+
+def test_throughput_meter_helper_warns_instead_of_failing(tiny_dinov2, tmp_path, monkeypatch, caplog):
+    _cfg, method, student, teacher, batch = tiny_dinov2
+    monkeypatch.setitem(flops._PROBE_SIZE, "cpu", 128)
+    monkeypatch.setattr(flops, "default_cache_path", lambda: tmp_path / "peak.json")
+    meter = flops.throughput_meter(method, student, teacher, batch, device="cpu", dtype=torch.float32, window=5)
+    assert meter.flops_per_step == flops.step_flops(method, student, teacher, batch)
+    assert meter.peak_flops_per_s == json.loads((tmp_path / "peak.json").read_text()).popitem()[1]
+
+    class Untraceable(torch.nn.Module):
+        def forward(self, student, teacher, batch, sched):
+            n = batch["global_crops"].shape[0] // 2  # a tensor under JIT tracing
+            return student["backbone"](batch["global_crops"][: round(n)]).sum(), {}
+
+    with pytest.raises(RuntimeError, match="int\\(\\) first"):
+        flops.step_flops(Untraceable(), student, None, batch)
+    with caplog.at_level("WARNING", logger="dinoscale"):
+        assert flops.throughput_meter(Untraceable(), student, None, batch, device="cpu", dtype=torch.float32) is None
+    assert "no tflops_per_s / mfu" in caplog.text
