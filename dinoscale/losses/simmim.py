@@ -53,7 +53,8 @@ class SimMIMLoss(nn.Module):
         return (patches - mean) * torch.rsqrt(var + self.eps)
 
     def forward(self, pred: torch.Tensor, target_patches: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """``pred``, ``target_patches``: ``(B, N, P)`` (see :func:`patchify`); ``masks``: bool ``(B, N)``, True = masked."""
+        """``pred``, ``target_patches``: ``(B, N, P)`` (see :func:`patchify`); ``masks``: bool ``(B, N)``,
+        True = masked."""
         if pred.shape != target_patches.shape or pred.ndim != 3:
             raise ValueError(
                 f"pred and target_patches must both be (B, N, P), got {tuple(pred.shape)} and "

@@ -6,8 +6,9 @@ teacher.
 Views: one crop per image, RandomResizedCrop (``simmim.crop_scale``, aspect ratio 3/4-4/3) to
 ``crops.global_crops_size`` with a horizontal flip and mean/std normalisation; no colour augmentation, so
 ``crops.photometric_on_device`` must stay false.
-Masks: drawn in the collate for the global batch (seeded per step, like DINOv2's): ``simmim.mask_ratio`` of the cells of a grid of
-``simmim.mask_patch_size`` pixels, each cell covering ``(mask_patch_size / patch_size)^2`` patches.
+Masks: drawn in the collate for the global batch (seeded per step, like DINOv2's): ``simmim.mask_ratio`` of
+the cells of a grid of ``simmim.mask_patch_size`` pixels, each cell covering ``(mask_patch_size / patch_size)^2``
+patches.
 Loss: L1 on the masked patches only (``dinoscale.losses.simmim``), targets optionally standardised per patch
 (``simmim.norm_target``).
 """

@@ -107,8 +107,8 @@ class ProjectionMLP(nn.Module):
             raise ValueError(f"unknown activation '{activation}'; choose one of {sorted(_ACTIVATIONS)}")
         dims = [int(in_dim), *(int(d) for d in hidden_dims), int(out_dim)]
         if any(d <= 0 for d in dims):
-            raise ValueError(f"ProjectionMLP needs positive sizes, got in_dim={in_dim}, hidden_dims={list(hidden_dims)}, "
-                             f"out_dim={out_dim}")
+            raise ValueError(f"ProjectionMLP needs positive sizes, got in_dim={in_dim}, "
+                             f"hidden_dims={list(hidden_dims)}, out_dim={out_dim}")
         self.in_dim, self.out_dim = dims[0], dims[-1]
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         for i, (d_in, d_out) in enumerate(zip(dims[:-2], dims[1:-1])):

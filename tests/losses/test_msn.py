@@ -84,7 +84,8 @@ WORLD_SIZE, PER_RANK, N_VIEWS, K = 2, 3, 2, 4
 def _data():
     g = torch.Generator().manual_seed(99)
     # view-major over the full batch: rows v * 6 + i for image i
-    return torch.randn(N_VIEWS * WORLD_SIZE * PER_RANK, K, generator=g), torch.randn(WORLD_SIZE * PER_RANK, K, generator=g)
+    anchor = torch.randn(N_VIEWS * WORLD_SIZE * PER_RANK, K, generator=g)
+    return anchor, torch.randn(WORLD_SIZE * PER_RANK, K, generator=g)
 
 
 def _rank_rows(anchor, rank):
