@@ -1,8 +1,9 @@
 """Self-supervised methods. Each module declares its networks, views and loss; the engine is shared.
 
-``train.method`` names one of ``METHODS``. A method is an ``nn.Module`` (its loss buffers are checkpointed) with
-``uses_teacher``, ``build_networks()``, ``build_transform()``, ``build_collate(patch_size)`` and
-``forward(student, teacher, batch, sched) -> (loss, terms)``; see ``dinov2.DINOv2``.
+The config's top-level ``method:`` names one of ``METHODS``. A method is an ``nn.Module`` (its loss buffers are
+checkpointed) with ``uses_teacher``, ``build_networks()``, ``build_transform()``, ``build_collate(patch_size)`` and
+``forward(student, teacher, batch, sched) -> (loss, terms)``; see ``dinov2.DINOv2``. Methods without an EMA
+teacher return ``None`` as teacher; evaluation and export then use the student's backbone.
 """
 
 from __future__ import annotations
