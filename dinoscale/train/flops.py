@@ -11,9 +11,10 @@ fvcore's count times 2. What is counted (dense-algebra FLOPs, the usual basis of
 
 * normalisations (fvcore's estimate: 5 FLOP-units per element with an affine) and the bicubic resampling of
   position embeddings (16 multiply-adds per output value);
-* *not* pointwise ops (activations, residual adds, LayerScale, softmax, loss arithmetic, argmax): they are
-  memory-bound, add < 1% to a ViT, and MFU conventionally leaves them out. They are listed in
-  ``POINTWISE_OPS`` and ignored explicitly; any other op the trace meets is reported as unsupported.
+* *not* pointwise, reduction and indexing ops (activations, residual adds, LayerScale, softmax, loss
+  arithmetic, argmax, sort): they are memory-bound, add < 1% to a ViT, and MFU conventionally leaves them out.
+  They are listed in ``ZERO_FLOP_OPS`` and ignored explicitly; any other op the trace meets is reported as
+  unsupported (logged, counted as 0).
 
 A step is: the method's forward on one batch (student forward, teacher forward, heads, losses) and the
 backward through everything that is not the teacher. The backward is counted as twice the forward
@@ -53,7 +54,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "POINTWISE_OPS",
+    "ZERO_FLOP_OPS",
     "FlopBreakdown",
     "ThroughputMeter",
     "clear_flops_cache",
@@ -68,9 +69,9 @@ __all__ = [
 
 log = logging.getLogger("dinoscale")
 
-# Pointwise, reduction, indexing and loss ops met in the methods' steps (and common ViT code): explicitly
-# 0 FLOPs, see above. Losses such as cross_entropy are a log-softmax and a gather per row: pointwise too.
-POINTWISE_OPS = frozenset({
+# Pointwise, reduction, indexing, sampling and loss ops met in the methods' steps (and common ViT code):
+# explicitly 0 FLOPs, see above. Losses such as cross_entropy are a log-softmax and a gather per row.
+ZERO_FLOP_OPS = frozenset({
     "aten::abs", "aten::add", "aten::add_", "aten::addcmul_", "aten::argmax", "aten::argmin", "aten::bernoulli",
     "aten::bernoulli_", "aten::binary_cross_entropy_with_logits", "aten::clamp_max", "aten::clamp_min",
     "aten::cos", "aten::cross_entropy_loss", "aten::cumsum", "aten::diag", "aten::diagonal", "aten::div",
@@ -125,7 +126,7 @@ def _analysis(model: nn.Module, inputs: tuple):
 
     fa = FlopCountAnalysis(model, inputs)
     fa.set_op_handle(**_EXTRA_HANDLES)
-    fa.set_op_handle(**{name: None for name in POINTWISE_OPS})
+    fa.set_op_handle(**{name: None for name in ZERO_FLOP_OPS})
     fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     return fa
 
@@ -420,7 +421,7 @@ GPU_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _PROBE_SIZE = {"cpu": 2048, "cuda": 8192}
-_PROBE_REPEATS = 5
+_PROBE_REPEATS = 10  # best of 10: a shared machine rarely slows every run
 
 
 def default_cache_path() -> Path:
@@ -492,7 +493,7 @@ def peak_flops(
     """Peak dense matmul FLOP/s of ``device`` for ``dtype``, and where the figure comes from.
 
     Known GPUs (by ``torch.cuda.get_device_name``) come from ``GPU_PEAK_FLOPS``. Anything else -- CPUs
-    included -- is measured once with a square matmul (2048 on CPU, 8192 on GPU; best of 5) and cached in
+    included -- is measured once with a square matmul (2048 on CPU, 8192 on GPU; best of 10) and cached in
     ``cache_path`` (default ``~/.cache/dinoscale/peak_flops.json``) under the CPU model (or GPU name), the
     thread count and the dtype. ``refresh=True`` measures again.
     """

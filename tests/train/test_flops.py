@@ -286,19 +286,33 @@ def test_bf16_fsdp_step_on_gpu(tmp_path):
     """One DINOv2 step on CUDA through FSDP2 (1 rank, bf16 params, fused AdamW), FLOPs counted first."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    result = _run_fsdp_step("cuda", tmp_path)
+    assert result["fused"]
+    assert result["peak_source"].startswith("table")  # a data-sheet card; else the probe would have run
+
+
+@pytest.mark.distributed
+def test_bf16_fsdp_step_on_cpu(tmp_path):
+    """The same step on CPU (gloo): the GPU test's logic, checked where no GPU is."""
+    result = _run_fsdp_step("cpu", tmp_path)
+    assert not result["fused"]  # fused AdamW is CUDA only; foreach on CPU
+
+
+def _run_fsdp_step(device_type, tmp_path):
     import torch.multiprocessing as mp
 
     from dinoscale import distributed as D
 
-    mp.spawn(_fsdp_step_worker, args=(D.find_free_port(), str(tmp_path)), nprocs=1)
+    mp.spawn(_fsdp_step_worker, args=(device_type, D.find_free_port(), str(tmp_path)), nprocs=1)
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["finite"] and result["changed"] and result["teacher_moved"]
-    assert result["fused"]
+    assert result["finite"] and result["changed"] and result["teacher_moved"], result
+    assert result["sharded"]
     assert 0 < result["mfu"] < 1, result
     assert result["param_dtype_in_forward"] == "torch.bfloat16"
+    return result
 
 
-def _fsdp_step_worker(rank, port, out_dir):
+def _fsdp_step_worker(rank, device_type, port, out_dir):
     from pathlib import Path
 
     from dinoscale import distributed as D
@@ -310,9 +324,10 @@ def _fsdp_step_worker(rank, port, out_dir):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     for name in [n for n in os.environ if n.startswith("SLURM_")]:
         del os.environ[name]
-    D.init_distributed(arrival_timeout_s=60)
+    torch.set_num_threads(1)
+    D.init_distributed(backend="nccl" if device_type == "cuda" else "gloo", arrival_timeout_s=60)
     try:
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
         cfg = load_config("quickstart", TINY)
         torch.manual_seed(0)
         method = build_method(cfg).to(device)
@@ -320,39 +335,47 @@ def _fsdp_step_worker(rank, port, out_dir):
         init_teacher_from_student_(teacher, student)
         student.to(device), teacher.to(device)
         batch = flops.example_batch(method, patch_size=4, batch_size=8, image_size=32, device=device)
-        step_flops = flops.step_flops(method, student, teacher, batch)
+        step_flops = flops.step_flops(method, student, teacher, batch)  # before sharding
         parallelize_student_teacher(student, teacher, mesh=build_mesh(hybrid_shard=False),
                                     param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         optimizer = build_optimizer(get_param_groups(student, n_blocks=student["backbone"].n_blocks))
         for group in optimizer.param_groups:
             group["lr"], group["weight_decay"] = 1e-3, 0.04
         seen = {}
-        hook = student["backbone"].blocks[0].attn.qkv.register_forward_pre_hook(
-            lambda m, args: seen.setdefault("dtype", str(m.weight.dtype)))
-        before = {k: v.full_tensor().clone() for k, v in student.state_dict().items()}
-        teacher_before = {k: v.full_tensor().clone() for k, v in teacher.state_dict().items()}
-        meter = flops.ThroughputMeter(step_flops, flops.peak_flops(device, torch.bfloat16)[0], window=3)
+
+        def record_dtype(module, args):  # returns None: the inputs stay as they are
+            seen.setdefault("dtype", str(module.weight.dtype))
+
+        hook = student["backbone"].blocks[0].attn.qkv.register_forward_pre_hook(record_dtype)
+        full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+        before = {k: full(v).clone() for k, v in student.state_dict().items()}
+        teacher_before = {k: full(v).clone() for k, v in teacher.state_dict().items()}
+        peak, source = flops.peak_flops(device, torch.bfloat16, cache_path=Path(out_dir, "peak.json"))
+        meter = flops.ThroughputMeter(step_flops, peak, window=3)
         sched = {"teacher_temp": 0.07}
         finite = True
         for _ in range(3):
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss, _ = method(student, teacher, batch, sched)
             loss.backward()
             optimizer.step()
             ema_update_(teacher, student, 0.9)
-            finite = finite and bool(torch.isfinite(loss).item())
+            finite = finite and bool(torch.isfinite(loss).item())  # a test: one sync per step is fine
             meter.update()
-        torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         hook.remove()
-        after = {k: v.full_tensor() for k, v in student.state_dict().items()}
-        teacher_after = {k: v.full_tensor() for k, v in teacher.state_dict().items()}
+        after = {k: full(v) for k, v in student.state_dict().items()}
+        teacher_after = {k: full(v) for k, v in teacher.state_dict().items()}
         result = {
             "finite": finite,
+            "sharded": all(hasattr(p, "full_tensor") for p in student.parameters()),
             "changed": any(not torch.equal(before[k], after[k]) for k in before),
             "teacher_moved": any(not torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before),
-            "fused": all(g.get("fused", False) for g in optimizer.param_groups) or bool(optimizer.defaults.get("fused")),
+            "fused": bool(optimizer.defaults.get("fused")),
             "mfu": meter.stats()["mfu"],
+            "peak_source": source,
             "param_dtype_in_forward": seen.get("dtype"),
         }
         Path(out_dir, "result.json").write_text(json.dumps(result))
