@@ -292,6 +292,8 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
         if cfg.evaluation.period and step % cfg.evaluation.period == 0 and step < max_steps:
             knn = evaluate_knn(cfg, eval_net["backbone"], device)
             metrics.log_event(step, {"type": "eval", **knn})
+            # the weights each evaluation saw, loadable like any released backbone
+            export_network(eval_net, output_dir / "eval" / f"step_{step:09d}", "teacher" if teacher is not None else "student")
 
     metrics.close()
     result = TrainResult(status=status, step=step, output_dir=str(output_dir))
@@ -330,7 +332,7 @@ def evaluate_knn(cfg: DictConfig, backbone: torch.nn.Module, device: torch.devic
     ev = cfg.evaluation
     transform = eval_transform(ev.knn_image_size, backbone.patch_size)
     train_set = open_dataset(ev.knn_train_dataset, transform=transform, max_samples=ev.knn_max_train_samples)
-    test_set = open_dataset(ev.knn_test_dataset, transform=transform)
+    test_set = open_dataset(ev.knn_test_dataset, transform=transform, max_samples=ev.knn_max_test_samples)
     was_training = backbone.training
     backbone.eval()
     kw = dict(batch_size=256, num_workers=min(cfg.train.num_workers, 4), device=device, progress=False)

@@ -214,3 +214,19 @@ def test_shards_are_built_on_first_run_and_damage_is_counted(tmp_path):
                     "train.max_steps=4", "train.checkpoint_every=100")
     assert result.step == 4
     assert rows(tmp_path / "run")[-1]["data/corrupt_samples"] >= 1
+
+
+def test_periodic_knn_eval_logs_and_keeps_the_evaluated_teacher(tmp_path):
+    _, result = run(tmp_path, "train.max_steps=4", "train.checkpoint_every=100", "evaluation.period=2",
+                    "evaluation.knn_train_dataset=fashion-mnist:train", "evaluation.knn_test_dataset=fashion-mnist:test",
+                    "evaluation.knn_max_train_samples=300", "evaluation.knn_max_test_samples=200",
+                    "evaluation.knn_image_size=16")
+    evals = rows(tmp_path, "eval")
+    assert [r["step"] for r in evals] == [2]  # not at the last step: the end of training has its own export
+    assert 10.0 < evals[0]["knn/top1@20"] <= 100.0  # better than chance on 10 classes
+    from dinoscale.hub import load_state_dict_any
+    from dinoscale.methods.dinov2 import build_backbone
+
+    model = build_backbone(load_config("quickstart", TINY).model, drop_path_rate=0.0)
+    saved = tmp_path / "eval" / "step_000000002" / "teacher_backbone.pth"
+    assert load_state_dict_any(model, str(saved)) == "dinov2"
