@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from dinoscale import distributed
 from dinoscale.data.augment import MultiCropAugmentation
 from dinoscale.data.collate import collate_multicrop
 from dinoscale.data.masking import MaskingGenerator
@@ -144,6 +145,9 @@ class DINOv2(nn.Module):
             n_tokens=n_tokens,
             mask_ratio_tuple=tuple(self.cfg.ibot.mask_ratio_min_max),
             mask_probability=self.cfg.ibot.mask_sample_probability if self.use_ibot else 0.0,
+            local_crops_size=self.cfg.crops.local_crops_size,
+            rank=distributed.get_rank(),  # masks are drawn for the global batch; this rank builds its share
+            world_size=distributed.get_world_size(),
         )
 
     @torch.no_grad()
