@@ -116,13 +116,15 @@ class DropPath(nn.Module):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep_prob = 1.0 - self.drop_prob
+        # ``rand < keep_prob`` rather than ``bernoulli_(keep_prob)``: torch.compile keeps the probability symbolic
+        # in a comparison, so blocks with different rates share one compiled graph instead of one each.
         if crop_shapes is None:
-            keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+            keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep_prob
         else:
             # one draw per image of each crop, in crop order (the same draws as crop-by-crop), spread over its tokens
-            keep = torch.cat([x.new_empty(b).bernoulli_(keep_prob).repeat_interleave(n) for b, n in crop_shapes])
-            keep = keep.unsqueeze(-1)
-        return x * keep / keep_prob
+            draws = [torch.rand(b, device=x.device) < keep_prob for b, _ in crop_shapes]
+            keep = torch.cat([d.repeat_interleave(n) for d, (_, n) in zip(draws, crop_shapes)]).unsqueeze(-1)
+        return x * keep.to(x.dtype) / keep_prob
 
 
 CropShapes = tuple[tuple[int, int], ...]  # ((B_1, N_1), (B_2, N_2), ...) of packed multi-crop tokens

@@ -320,10 +320,11 @@ def flops_breakdown(
         try:
             by_module = fa.by_module()
         except Exception as exc:
+            hint = (" Under JIT tracing tensor sizes are tensors: Python arithmetic on them (round(), math.*) "
+                    "must go through int() first." if isinstance(exc, TypeError) else "")
             raise RuntimeError(
                 f"cannot count the FLOPs of {type(method).__name__}'s step: fvcore's JIT trace of its forward "
-                f"failed ({type(exc).__name__}: {exc}). Under tracing, tensor sizes are tensors: Python "
-                "arithmetic on them (round(), math.*) must go through int() first."
+                f"failed ({type(exc).__name__}: {exc}).{hint}"
             ) from exc
         unsupported = dict(fa.unsupported_ops())
     total = 2.0 * by_module[""]

@@ -74,7 +74,8 @@ def test_dispatch_cpu_bf16_uses_the_matmul_path_and_large_calls_the_fused_kernel
 def _tiny_vit(**kwargs):
     from dinoscale.models.vit import vit_small
 
-    return vit_small(patch_size=8, img_size=32, embed_dim=32, depth=2, num_heads=2, init_values=1e-5, **kwargs)
+    return vit_small(**{"patch_size": 8, "img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                        "init_values": 1e-5, **kwargs})
 
 
 def test_block_packed_list_and_single_agree():
@@ -126,3 +127,27 @@ def test_multicrop_training_forward_with_drop_path_matches_crop_by_crop_blocks()
         xs = [x + blk.drop_path2(f) for x, f in zip(xs, ffn)]
     for o, x in zip(outs, xs):
         torch.testing.assert_close(o["x_prenorm"], x, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_blocks_with_different_drop_rates_share_one_graph():
+    """Stochastic depth rates differ per block; compiling must not specialise on them (one graph per block
+    would exceed dynamo's recompile limit at depth 12 and fall back to eager)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = _tiny_vit(depth=4, drop_path_rate=0.3).train()  # rates 0, 0.1, 0.2, 0.3
+    for block in model.blocks:
+        block.compile(backend=counting_backend)
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(4, 3, 16, 16)]
+    for _ in range(2):
+        outs = model.forward_features(crops)
+        sum(o["x_norm_clstoken"].sum() for o in outs).backward()
+    # block 0 (rate 0: no drop path at all) and one graph for the three others
+    assert len(graphs) == 2, len(graphs)
+    torch._dynamo.reset()
