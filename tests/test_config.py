@@ -14,7 +14,7 @@ def test_every_shipped_config_is_valid(path):
 
 def test_named_config_and_overrides_win():
     cfg = load_config("quickstart", ["optim.base_lr=0.5", "model.depth=2"])
-    assert cfg.model.patch_size == 4  # from quickstart.yaml
+    assert cfg.model.patch_size == 7 and cfg.model.img_size == 28  # from quickstart.yaml
     assert cfg.optim.base_lr == 0.5 and cfg.model.depth == 2  # overrides last
 
 

@@ -14,7 +14,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 # The tiny ViT of tests/train/test_loop.py, plus small heads for every method.
 TINY = [
     "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4", "model.img_size=16",
-    "model.drop_path_rate=0.1",
+    "model.drop_path_rate=0.1", "model.layerscale=1.0e-5",  # pinned: quickstart.yaml's model may change
     "dino.head_n_prototypes=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
     "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=64", "ibot.head_bottleneck_dim=32",
     "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
