@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slurm
+# One rerun for these end-to-end cluster jobs: on a loaded 2-core machine a requeued job was once seen to fail
+# (it passed on its own right after). A real regression fails twice.
+pytestmark = [pytest.mark.slurm, pytest.mark.flaky(reruns=1)]
 
 REPO = Path(__file__).resolve().parents[1]
 START_SCRIPT = REPO / "slurm" / "dev-cluster" / "start.sh"
