@@ -197,6 +197,11 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
             latest, student=student, teacher=teacher, optimizer=optimizer, method=method
         )
         start_step, bad_steps = meta["step"], meta.get("consecutive_bad_steps", 0)
+        if meta.get("global_batch_size", global_batch) != global_batch:
+            # the data position is a step of the global sample stream: another global batch moves it
+            log.warning("resuming with global batch %d, the checkpoint was written with %d: the data stream "
+                        "continues at sample %d, not where the run stopped", global_batch,
+                        meta["global_batch_size"], start_step * global_batch)
         if "rank_state" in meta:
             checkpoint.set_rng_state(meta["rank_state"]["rng"])
         else:  # resharded resume: RNG streams cannot be matched rank to rank; derive fresh ones
