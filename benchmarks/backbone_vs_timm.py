@@ -49,6 +49,7 @@ def build_models(compile_mode: str | None) -> tuple[torch.nn.Module, torch.nn.Mo
     """
     import timm
 
+    torch._dynamo.reset()  # graphs of an earlier variant must not count against the recompile limit
     theirs = timm.create_model(
         "vit_small_patch14_dinov2", pretrained=False, img_size=GLOBAL_SIZE, dynamic_img_size=True
     )

@@ -62,6 +62,8 @@ def build_step(config: str, overrides: list[str], batch_size: int, variant: str,
     loop (every rank must call this: building the mesh and sharding are collective).
     """
     dtype, mode = variant.split("-")
+    # Compiled graphs of earlier variants count against dynamo's per-function recompile limit: start afresh.
+    torch._dynamo.reset()
     cfg = load_config(config, [
         *overrides,
         f"train.batch_size_per_rank={batch_size}",

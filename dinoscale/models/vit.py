@@ -116,15 +116,16 @@ class DropPath(nn.Module):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep_prob = 1.0 - self.drop_prob
-        # ``rand < keep_prob`` rather than ``bernoulli_(keep_prob)``: torch.compile keeps the probability symbolic
-        # in a comparison, so blocks with different rates share one compiled graph instead of one each.
+        # The rate only meets float32 tensors (``rand < p``, ``mask / p``), never ``x`` itself: torch.compile then
+        # keeps it symbolic, so blocks with different rates share one compiled graph (bf16 ``x / p`` or
+        # ``bernoulli_(p)`` pin its value and compile one graph per block).
         if crop_shapes is None:
             keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep_prob
         else:
             # one draw per image of each crop, in crop order (the same draws as crop-by-crop), spread over its tokens
             draws = [torch.rand(b, device=x.device) < keep_prob for b, _ in crop_shapes]
             keep = torch.cat([d.repeat_interleave(n) for d, (_, n) in zip(draws, crop_shapes)]).unsqueeze(-1)
-        return x * keep.to(x.dtype) / keep_prob
+        return x * (keep.float() / keep_prob).to(x.dtype)
 
 
 CropShapes = tuple[tuple[int, int], ...]  # ((B_1, N_1), (B_2, N_2), ...) of packed multi-crop tokens
