@@ -31,7 +31,11 @@ from dinoscale.models.projector import ProjectionMLP
 
 
 class Prototypes(nn.Module):
-    """``K`` learnable prototypes; ``forward(z)`` gives the cosine similarities ``(..., K)`` (float32)."""
+    """``K`` learnable prototypes; ``forward(z)`` gives the cosine similarities ``(..., K)`` (float32).
+
+    Only their directions matter; they get the optimizer's weight decay like any other weight matrix (MSN
+    excludes them; here the shared parameter groups decide, as for DINO's prototype layer).
+    """
 
     def __init__(self, dim: int, num_prototypes: int):
         super().__init__()
