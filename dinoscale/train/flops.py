@@ -198,15 +198,19 @@ def _without_collectives() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _no_side_effects(method: nn.Module, tensors: list[torch.Tensor]) -> Iterator[None]:
-    """Run the traced forward without changing training: RNG streams and the method's buffers are restored."""
+def _no_side_effects(modules: list[nn.Module], tensors: list[torch.Tensor]) -> Iterator[None]:
+    """Run the traced forward without changing training: RNG streams and every buffer of ``modules`` (loss
+    centers, batch-norm running statistics) are restored; parameters cannot change under ``no_grad``."""
     devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-    saved = {k: v.clone() for k, v in method.state_dict().items()}
+    saved = [{name: buf.clone() for name, buf in m.named_buffers()} for m in modules]
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         try:
             yield
         finally:
-            method.load_state_dict(saved)
+            for m, values in zip(modules, saved):
+                buffers = dict(m.named_buffers())  # looked up again: a forward may have rebound a buffer
+                for name, value in values.items():
+                    buffers[name].copy_(value)
 
 
 def count_forward_flops(model: nn.Module, *inputs: torch.Tensor) -> float:
@@ -314,7 +318,7 @@ def flops_breakdown(
     sched = _default_sched(method) if sched is None else sched
     wrapper = _Step(method, student, teacher, batch, keys, sched)
     nets = [student] + ([teacher] if teacher is not None else [])
-    with _traceable(nets), _no_side_effects(method, tensors), _without_collectives(), warnings.catch_warnings():
+    with _traceable(nets), _no_side_effects([method, *nets], tensors), _without_collectives(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about data-dependent Python values
         fa = _analysis(wrapper, tuple(tensors))
         try:

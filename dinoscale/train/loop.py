@@ -23,6 +23,7 @@ from dinoscale.data.datasets import derive_seed, open_dataset
 from dinoscale.data.loader import build_pretrain_loader
 from dinoscale.methods import build_method
 from dinoscale.methods.dinov2 import build_backbone
+from dinoscale.train.flops import example_batch, throughput_meter
 from dinoscale.train.metrics import MetricLogger
 from dinoscale.train.optim import apply_schedule_, build_optimizer, clip_grad_norm_, get_param_groups
 from dinoscale.train.schedules import build_schedules, scale_lr
@@ -130,6 +131,27 @@ def apply_parallelism(compute: DictConfig, student, teacher) -> None:
                                  and key == "backbone"})
 
 
+def compute_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
+    """The dtype the matmuls run in: the autocast dtype, else FSDP's param_dtype when sharded, else fp32."""
+    mode = cfg.train.autocast
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "none"
+    if mode in ("bf16", "fp16"):
+        return _DTYPES[mode]
+    return _DTYPES[cfg.compute.param_dtype] if distributed.is_enabled() else torch.float32
+
+
+def build_throughput_meter(cfg: DictConfig, method, student, teacher, device: torch.device):
+    """Count one step's FLOPs on a batch shaped like training's and look up the peak; None if either fails.
+
+    The count traces the full per-rank batch (one forward without gradients, a few seconds for the
+    quickstart); RNG streams and buffers are left as they were, so training is unchanged by it.
+    """
+    batch = example_batch(method, student["backbone"].patch_size, cfg.train.batch_size_per_rank, device=device)
+    return throughput_meter(method, student, teacher, batch, device=device, dtype=compute_dtype(cfg, device),
+                            window=cfg.train.log_every)
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -154,6 +176,8 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
         init_teacher_from_student_(teacher, student)
         teacher.to(device)
     student.to(device), method.to(device)
+    # FLOPs of one step are counted once, on the unsharded networks (fvcore cannot trace FSDP shards)
+    meter = build_throughput_meter(cfg, method, student, teacher, device) if cfg.train.log_throughput else None
     apply_parallelism(cfg.compute, student, teacher)
 
     # --- optimizer and schedules
@@ -272,6 +296,8 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
             if teacher is not None:
                 ema_update_(teacher, student, sched["momentum"])
         step += 1
+        if meter is not None:
+            meter.update()
 
         data_stats = {}
         if step % cfg.train.log_every == 0 or step == max_steps:
@@ -283,6 +309,8 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
             summed = distributed.all_reduce_sum_(
                 torch.tensor(list(counts.values()), dtype=torch.float64, device=device))
             data_stats = {f"data/{k}": v for k, v in zip(counts, summed.tolist())}
+            if meter is not None:  # this rank's achieved FLOP/s over the last log_every steps, and MFU
+                data_stats.update({f"perf/{k}": v for k, v in meter.stats().items()})
         metrics.log(step, {**data_stats, "loss": loss.detach(), **{f"loss/{k}": v for k, v in terms.items()},
                            "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"],
                            "teacher_temp": sched["teacher_temp"], "grad_norm": grad_norm,

@@ -48,6 +48,8 @@ def test_train_writes_config_checkpoints_metrics_and_export(tmp_path):
     for key in ("loss", "loss/dino_global", "loss/dino_local", "loss/koleo", "loss/ibot", "lr", "wd",
                 "momentum", "teacher_temp", "grad_norm", "images_per_s", "data/corrupt_samples"):
         assert key in logged[-1], key
+    # FLOPs counted once at the start: achieved TFLOP/s and MFU on every log line, MFU a fraction of the peak
+    assert all(r["perf/tflops_per_s"] > 0 and 0 < r["perf/mfu"] < 1 for r in logged)
     # keep_checkpoints=1: only the last survives
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_000000004"]
     # the export loads with plain torch.load + strict load_state_dict into the same architecture
@@ -230,3 +232,12 @@ def test_periodic_knn_eval_logs_and_keeps_the_evaluated_teacher(tmp_path):
     model = build_backbone(load_config("quickstart", TINY).model, drop_path_rate=0.0)
     saved = tmp_path / "eval" / "step_000000002" / "teacher_backbone.pth"
     assert load_state_dict_any(model, str(saved)) == "dinov2"
+
+
+def test_flop_count_leaves_training_unchanged(tmp_path):
+    # The count traces a forward on a batch of its own: RNG streams and buffers must come back untouched.
+    _, _ = run(tmp_path / "counted", "train.max_steps=3", "train.log_throughput=true")
+    _, _ = run(tmp_path / "plain", "train.max_steps=3", "train.log_throughput=false")
+    counted, plain = rows(tmp_path / "counted"), rows(tmp_path / "plain")
+    assert [r["loss"] for r in counted] == [r["loss"] for r in plain]
+    assert "perf/mfu" in counted[-1] and "perf/mfu" not in plain[-1]
