@@ -127,7 +127,7 @@ def run(args) -> tuple[list[dict], float | None]:
     return results, pixels
 
 
-def _machine() -> str:
+def machine_description() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -158,7 +158,7 @@ def write_table(results: list[dict], pixels: float | None, args, path: Path) -> 
            else ", with the 60,000 training images as the kNN memory")
         + ". *Random init* is the backbone every run starts from (same seed and model config).",
         "",
-        f"Machine: {_machine()}, {torch.get_num_threads()} torch threads, "
+        f"Machine: {machine_description()}, {torch.get_num_threads()} torch threads, "
         "2 CPU cores shared with other work while this ran, so the times are indicative only. "
         "This budget is a few minutes per method, a sliver of a real schedule: the table says whether each "
         "objective starts to learn useful features, not how good it ends up.",

@@ -15,15 +15,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dinoscale.losses.barlow_twins import BarlowTwinsLoss
-from dinoscale.methods.dinov2 import build_backbone
-from dinoscale.methods.views import multicrop_collate, multicrop_transform
+from dinoscale.methods.views import TwoViewMethod
 from dinoscale.models.projector import ProjectionMLP
 
 
-class BarlowTwins(nn.Module):
+class BarlowTwins(TwoViewMethod):
     """``method: barlow_twins``. Loss term: ``barlow_twins``."""
 
-    uses_teacher = False
+    loss_name = "barlow_twins"
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
@@ -32,25 +31,6 @@ class BarlowTwins(nn.Module):
         self.cfg = cfg
         self.loss = BarlowTwinsLoss(lambda_offdiag=cfg.barlow_twins.lambda_offdiag)
 
-    def build_networks(self) -> tuple[nn.ModuleDict, None]:
-        # The backbone is built first after the loop's seed, so it is the network "random_init" rebuilds.
-        backbone = build_backbone(self.cfg.model, drop_path_rate=self.cfg.model.drop_path_rate)
-        # No masking in this objective: the mask token never gets a gradient, so it stays out of the optimizer
-        # (whose checkpointed state must cover every parameter it optimizes). It is still exported.
-        backbone.mask_token.requires_grad_(False)
+    def build_projector(self, embed_dim: int) -> nn.Module:
         dims = list(self.cfg.barlow_twins.proj_dims)
-        projector = ProjectionMLP(backbone.embed_dim, dims[:-1], dims[-1], bias=False)
-        return nn.ModuleDict({"backbone": backbone, "projector": projector}), None
-
-    def build_transform(self):
-        return multicrop_transform(self.cfg.crops, local_crops_number=0)
-
-    def build_collate(self, patch_size: int):
-        return multicrop_collate(self.cfg.crops, patch_size)
-
-    def forward(self, student: nn.ModuleDict, teacher: None, batch: dict, sched: dict):
-        """Returns (loss, {"barlow_twins": loss}); ``teacher`` and ``sched`` are not used."""
-        cls = student["backbone"](batch["global_crops"], is_training=True)["x_norm_clstoken"]
-        z_a, z_b = student["projector"](cls).chunk(2)  # crop-major: view A of all images, then view B
-        loss = self.loss(z_a, z_b)
-        return loss, {"barlow_twins": loss.detach()}
+        return ProjectionMLP(embed_dim, dims[:-1], dims[-1], bias=False)

@@ -13,15 +13,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dinoscale.losses.nt_xent import NTXentLoss
-from dinoscale.methods.dinov2 import build_backbone
-from dinoscale.methods.views import multicrop_collate, multicrop_transform
+from dinoscale.methods.views import TwoViewMethod
 from dinoscale.models.projector import ProjectionMLP
 
 
-class SimCLR(nn.Module):
+class SimCLR(TwoViewMethod):
     """``method: simclr``. Loss term: ``nt_xent``."""
 
-    uses_teacher = False
+    loss_name = "nt_xent"
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
@@ -30,27 +29,6 @@ class SimCLR(nn.Module):
         self.cfg = cfg
         self.loss = NTXentLoss(temperature=cfg.simclr.temperature)
 
-    def build_networks(self) -> tuple[nn.ModuleDict, None]:
-        # The backbone is built first after the loop's seed, so it is the network "random_init" rebuilds.
-        backbone = build_backbone(self.cfg.model, drop_path_rate=self.cfg.model.drop_path_rate)
-        # No masking in this objective: the mask token never gets a gradient, so it stays out of the optimizer
-        # (whose checkpointed state must cover every parameter it optimizes). It is still exported.
-        backbone.mask_token.requires_grad_(False)
+    def build_projector(self, embed_dim: int) -> nn.Module:
         c = self.cfg.simclr
-        projector = ProjectionMLP(
-            backbone.embed_dim, [c.proj_hidden_dim] * (c.proj_nlayers - 1), c.proj_out_dim, last_norm=True
-        )
-        return nn.ModuleDict({"backbone": backbone, "projector": projector}), None
-
-    def build_transform(self):
-        return multicrop_transform(self.cfg.crops, local_crops_number=0)
-
-    def build_collate(self, patch_size: int):
-        return multicrop_collate(self.cfg.crops, patch_size)
-
-    def forward(self, student: nn.ModuleDict, teacher: None, batch: dict, sched: dict):
-        """Returns (loss, {"nt_xent": loss}); ``teacher`` and ``sched`` are not used."""
-        cls = student["backbone"](batch["global_crops"], is_training=True)["x_norm_clstoken"]
-        z_a, z_b = student["projector"](cls).chunk(2)  # crop-major: view A of all images, then view B
-        loss = self.loss(z_a, z_b)
-        return loss, {"nt_xent": loss.detach()}
+        return ProjectionMLP(embed_dim, [c.proj_hidden_dim] * (c.proj_nlayers - 1), c.proj_out_dim, last_norm=True)
