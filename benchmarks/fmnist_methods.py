@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -109,6 +110,7 @@ def run(args) -> tuple[list[dict], float | None]:
             "method": method,
             "steps": result.step,
             "batch_size": cfg.train.batch_size_per_rank,
+            "base_lr": cfg.optim.base_lr,
             "train_s": round(train_s, 1),
             "s_per_step": round(train_s / max(result.step, 1), 2),
             "final_loss": round(sum(final_losses) / len(final_losses), 4) if final_losses else None,
@@ -158,18 +160,20 @@ def write_table(results: list[dict], pixels: float | None, args, path: Path) -> 
            else ", with the 60,000 training images as the kNN memory")
         + ". *Random init* is the backbone every run starts from (same seed and model config).",
         "",
-        f"Machine: {machine_description()}, {torch.get_num_threads()} torch threads, "
-        "2 CPU cores shared with other work while this ran, so the times are indicative only. "
-        "This budget is a few minutes per method, a sliver of a real schedule: the table says whether each "
+        f"Machine: {machine_description()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, "
+        f"no GPU; 1-minute load average {args.load_before:.1f} before the runs and {args.load_after:.1f} after "
+        "(above the core count, other work shared the machine and the times are upper bounds). This budget is a few minutes per method, a sliver of a real schedule: the table says whether each "
         "objective starts to learn useful features, not how good it ends up.",
         "",
-        "| method | steps | batch | train time | s/step | final loss | kNN@20 random init | kNN@20 trained | change |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | steps | batch | base lr | train time | s/step | final loss | kNN@20 random init | kNN@20 trained "
+        "| change |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         loss = "n/a" if r["final_loss"] is None else f"{r['final_loss']:.4g}"
         lines.append(
-            f"| {r['method']} ({r['evaluated']}) | {r['steps']} | {r['batch_size']} | {r['train_s'] / 60:.1f} min | "
+            f"| {r['method']} ({r['evaluated']}) | {r['steps']} | {r['batch_size']} | {r['base_lr']:g} | "
+            f"{r['train_s'] / 60:.1f} min | "
             f"{r['s_per_step']} | {loss} | {_pct(r['knn_random_init'])}% | {_pct(r['knn_trained'])}% | "
             f"{r['delta']:+.2f} |"
         )
@@ -209,7 +213,9 @@ def main(argv=None) -> int:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     args.knn_train_samples = args.knn_train_samples or None
 
+    args.load_before = os.getloadavg()[0]
     results, pixels = run(args)
+    args.load_after = os.getloadavg()[0]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.json").write_text(json.dumps({"methods": results, "pixels_knn": pixels}, indent=1))
     write_table(results, pixels, args, args.table)
