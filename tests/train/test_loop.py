@@ -111,6 +111,8 @@ class NaNAtSteps(DINOv2):
 
     def forward(self, *args, **kwargs):
         total, terms = super().forward(*args, **kwargs)
+        if not torch.is_grad_enabled():  # the FLOP count's traced forward at the start, not a training step
+            return total, terms
         self.calls = getattr(self, "calls", 0) + 1
         if self.calls in self.bad_calls:
             total = total * float("nan")
