@@ -50,7 +50,7 @@ def method_config(method: str, steps: int, out_dir: Path, knn_train_samples: int
         "train.tensorboard=false",
         "train.resume=false",
         "evaluation.final_knn=false",  # evaluated here, with the random-init baseline computed once
-        f"evaluation.knn_max_train_samples={knn_train_samples}",
+        f"evaluation.knn_max_train_samples={'null' if knn_train_samples is None else knn_train_samples}",
         *extra,
     ])
 

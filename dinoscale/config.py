@@ -38,8 +38,18 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+# The type of each option whose default is null (so that `train.max_steps=abc` is caught like any other).
+NULLABLE_TYPES = {
+    "model.embed_dim": 1, "model.depth": 1, "model.num_heads": 1, "model.pretrained_weights": "",
+    "train.build_shards_from": "", "train.max_steps": 1,
+    "evaluation.knn_train_dataset": "", "evaluation.knn_test_dataset": "",
+    "evaluation.knn_max_train_samples": 1, "evaluation.knn_max_test_samples": 1,
+}
+
+
 def _compatible(default: Any, value: Any) -> bool:
-    """Whether ``value`` may replace ``default``; a null default accepts anything, null is accepted anywhere."""
+    """Whether ``value`` may replace ``default``; null is accepted anywhere (``NULLABLE_TYPES`` types null defaults;
+    a null default not listed there accepts anything)."""
     if default is None or value is None:
         return True
     d, v = _type_name(default), _type_name(value)
@@ -67,6 +77,14 @@ def _check(schema: DictConfig, user: DictConfig, prefix: str = "") -> None:
             raise ConfigError(
                 f"config key '{path}' expects a {_type_name(default)}, got {_type_name(value)} ({value!r})"
             )
+        if isinstance(value, str) and value in ("None", "none"):
+            raise ConfigError(f"config key '{path}' got the string {value!r}; YAML writes the empty value as null")
+        if default is None:
+            default = NULLABLE_TYPES.get(path)
+            if default is not None and not _compatible(default, value):
+                raise ConfigError(f"config key '{path}' expects a {_type_name(default)} or null, "
+                                  f"got {_type_name(value)} ({value!r})")
+            continue
         if not _compatible(default, value):
             raise ConfigError(
                 f"config key '{path}' expects a {_type_name(default)} (default {default!r}), "

@@ -66,3 +66,29 @@ def test_struct_mode_catches_typos_in_code():
     cfg = load_config(None)
     with pytest.raises(Exception):
         _ = cfg.train.max_stepz
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.max_steps=abc", "train.max_steps' expects a int or null"),
+    ("evaluation.knn_max_train_samples=None", "YAML writes the empty value as null"),
+    ("model.pretrained_weights=3", "model.pretrained_weights' expects a str or null"),
+])
+def test_options_with_null_defaults_are_typed(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config("quickstart", [override])
+    assert load_config("quickstart", ["train.max_steps=7"]).train.max_steps == 7
+
+
+def test_every_null_default_has_a_declared_type():
+    from omegaconf import OmegaConf
+
+    from dinoscale.config import CONFIG_DIR, NULLABLE_TYPES
+
+    def null_keys(node, prefix=""):
+        for key, value in node.items():
+            if OmegaConf.is_dict(value):
+                yield from null_keys(value, f"{prefix}{key}.")
+            elif value is None:
+                yield f"{prefix}{key}"
+
+    assert set(null_keys(OmegaConf.load(CONFIG_DIR / "default.yaml"))) == set(NULLABLE_TYPES)
