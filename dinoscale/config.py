@@ -77,18 +77,18 @@ def _check(schema: DictConfig, user: DictConfig, prefix: str = "") -> None:
             raise ConfigError(
                 f"config key '{path}' expects a {_type_name(default)}, got {_type_name(value)} ({value!r})"
             )
-        if isinstance(value, str) and value in ("None", "none"):
-            raise ConfigError(f"config key '{path}' got the string {value!r}; YAML writes the empty value as null")
+        # a Python-ism where a number or a path is expected: YAML's empty value is null
+        hint = "; write null for no value" if value in ("None", "none") else ""
         if default is None:
             default = NULLABLE_TYPES.get(path)
             if default is not None and not _compatible(default, value):
                 raise ConfigError(f"config key '{path}' expects a {_type_name(default)} or null, "
-                                  f"got {_type_name(value)} ({value!r})")
+                                  f"got {_type_name(value)} ({value!r}){hint}")
             continue
         if not _compatible(default, value):
             raise ConfigError(
                 f"config key '{path}' expects a {_type_name(default)} (default {default!r}), "
-                f"got {_type_name(value)} ({value!r})"
+                f"got {_type_name(value)} ({value!r}){hint}"
             )
 
 

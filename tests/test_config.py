@@ -70,13 +70,14 @@ def test_struct_mode_catches_typos_in_code():
 
 @pytest.mark.parametrize("override, expected", [
     ("train.max_steps=abc", "train.max_steps' expects a int or null"),
-    ("evaluation.knn_max_train_samples=None", "YAML writes the empty value as null"),
+    ("evaluation.knn_max_train_samples=None", "expects a int or null, got str .'None'.; write null for no value"),
     ("model.pretrained_weights=3", "model.pretrained_weights' expects a str or null"),
 ])
 def test_options_with_null_defaults_are_typed(override, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config("quickstart", [override])
     assert load_config("quickstart", ["train.max_steps=7"]).train.max_steps == 7
+    assert load_config("quickstart", ["train.autocast=none"]).train.autocast == "none"  # a real string option
 
 
 def test_every_null_default_has_a_declared_type():

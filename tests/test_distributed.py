@@ -384,19 +384,8 @@ D.destroy_distributed()
 """
 
 
-def _slurm_cluster_up():
-    if shutil.which("srun") is None or shutil.which("sinfo") is None:
-        return False
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and any(s.startswith(("idle", "mix", "alloc")) for s in out.stdout.split())
-
-
 @pytest.mark.slurm
-@pytest.mark.skipif(not _slurm_cluster_up(), reason="no running SLURM cluster (slurm/dev-cluster/start.sh)")
-def test_srun_two_nodes_forms_a_process_group():
+def test_srun_two_nodes_forms_a_process_group(slurm_cluster):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     proc = subprocess.run(
