@@ -552,6 +552,11 @@ class ThroughputMeter:
         # Times of the last window + 1 step ends; the first entry is the meter's creation.
         self._times: deque[float] = deque([time.perf_counter()], maxlen=window + 1)
 
+    def restart(self) -> None:
+        """Forget the window: time from now on (e.g. when the loop starts, or after a checkpoint or an evaluation,
+        whose time is not training's)."""
+        self._times = deque([time.perf_counter()], maxlen=self._times.maxlen)
+
     def update(self) -> None:
         """Mark the end of one optimizer step."""
         self._times.append(time.perf_counter())

@@ -257,6 +257,8 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
     if teacher is not None:
         teacher.eval()
     step, status = start_step, "finished"
+    if meter is not None:
+        meter.restart()  # building, resuming and starting the loader are not step time
     while step < max_steps:
         batch = _to_device(next(batches), device)
         if cfg.crops.photometric_on_device:  # colour jitter, blur, solarize as batched ops on the device
@@ -327,6 +329,9 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
             metrics.log_event(step, {"type": "eval", **knn})
             # the weights each evaluation saw, loadable like any released backbone
             export_network(eval_net, output_dir / "eval" / f"step_{step:09d}", "teacher" if teacher is not None else "student")
+        if meter is not None and (step % cfg.train.checkpoint_every == 0 or
+                                  (cfg.evaluation.period and step % cfg.evaluation.period == 0)):
+            meter.restart()  # the checkpoint or evaluation just done is not step time
 
     metrics.close()
     result = TrainResult(status=status, step=step, output_dir=str(output_dir))

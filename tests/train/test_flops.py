@@ -261,7 +261,7 @@ def test_peak_rejects_bad_arguments():
 
 
 def test_throughput_meter(monkeypatch):
-    clock = iter([100.0, 101.0, 102.0, 104.0, 108.0])
+    clock = iter([100.0, 101.0, 102.0, 104.0, 108.0, 150.0, 151.0])
     monkeypatch.setattr(flops.time, "perf_counter", lambda: next(clock))
     meter = flops.ThroughputMeter(2e12, 10e12, window=2)  # created at t=100
     assert meter.stats() == {"tflops_per_s": 0.0, "mfu": 0.0}
@@ -272,6 +272,10 @@ def test_throughput_meter(monkeypatch):
     assert meter.stats()["tflops_per_s"] == pytest.approx(4.0 / 3.0)
     meter.update()  # t=108: steps ending at 104 and 108 -> 2 steps in 6 s
     assert meter.stats()["mfu"] == pytest.approx(4e12 / 6 / 10e12)
+    meter.restart()  # t=150: e.g. after a checkpoint; its 42 s are not step time
+    assert meter.stats() == {"tflops_per_s": 0.0, "mfu": 0.0}
+    meter.update()  # t=151: 1 step in 1 s
+    assert meter.stats()["tflops_per_s"] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="flops_per_step"):
         flops.ThroughputMeter(0, 1)
     with pytest.raises(ValueError, match="window"):
