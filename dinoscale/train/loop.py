@@ -25,7 +25,7 @@ from dinoscale.methods import build_method
 from dinoscale.methods.dinov2 import build_backbone
 from dinoscale.train.flops import example_batch, throughput_meter
 from dinoscale.train.metrics import MetricLogger
-from dinoscale.train.optim import apply_schedule_, build_optimizer, clip_grad_norm_, get_param_groups
+from dinoscale.train.optim import apply_schedule_, build_optimizer, clip_grad_norm_, get_param_groups, step_unless_
 from dinoscale.train.schedules import build_schedules, scale_lr
 from dinoscale.train.teacher import ema_update_, init_teacher_from_student_
 
@@ -243,7 +243,33 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
     autocast = autocast_context(cfg.train.autocast, device)
     batches = iter(build_data(cfg, method, patch_size=student["backbone"].patch_size, start_step=start_step))
 
+    # Skipped steps are decided on the device; the host reads them only at log and checkpoint steps.
+    bad_run = torch.tensor(float(bad_steps), device=device)  # consecutive non-finite steps, up to this step
+    unreviewed: list[tuple[int, torch.Tensor]] = []  # (step, [skipped, loss, grad_norm, bad_run]) since the last read
+
+    def review_skipped_steps() -> None:
+        """Log the skipped steps since the last review, and stop after too many in a row (one host read)."""
+        nonlocal bad_steps
+        if not unreviewed:
+            return
+        steps = [s for s, _ in unreviewed]
+        values = torch.stack([v for _, v in unreviewed]).tolist()
+        unreviewed.clear()
+        for s, (skipped, loss_value, norm_value, run) in zip(steps, values):
+            if skipped:
+                metrics.log_event(s, {"type": "skipped_step", "loss": loss_value, "grad_norm": norm_value,
+                                      "consecutive_bad_steps": int(run)})
+                log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", s, int(run))
+            if run >= cfg.train.max_consecutive_bad_steps:
+                raise TooManyBadSteps(
+                    f"{int(run)} consecutive steps with a non-finite loss or gradient (up to step {s}); "
+                    "stopping. Lower optim.base_lr, raise optim.warmup_epochs, or check the data. The last good "
+                    f"checkpoint is in {checkpoint.checkpoint_root(output_dir)}."
+                )
+        bad_steps = int(values[-1][3])
+
     def save(step: int) -> None:
+        review_skipped_steps()  # a run of bad steps too long stops here, before it reaches a checkpoint
         checkpoint.save_checkpoint(
             output_dir, step, student=student, teacher=teacher, optimizer=optimizer, method=method,
             trainer_state={"consecutive_bad_steps": bad_steps, "data_position_step": step,
@@ -266,7 +292,7 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
             batch = photometric_collated(batch, generator)
         sched = schedules.at(step)
         apply_schedule_(optimizer, lr=sched["lr"], wd=sched["wd"], last_layer_lr=sched["last_layer_lr"])
-        centers = {k: v.clone() for k, v in method.state_dict().items()}  # restored if the step is skipped
+        centers = {k: v.clone() for k, v in method.named_buffers()}  # restored if the step is skipped
 
         optimizer.zero_grad(set_to_none=True)
         with autocast():
@@ -274,35 +300,27 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
         loss.backward()
         grad_norm = clip_grad_norm_(student.parameters(), cfg.optim.clip_grad)
 
-        # One small host sync per step: agree across ranks on "skip this step" and "stop now".
-        flags = torch.stack([
-            (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float(),
-            torch.tensor(float(bool(stop_requested and stop_requested())), device=loss.device),
-        ])
-        nonfinite, stop = (v > 0 for v in distributed.all_reduce_sum_(flags).tolist())
-        if nonfinite:
-            bad_steps += 1
-            method.load_state_dict(centers)
-            metrics.log_event(step + 1, {"type": "skipped_step", "loss": float(loss.detach()), "grad_norm": float(grad_norm),
-                                     "consecutive_bad_steps": bad_steps})
-            log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step + 1, bad_steps)
-            if bad_steps >= cfg.train.max_consecutive_bad_steps:
-                raise TooManyBadSteps(
-                    f"{bad_steps} consecutive steps with a non-finite loss or gradient (up to step {step + 1}); "
-                    "stopping. Lower optim.base_lr, raise optim.warmup_epochs, or check the data. The last good "
-                    f"checkpoint is in {checkpoint.checkpoint_root(output_dir)}."
-                )
-        else:
-            bad_steps = 0
-            optimizer.step()
-            if teacher is not None:
-                ema_update_(teacher, student, sched["momentum"])
+        # A step whose loss or gradient is not finite on any rank is skipped on the device, without a host
+        # sync: the fused AdamW skips on the device, the EMA weight becomes 0, the loss centers are restored.
+        nonfinite = (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float().reshape(1)
+        skip = (distributed.all_reduce_sum_(nonfinite) > 0).reshape(())
+        step_unless_(optimizer, skip)
+        if teacher is not None:
+            ema_update_(teacher, student, torch.where(skip, 1.0, sched["momentum"]))
+        buffers = dict(method.named_buffers())
+        for name, saved in centers.items():
+            buffers[name].copy_(torch.where(skip, saved, buffers[name]))
+        bad_run = torch.where(skip, bad_run + 1, 0.0)
         step += 1
+        unreviewed.append((step, torch.stack([skip.float(), loss.detach().float(), grad_norm.detach().float(),
+                                              bad_run])))
         if meter is not None:
             meter.update()
 
         data_stats = {}
-        if step % cfg.train.log_every == 0 or step == max_steps:
+        is_log_step = step % cfg.train.log_every == 0 or step == max_steps
+        if is_log_step:
+            review_skipped_steps()
             # logged losses are means over ranks (each rank's is its local batch mean); data damage is summed
             losses = torch.stack([loss.detach().float(), *(v.float() for v in terms.values())])
             loss, *term_values = (distributed.all_reduce_sum_(losses) / world_size).unbind()
@@ -316,7 +334,16 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
         metrics.log(step, {**data_stats, "loss": loss.detach(), **{f"loss/{k}": v for k, v in terms.items()},
                            "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"],
                            "teacher_temp": sched["teacher_temp"], "grad_norm": grad_norm,
-                           "skipped_steps_in_a_row": bad_steps}, n_images=global_batch)
+                           "skipped_steps_in_a_row": bad_run}, n_images=global_batch)
+        # A stop request (SIGTERM/USR1/USR2) is a host flag: one process reads it every step; several processes
+        # agree on it at log steps (one small all-reduce), so a stop waits at most train.log_every steps.
+        stop = False
+        if stop_requested is not None:
+            if world_size == 1:
+                stop = bool(stop_requested())
+            elif is_log_step:
+                flag = torch.tensor([float(bool(stop_requested()))], device=device)
+                stop = distributed.all_reduce_sum_(flag).item() > 0
         if stop:
             save(step)
             status = "preempted"

@@ -31,6 +31,7 @@ __all__ = [
     "build_optimizer",
     "apply_schedule_",
     "clip_grad_norm_",
+    "step_unless_",
 ]
 
 # Name components added by wrappers that do not change the parameter: activation checkpointing,
@@ -132,8 +133,10 @@ def build_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW over ``param_groups`` (from :func:`get_param_groups`).
 
-    ``fused=None`` picks the fused CUDA kernel when every parameter lives on a CUDA device, and the foreach
-    (multi-tensor) implementation otherwise. lr and weight decay start at 0: the loop sets them with
+    ``fused=None`` picks torch's fused kernel when every parameter lives on a CPU or CUDA device, and the foreach
+    (multi-tensor) implementation otherwise. The fused kernel can skip a step on the device: the loop sets
+    ``optimizer.found_inf`` (a 1-element float tensor, non-zero = skip) before ``step()``, so skipping a
+    non-finite step needs no host sync. lr and weight decay start at 0: the loop sets them with
     :func:`apply_schedule_` before each step. Parameters are passed as they are, so DTensor (FSDP2) parameters
     work unchanged.
     """
@@ -147,7 +150,7 @@ def build_optimizer(
         group["params"] = list(group["params"])
     if fused is None:
         params = [p for group in groups for p in group["params"]]
-        fused = torch.cuda.is_available() and all(p.device.type == "cuda" for p in params)
+        fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(
         groups,
         lr=0.0,
@@ -171,6 +174,19 @@ def apply_schedule_(optimizer: torch.optim.Optimizer, *, lr: float, wd: float, l
             ) from None
         group["lr"] = (last_layer_lr if is_last_layer else lr) * lr_multiplier
         group["weight_decay"] = wd * wd_multiplier
+
+
+def step_unless_(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()`` unless the 0-dim bool tensor ``skip`` is true.
+
+    With torch's fused kernel the decision stays on the device (``found_inf``: the kernel leaves parameters,
+    moments and step counts as they were), so no host sync; other implementations read ``skip`` on the host.
+    """
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip.float().reshape(())  # 0-dim, like the step counts it is subtracted from
+        optimizer.step()
+    elif not bool(skip):
+        optimizer.step()
 
 
 def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float | None) -> torch.Tensor:

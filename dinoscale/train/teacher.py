@@ -120,13 +120,16 @@ def _ema_pairs(teacher: nn.Module, student: nn.Module) -> _EmaPairs:
 
 
 @torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float | torch.Tensor) -> None:
     """``teacher = momentum * teacher + (1 - momentum) * student`` for every parameter, in place.
+
+    ``momentum`` may be a 1-element tensor on the parameters' device (e.g. 1.0 for a skipped step, decided on the
+    device), so that the update needs no host sync.
 
     The first call matches parameters by name and checks shapes, dtypes and sharding (raising ``ValueError`` on a
     mismatch); later calls reuse that pairing and cost one ``torch._foreach_lerp_`` over the local tensors.
     """
-    if not 0.0 <= momentum <= 1.0:
+    if not isinstance(momentum, torch.Tensor) and not 0.0 <= momentum <= 1.0:
         raise ValueError(f"EMA momentum must lie in [0, 1], got {momentum}")
     pairs = _ema_pairs(teacher, student)
     if not pairs.teacher_params:
@@ -134,7 +137,8 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     teacher_local = [p.to_local() if d else p for p, d in zip(pairs.teacher_params, pairs.is_dtensor)]
     student_local = [p.to_local() if d else p for p, d in zip(pairs.student_params, pairs.is_dtensor)]
     # lerp(t, s, w) = t + w * (s - t) = (1 - w) * t + w * s with w = 1 - m: one fused pass over the tensors.
-    torch._foreach_lerp_(teacher_local, student_local, 1.0 - float(momentum))
+    weight = 1.0 - momentum if isinstance(momentum, torch.Tensor) else 1.0 - float(momentum)
+    torch._foreach_lerp_(teacher_local, student_local, weight)
 
 
 @torch.no_grad()

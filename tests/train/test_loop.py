@@ -130,6 +130,16 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     assert finite == {1: True, 2: False, 3: False, 4: True, 5: True}
 
 
+def test_skipped_steps_between_log_steps_are_all_reported(tmp_path, monkeypatch):
+    # The skip is decided on the device; the host reads the flags at the next log step, none are lost.
+    monkeypatch.setitem(METHODS, "dinov2", NaNAtSteps)
+    _, result = run(tmp_path, "train.max_steps=6", "train.log_every=5", "train.checkpoint_every=100")
+    assert result.step == 6
+    skipped = rows(tmp_path, "skipped_step")
+    assert [(r["step"], r["consecutive_bad_steps"]) for r in skipped] == [(2, 1), (3, 2)]
+    assert [(r["step"], r["skipped_steps_in_a_row"]) for r in rows(tmp_path)] == [(5, 0), (6, 0)]
+
+
 def test_too_many_bad_steps_stop_with_clear_error(tmp_path, monkeypatch):
     class AlwaysNaN(NaNAtSteps):
         bad_calls = set(range(1, 100))
