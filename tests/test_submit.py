@@ -250,7 +250,9 @@ def test_local_run_finishes_with_job_id_expanded(checkout, tmp_path):
 
 @pytest.mark.slow
 def test_local_preemption_checkpoints_requeues_and_matches_uninterrupted_run(checkout, tmp_path):
-    steps = 14
+    # Long enough that the signal, sent once 3 steps are logged, lands before the run ends even when the
+    # tiny steps race ahead while this process polls (14 steps was once too few on a loaded machine).
+    steps = 60
     reference = subprocess.run(_local_cmd(checkout, tmp_path / "reference", steps), cwd=checkout, capture_output=True,
                                text=True, timeout=300)
     assert reference.returncode == 0, reference.stdout + reference.stderr
