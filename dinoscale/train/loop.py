@@ -349,16 +349,18 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
             status = "preempted"
             log.warning("stop requested: checkpoint saved at step %d", step)
             break
+        pause = False  # a checkpoint or an evaluation: not step time for the throughput meter
         if step % cfg.train.checkpoint_every == 0 or step == max_steps:
             save(step)
+            pause = True
         if cfg.evaluation.period and step % cfg.evaluation.period == 0 and step < max_steps:
             knn = evaluate_knn(cfg, eval_net["backbone"], device)
             metrics.log_event(step, {"type": "eval", **knn})
             # the weights each evaluation saw, loadable like any released backbone
             export_network(eval_net, output_dir / "eval" / f"step_{step:09d}", "teacher" if teacher is not None else "student")
-        if meter is not None and (step % cfg.train.checkpoint_every == 0 or
-                                  (cfg.evaluation.period and step % cfg.evaluation.period == 0)):
-            meter.restart()  # the checkpoint or evaluation just done is not step time
+            pause = True
+        if pause and meter is not None:
+            meter.restart()
 
     metrics.close()
     result = TrainResult(status=status, step=step, output_dir=str(output_dir))
