@@ -67,9 +67,17 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not is_enabled() or get_world_size() == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
+    # The functional collective, not torch.distributed.nn.functional.all_gather: after a backward
+    # through the latter, about half of all gloo processes aborted at interpreter exit
+    # ("terminate called without an active exception", SIGABRT) even after
+    # destroy_process_group. Its backward is a sum reduce-scatter, the same gradient.
+    from torch.distributed import _functional_collectives as funcol
 
-    return torch.cat(all_gather(tensor), dim=0)
+    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd  # torch < 2.14
+    gathered = gather(tensor.contiguous(), 0, dist.group.WORLD)
+    # The result is an AsyncCollectiveTensor that waits on first use; any non-view op turns it into a plain
+    # tensor (autograd intact), so callers never hold the subclass (torch.load refuses it, for one).
+    return torch.cat([gathered], dim=0)
 
 
 def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:

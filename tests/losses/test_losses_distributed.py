@@ -64,10 +64,6 @@ def _worker(rank, init_method, out_dir):
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-    # Leave without interpreter shutdown: after KoLeo's backward through torch.distributed.nn's all_gather the
-    # process sometimes aborts at exit ("terminate called without an active exception"), after its results
-    # are saved (as in tests/losses/test_barlow_twins.py).
-    os._exit(0)
 
 
 def _free_port():

@@ -91,10 +91,6 @@ def _worker(rank, init_method, out_dir):
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-    # Leave without interpreter shutdown: after a backward pass through torch.distributed.nn's all_gather (inside
-    # all_gather_with_grad) the process sometimes aborts at exit ("terminate called without an active
-    # exception"), which would fail the spawn after the results are saved.
-    os._exit(0)
 
 
 @pytest.mark.distributed

@@ -55,10 +55,6 @@ def _worker(rank, world_size, port, overrides):
         assert train(load_config("quickstart", overrides)).status == "finished"
     finally:
         distributed.destroy_distributed()
-    # Leave without interpreter shutdown: after a backward pass through torch.distributed.nn's all_gather (inside
-    # all_gather_with_grad) the process sometimes aborts at exit ("terminate called without an active
-    # exception"), which would fail the spawn after the results are saved.
-    os._exit(0)
 
 
 def run(world_size, out_dir, method):
