@@ -5,6 +5,8 @@
     python benchmarks/train_step.py --configs vits14 --variants bf16-eager,bf16-compiled
     python benchmarks/train_step.py --device cuda --configs vitl14 --variants bf16-eager,bf16-compiled \
         --json results.jsonl                                         # GPU (benchmarks/gpu.sh); + peak memory
+    python benchmarks/train_step.py --device cuda --configs vitg14 --variants bf16-eager --fsdp --steps 3
+                                                                     # ViT-g/14 recipe, FSDP2 + AC: memory
 
 A step is what ``dinoscale.train.loop`` does between two batches: the method's forward under the configured
 autocast (student on all crops, EMA teacher on the global crops, DINO/iBOT heads and losses), backward,
@@ -50,6 +52,9 @@ CONFIGS = {
     # ViT-L/14 recipe for one GPU: batch 32 fits 80 GB without activation checkpointing
     # (benchmarks/memory_estimate.py: ~48 GB), so no recomputation hides in the figures
     "vitl14": ("train/vitl14", ["compute.activation_checkpointing=false"], 32),
+    # ViT-g/14 with its recipe unchanged (batch 12 per GPU, activation checkpointing, 131072-prototype
+    # heads): run with --fsdp to measure the memory of the sharded step (docs/scaling.md's estimate)
+    "vitg14": ("train/vitg14", [], 12),
 }
 VARIANTS = ("fp32-eager", "bf16-eager", "fp32-compiled", "bf16-compiled")
 
@@ -118,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--refresh-peak", action="store_true", help="measure the matmul peak again")
     parser.add_argument("--json", default=None, help="also append one JSON line per result to this file")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard with FSDP2 over a one-process group, as training does (bf16 params, fp32 "
+                             "reduce); on one device this changes the memory layout and kernels, not the state size")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -131,12 +139,19 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
+    if args.fsdp:
+        from dinoscale import distributed
+
+        port = distributed.find_free_port()
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        distributed.init_distributed()
     device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     peaks = {}
     for dtype in (torch.float32, torch.bfloat16):
         peaks[dtype] = peak_flops(device, dtype, refresh=args.refresh_peak)
-    print(f"torch {torch.__version__}, {where}, load {os.getloadavg()[0]:.2f}")
+    print(f"torch {torch.__version__}, {where}, fsdp {args.fsdp}, load {os.getloadavg()[0]:.2f}")
     for dtype, (value, source) in peaks.items():
         print(f"peak {dtype}: {value / 1e9:.1f} GFLOP/s ({source})")
     print(f"{'config':10} {'variant':14} {'batch':>5} {'GFLOP/step':>10} {'img/s':>15} {'GFLOP/s':>15} "
@@ -167,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{flops / median / peak:6.1%} / {flops / best / peak:5.1%} "
                   f"{'-' if memory_gib is None else f'{memory_gib:6.1f} GiB':>9}", flush=True)
             if args.json:
-                row = {"config": name, "variant": variant, "device": where, "batch": images,
+                row = {"config": name, "variant": variant, "fsdp": args.fsdp, "device": where, "batch": images,
                        "gflop_per_step": flops / 1e9, "img_s_median": images / median, "img_s_best": images / best,
                        "mfu_median": flops / median / peak, "peak_flops": peak, "peak_memory_gib": memory_gib,
                        "steps": args.steps, "torch": torch.__version__, "time": time.time()}
@@ -177,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print(f"load after: {os.getloadavg()[0]:.2f}")
+    if args.fsdp:
+        distributed.destroy_distributed()
 
 
 if __name__ == "__main__":
