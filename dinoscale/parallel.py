@@ -102,6 +102,18 @@ def _blocks(module: nn.Module) -> nn.ModuleList | None:
     return blocks
 
 
+
+def _allow_one_graph_per_block(n_blocks: int) -> None:
+    """Raise dynamo's per-function recompile limit so that every block may get its own graph.
+
+    All blocks share ``Block.forward``, and dynamo keeps at most ``recompile_limit`` (default 8) graphs per
+    function before it runs the rest eagerly. On CUDA (torch 2.11) each block's stochastic-depth rate was
+    guarded as a constant, so a 24-block ViT-L compiled 8 blocks and ran 16 eagerly.
+    """
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
+    setattr(config, name, max(getattr(config, name), 2 * n_blocks + 8))  # student + teacher rates, shapes
+
 def parallelize(
     module: nn.Module,
     *,
@@ -155,6 +167,7 @@ def parallelize(
             # and keeps the RNG state, so stochastic depth draws the same masks when recomputing.
             blocks[i] = checkpoint_wrapper(block)
     if compile_blocks and blocks is not None:
+        _allow_one_graph_per_block(len(blocks))
         for block in blocks:
             block.compile(**(compile_options or {}))
     if mesh is None or not distributed.is_enabled():

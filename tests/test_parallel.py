@@ -133,6 +133,26 @@ def test_compile_blocks_in_place_keeps_names_and_outputs():
         assert torch.allclose(a["x_norm_clstoken"], b["x_norm_clstoken"], atol=1e-6)
 
 
+def test_compile_blocks_gives_every_block_a_graph(monkeypatch):
+    """Past dynamo's recompile limit (8) blocks would run eagerly; parallelize raises the limit.
+
+    specialize_float=True makes each block's stochastic-depth rate a guarded constant, as seen on CUDA
+    (torch 2.11: a 24-block ViT-L compiled 8 blocks), so 12 blocks need 12 graphs.
+    """
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "specialize_float", True)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    torch._dynamo.reset()
+    counters.clear()
+    model = vit_small(patch_size=PATCH, img_size=IMG, embed_dim=DIM, depth=12, num_heads=2, drop_path_rate=0.3)
+    parallelize(model, mesh=None, compile_blocks=True, compile_options={"backend": "aot_eager"})
+    model.train()
+    model(torch.randn(2, 3, IMG, IMG), is_training=True)
+    assert counters["stats"]["unique_graphs"] == 12
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_compile_blocks_with_inductor_and_checkpointing():
     torch.manual_seed(0)

@@ -65,6 +65,32 @@ def _xformers_ops():
     return _xformers_ops_cache
 
 
+_xformers_cuda_problem_cache: object = _UNSET
+
+
+def _xformers_cuda_problem(device: torch.device | str = "cuda") -> str | None:
+    """None when xformers runs on ``device``, else why not (checked once per process, with a tiny call).
+
+    An xformers wheel built for another torch or CUDA imports fine but has no kernels: every call
+    then raises NotImplementedError ("xFormers wasn't build with CUDA support"), seen with xformers
+    0.0.35 (built for torch 2.10) beside torch 2.11.
+    """
+    global _xformers_cuda_problem_cache
+    if _xformers_cuda_problem_cache is _UNSET:
+        xops = _xformers_ops()
+        if xops is None:
+            _xformers_cuda_problem_cache = "xformers could not be imported"
+        else:
+            q = torch.zeros(1, 8, 1, 64, device=device, dtype=torch.bfloat16)
+            try:
+                xops.memory_efficient_attention(q, q, q)
+                _xformers_cuda_problem_cache = None
+            except Exception as e:  # NotImplementedError (no kernels), RuntimeError (e.g. no kernel for this GPU)
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                _xformers_cuda_problem_cache = f"xformers has no usable CUDA kernel here ({first_line})"
+    return _xformers_cuda_problem_cache
+
+
 def _warn_xformers_fallback(reason: str) -> None:
     global _warned_xformers_fallback
     if not _warned_xformers_fallback:
@@ -140,8 +166,9 @@ class Attention(nn.Module):
         if not x.is_cuda:
             _warn_xformers_fallback("the tensors are not on CUDA")
             return False
-        if _xformers_ops() is None:
-            _warn_xformers_fallback("xformers could not be imported")
+        problem = _xformers_cuda_problem(x.device)
+        if problem is not None:
+            _warn_xformers_fallback(problem)
             return False
         return True
 
