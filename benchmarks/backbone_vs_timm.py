@@ -13,7 +13,10 @@ the same function before timing. bf16 means ``torch.autocast("cpu", torch.bfloat
 
 Timed repetitions are interleaved (ours, timm, ours, timm, ...) after warm-up, so a change in machine load
 hits both; the script prints the median and best images/s of each and the ratio ours / timm (> 1: ours is
-faster). Images/s counts the B source images of a step (each has 2 global and 8 local crops).
+faster), and the ratio within each back-to-back pair with a bootstrap 95% interval of its median (an
+interval that contains 1 means the two are as fast as each other within this machine's noise).
+Images/s counts the B source images of a step (each has 2 global and 8 local crops). Like training
+on CPU, the script first lets glibc keep freed memory (``dinoscale.cpu_malloc``), for both models.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from dinoscale.cpu_malloc import keep_freed_memory  # noqa: E402
 from dinoscale.hub import load_state_dict_any  # noqa: E402
 from dinoscale.models import vit  # noqa: E402
 from dinoscale.train.flops import count_forward_flops, peak_flops  # noqa: E402
@@ -157,7 +161,21 @@ def bench(batch: int, reps: int, warmup: int, dtype: str, compile_mode: str | No
                         "median_s": statistics.median(ts), "best_s": min(ts)}
     result["ratio_median"] = result["ours"]["median_img_s"] / result["timm"]["median_img_s"]
     result["ratio_best"] = result["ours"]["best_img_s"] / result["timm"]["best_img_s"]
+    result["paired"] = paired_ratio(times["ours"], times["timm"])
     return result
+
+
+def paired_ratio(ours_s: list[float], timm_s: list[float], resamples: int = 2000) -> dict:
+    """Speed ratio ours / timm of each repetition's pair (timm's time over ours), its median and a
+    bootstrap 95% interval of that median: the pairs ran back to back, so slow phases of the machine
+    cancel within a pair, and the interval says whether a difference is larger than the noise."""
+    import numpy as np
+
+    ratios = np.asarray(timm_s) / np.asarray(ours_s)
+    rng = np.random.default_rng(0)
+    medians = np.median(rng.choice(ratios, size=(resamples, len(ratios))), axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return {"median": float(np.median(ratios)), "ci95": (float(low), float(high)), "n": len(ratios)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,9 +192,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--batch and --reps must be >= 1, --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc_kept = keep_freed_memory()  # as training does on CPU; the same for both models (one process)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}, "
-          f"batch {args.batch} ({N_GLOBAL * args.batch}x{GLOBAL_SIZE} + {N_LOCAL * args.batch}x{LOCAL_SIZE} crops)")
+          f"batch {args.batch} ({N_GLOBAL * args.batch}x{GLOBAL_SIZE} + {N_LOCAL * args.batch}x{LOCAL_SIZE} crops), "
+          f"glibc keeps freed memory: {malloc_kept} (DINOSCALE_KEEP_MALLOC=0 turns it off)")
     modes = [None, "blocks"] if args.compile else [None]
     print(f"{'dtype':5} {'mode':8} {'ours img/s':>17} {'timm img/s':>17} {'ours/timm':>15}  "
           f"{'ours GFLOP/s':>17} {'MFU':>13}  (median / best)")
@@ -195,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"{rate[0] / peak:6.1%} / {rate[1] / peak:5.1%}",
                 flush=True,
             )
+            p = r["paired"]
+            print(f"{'':14} paired ours/timm over {p['n']} pairs: median {p['median']:.3f}, "
+                  f"95% interval [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]", flush=True)
         print(f"      peak {dtype}: {peak / 1e9:.1f} GFLOP/s ({source})")
     print(f"      step: {r['step_flops'] / 1e9:.1f} GFLOP (forward + backward, 1 multiply-add = 2 FLOPs)")
     print(f"load after: {os.getloadavg()[0]:.2f}")

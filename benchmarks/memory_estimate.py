@@ -244,8 +244,12 @@ def _measure_child(cfg: dict) -> dict:
     """Run in a fresh process: RSS held after the forward (what autograd keeps), the RSS peak of
     forward + backward, and the bytes of the tensors saved for backward (counted once per storage,
     parameters and images excluded)."""
+    from dinoscale.models import attention
     from dinoscale.parallel import parallelize
 
+    # The estimate models a fused attention kernel (what GPUs run: no N x N scores kept for the
+    # backward); short fp32 sequences on CPU would take the matmul path, which keeps them.
+    attention.CPU_FP32_MATMUL_MAX_TOKENS = 0
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = vit.DinoVisionTransformer(

@@ -38,6 +38,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from dinoscale.config import load_config  # noqa: E402
+from dinoscale.cpu_malloc import keep_freed_memory  # noqa: E402
 from dinoscale.methods import build_method  # noqa: E402
 from dinoscale.train.flops import example_batch, peak_flops, step_flops  # noqa: E402
 from dinoscale.train.loop import apply_parallelism, autocast_context  # noqa: E402
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown variant {variant!r}; choose from {VARIANTS}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        keep_freed_memory()  # as the training loop does on CPU
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
     if args.fsdp:

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from dinoscale import checkpoint, distributed
+from dinoscale.cpu_malloc import keep_freed_memory
 from dinoscale.config import save_config
 from dinoscale.data.augment import photometric_collated
 from dinoscale.data.datasets import derive_seed, open_dataset
@@ -159,6 +160,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     device = resolve_device(cfg.train.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # glibc: reuse freed tensor memory instead of faulting in fresh pages each step
     output_dir = Path(cfg.train.output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,7 @@ def test_env_var_overrides_constructor_argument(monkeypatch):
         return real_sdpa(*args, **kwargs)
 
     monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", counting_sdpa)
+    monkeypatch.setattr(attention_module, "CPU_FP32_MATMUL_MAX_TOKENS", 0)  # short fp32 would take the matmul path
     x = torch.randn(2, 9, 16)
 
     Attention(16, 2, attn_backend="sdpa")(x)

@@ -1,4 +1,4 @@
-"""Speed paths of the backbone: CPU low-precision attention (same function as the fused kernel) and packed
+"""Speed paths of the backbone: CPU matmul attention (same function as the fused kernel) and packed
 multi-crop tokens (same function as crop-by-crop)."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import dinoscale.models.attention as attention_module
-from dinoscale.models.attention import Attention, cpu_low_precision_attention
+from dinoscale.models.attention import Attention, cpu_matmul_attention
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +24,7 @@ def test_matches_float64_reference_as_closely_as_the_fused_kernel():
     q, k, v = _qkv()
     reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     lowp = [t.bfloat16() for t in (q, k, v)]
-    ours = cpu_low_precision_attention(*lowp)
+    ours = cpu_matmul_attention(*lowp)
     fused = F.scaled_dot_product_attention(*lowp)
     assert ours.dtype == torch.bfloat16
     err_ours = (ours.double() - reference).abs()
@@ -37,7 +37,7 @@ def test_matches_float64_reference_as_closely_as_the_fused_kernel():
 def test_gradients_match_the_fused_kernel():
     q, k, v = _qkv(N=20)
     grads = {}
-    for name, fn in (("ours", cpu_low_precision_attention), ("fused", F.scaled_dot_product_attention)):
+    for name, fn in (("ours", cpu_matmul_attention), ("fused", F.scaled_dot_product_attention)):
         leaves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
         out = fn(*leaves)
         (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
@@ -46,7 +46,7 @@ def test_gradients_match_the_fused_kernel():
         torch.testing.assert_close(ours, fused, atol=0.05, rtol=0.05)
 
 
-def test_dispatch_cpu_bf16_uses_the_matmul_path_and_large_calls_the_fused_kernel(monkeypatch):
+def test_dispatch_cpu_uses_the_matmul_path_and_long_or_large_calls_the_fused_kernel(monkeypatch):
     calls = []
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
@@ -58,13 +58,20 @@ def test_dispatch_cpu_bf16_uses_the_matmul_path_and_large_calls_the_fused_kernel
         bf16_out = attn(x)
         attn([x, torch.randn(3, 5, 32)])
     assert calls == []  # bf16 on CPU: the matmul path, also for lists of crops
-    attn(x)
-    assert calls == [1]  # fp32: the fused kernel
-    torch.testing.assert_close(bf16_out.float(), attn(x), atol=0.03, rtol=0.03)
+    fp32_out = attn(x)
+    assert calls == []  # fp32, 9 keys: the matmul path too
+    torch.testing.assert_close(bf16_out.float(), fp32_out, atol=0.03, rtol=0.03)
+    long_x = torch.randn(1, attention_module.CPU_FP32_MATMUL_MAX_TOKENS + 1, 32)
+    long_out = attn(long_x)
+    assert calls == [1]  # fp32, more keys: the fused kernel
+    monkeypatch.setattr(attention_module, "CPU_FP32_MATMUL_MAX_TOKENS", 10**6)
+    torch.testing.assert_close(attn(long_x), long_out, atol=1e-5, rtol=1e-5)  # both paths: the same function
+    assert calls == [1]
     # above the score budget the fused kernel takes over (its memory does not grow with N^2)
     monkeypatch.setattr(attention_module, "CPU_ATTN_MAX_SCORES", 2 * 4 * 9 * 9 - 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         attn(x)
+    attn(x)
     assert calls == [1, 1, 1]
 
 
