@@ -11,8 +11,10 @@ the heap keeps 256 MiB of free space at its top when it shrinks (``M_TOP_PAD``).
 threshold does not help: any explicit setting also freezes glibc's adaptive mmap threshold at 128 KiB,
 so every large tensor would be mapped anew.) The cost is resident memory: up to ``top_pad`` bytes of
 freed memory stay with the process, for the next step to reuse. Only glibc has ``mallopt``; elsewhere
-(musl, macOS) this is a no-op that returns False. Training calls it when it runs on the CPU, as do the
-CPU benchmarks; ``DINOSCALE_KEEP_MALLOC=0`` turns it off.
+(musl, macOS) this is a no-op that returns False. Training calls it when it runs on the CPU, the
+multi-crop augmentation in each process that runs it (data-loader workers: its float temporaries of a few
+hundred KB were otherwise mapped anew per crop, 6x slower hue rotation), and the CPU benchmarks;
+``DINOSCALE_KEEP_MALLOC=0`` turns it off.
 """
 
 from __future__ import annotations

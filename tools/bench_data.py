@@ -18,7 +18,7 @@ Both pipelines produce 2 x 224 and 8 x 96 crops with the same distribution (the 
 the documented blur probabilities, not DINOv2's inverted ones). Per-core figures are CPU time of
 this (single-threaded) process, the best of several interleaved rounds, so other processes on a
 shared machine disturb them little. glibc's malloc thresholds are raised for the whole process
-first (:func:`tune_cpu_allocator`, as the augmentation does in each worker), so the reference
+first (:func:`dinoscale.cpu_malloc.keep_freed_memory`, as the augmentation does in each worker), so the reference
 pipeline gets the same allocator; ``--no-tune-allocator`` compares both without it. The
 DataLoader figures are wall-clock images/s (they depend on the machine's load) and CPU ms per
 image summed over the main process and the workers.
@@ -45,8 +45,8 @@ from dinoscale.data.augment import (
     IMAGENET_STD,
     MultiCropAugmentation,
     photometric_batch,
-    tune_cpu_allocator,
 )
+from dinoscale.cpu_malloc import keep_freed_memory
 from dinoscale.data.collate import collate_multicrop
 from dinoscale.data.masking import MaskingGenerator
 
@@ -207,8 +207,8 @@ def main():
     )
     args = parser.parse_args()
 
-    tuned = False if args.no_tune_allocator else tune_cpu_allocator()
-    print(f"malloc thresholds raised (tune_cpu_allocator): {tuned}")
+    tuned = False if args.no_tune_allocator else keep_freed_memory()
+    print(f"glibc keeps freed memory (keep_freed_memory): {tuned}")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     photos = load_photos()
