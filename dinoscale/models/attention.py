@@ -7,8 +7,8 @@ Three backends compute the same function, ``softmax(Q K^T / sqrt(d)) V`` per hea
   softmax) for bfloat16/float16 tensors, where that is 2-3x faster than the fused CPU kernel for ViT
   sequence lengths and just as accurate, and for float32 sequences of up to
   ``CPU_FP32_MATMUL_MAX_TOKENS`` keys, where it is 1.1-1.5x faster (forward and backward, 2 cores;
-  for longer sequences the fused kernel is as fast or faster). It keeps the ``N x N`` scores for the backward, so
-  it is used only while they stay under ``CPU_ATTN_MAX_SCORES`` elements per call.
+  for longer sequences the fused kernel is as fast or faster). It keeps the ``N x N`` scores for the
+  backward, so it is used only while they stay under ``CPU_ATTN_MAX_SCORES`` elements per call.
 * ``"xformers"`` -- ``xformers.ops.memory_efficient_attention``. Only used when the tensors are on CUDA
   and xformers imports; otherwise the module falls back to sdpa and warns once.
 * ``"math"`` -- the explicit formula, kept as the reference and for debugging.
