@@ -3,6 +3,7 @@
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,8 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _run(env_value):
-    env = {"DINOSCALE_KEEP_MALLOC": env_value, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    env = {"DINOSCALE_KEEP_MALLOC": env_value, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout's dinoscale, installed or not
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=120,
                          check=True)
     applied, faults = out.stdout.split()
