@@ -13,17 +13,18 @@ student parameter count (backbone + heads; the teacher has the same P):
                  = 2 * (2 + 2 + 4) * U   (S > 1)           two FSDP units in flight (current + prefetched):
                                                           bf16 params, bf16 grads, fp32 reduce-scatter copy;
                                                           U = parameters of the largest unit (a block or a head)
-    activations  = (L * a + D) * T * 2          (no AC)    a = elements stored per token per block (bf16),
-                                                          D for the input of the final LayerNorm
-                 = (L * D + a + D) * T * 2      (AC)      block inputs only + one block recomputed in backward
+    activations  = (L * a + D) * T * 2 + L * w * 2      (no AC)   a = elements stored per token per block
+                                                          (bf16), D for the input of the final LayerNorm,
+                                                          w = LayerScale-scaled weights a block keeps
+                 = (L * D + a + D) * T * 2 + w * 2      (AC)      block inputs only + one block recomputed
     heads        = rows * (K * 10 + (D + 5 H + 2 Bn) * 2)  student logits (bf16 out, fp32 copy, fp32
                                                           log-softmax) + head MLP activations,
                    + teacher rows * K * 12                 teacher logits / centering / softmax (transient)
     overhead     = 3 GiB                                   CUDA context, NCCL buffers, allocator slack
 
 T = tokens per GPU = B * (2 * (1 + 256) + 8 * (1 + 49)) for 2 x 224 px and 8 x 98 px crops at patch 14.
-The number ``a`` of stored elements per token per block is read off the block's forward
-(``dinoscale.models.vit.Block``); see ``stored_per_token`` below.
+The numbers ``a`` (stored elements per token per block) and ``w`` (per block) are read off the block's
+forward (``dinoscale.models.vit.Block``); see ``stored_per_token`` and ``stored_per_block`` below.
 """
 
 from __future__ import annotations
@@ -92,26 +93,39 @@ def tokens_per_image(patch: int = PATCH, registers: int = 0) -> tuple[int, int]:
     return n_global * g_tokens + n_local * l_tokens, n_global * g_tokens
 
 
-def stored_per_token(dim: int, ffn_layer: str, mlp_hidden: int, layerscale: bool = True) -> float:
+def stored_per_token(dim: int, ffn_layer: str, mlp_hidden: int) -> float:
     """Elements autograd keeps per token per block for the backward (flash-style attention, so
     no tokens x tokens matrix is stored).
 
     Attention branch: LayerNorm input (1), qkv input (1), q/k/v (3), attention output saved by
-    the kernel (1) and its reshaped copy fed to ``proj`` (1), LayerScale input (1).
+    the kernel (1) and its reshaped copy fed to ``proj`` (1).
     MLP branch: LayerNorm input (1), fc1 input (1), fc1 output = GELU input (h), GELU output = fc2
-    input (h), LayerScale input (1). SwiGLU branch: w12 input (1), w12 output (2 h'), SiLU output
-    (h'), product = w3 input (h'), with h' = 2/3 h rounded up to a multiple of 8.
+    input (h). SwiGLU branch: w12 input (1), w12 output (2 h'), SiLU output (h'), product = w3
+    input (h'), with h' = 2/3 h rounded up to a multiple of 8.
+    LayerScale keeps nothing per token: the block folds it into ``proj`` / the FFN's last linear.
     """
-    ls = 1 if layerscale else 0
-    attention = 1 + 1 + 3 + 1 + 1 + ls
+    attention = 1 + 1 + 3 + 1 + 1
     if ffn_layer == "mlp":
-        ffn = 1 + 1 + 2 * mlp_hidden / dim + ls
+        ffn = 1 + 1 + 2 * mlp_hidden / dim
     elif ffn_layer in ("swiglu", "swiglufused"):
         h = vit.swiglu_hidden_features(mlp_hidden)
-        ffn = 1 + 1 + 4 * h / dim + ls
+        ffn = 1 + 1 + 4 * h / dim
     else:
         raise ValueError(f"unknown ffn_layer {ffn_layer!r}")
     return (attention + ffn) * dim
+
+
+def stored_per_block(dim: int, ffn_layer: str, mlp_hidden: int) -> float:
+    """Elements a block with LayerScale keeps for the backward besides the per-token ones: the
+    weights of ``proj`` (D x D) and of the FFN's last linear (D x h, D x h' for SwiGLU) scaled by
+    LayerScale's gamma, which the block folds into them (a fresh tensor each forward)."""
+    if ffn_layer == "mlp":
+        last = mlp_hidden
+    elif ffn_layer in ("swiglu", "swiglufused"):
+        last = vit.swiglu_hidden_features(mlp_hidden)
+    else:
+        raise ValueError(f"unknown ffn_layer {ffn_layer!r}")
+    return dim * dim + dim * last
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -148,13 +162,14 @@ def estimate(recipe: Recipe, *, shards: int, activation_checkpointing: bool, bat
     T = B * student_tokens
     # mlp_hidden is the nominal 4 * D; stored_per_token applies the SwiGLU rounding itself.
     a = stored_per_token(D, recipe.ffn_layer, 4 * D)
+    w = stored_per_block(D, recipe.ffn_layer, 4 * D)
 
     states = (4 + 4 + 8) * P / shards + 4 * P / shards
     compute = 2 * P if shards == 1 else 2 * (2 + 2 + 4) * m["largest_unit"]
     if activation_checkpointing:
-        activations = L * T * D * 2 + T * a * 2
+        activations = L * T * D * 2 + (T * a + w) * 2
     else:
-        activations = L * T * a * 2
+        activations = L * (T * a + w) * 2
     # outside the blocks only the final LayerNorm keeps its input (the patch embedding saves the images)
     activations += T * D * 2
 
@@ -324,11 +339,12 @@ def measure(dim: int = 192, depth: int = 4, heads: int = 3, batch: int = 4, ffn_
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     T = batch * tokens_per_image()[0]
     a = stored_per_token(dim, ffn_layer, 4 * dim)
+    w = stored_per_block(dim, ffn_layer, 4 * dim)
     if ac:
         est_forward = depth * T * dim * 4
-        est_peak = est_forward + T * a * 4
+        est_peak = est_forward + (T * a + w) * 4
     else:
-        est_forward = est_peak = depth * T * a * 4
+        est_forward = est_peak = depth * (T * a + w) * 4
     # outside the blocks only the final LayerNorm keeps its input
     est_forward += T * dim * 4
     est_peak += T * dim * 4

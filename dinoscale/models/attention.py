@@ -117,6 +117,18 @@ CPU_ATTN_MAX_SCORES = 2**25
 CPU_FP32_MATMUL_MAX_TOKENS = 160
 
 
+def scaled_linear(linear: nn.Linear, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``linear(x) * scale`` (per output channel) with ``scale`` folded into the weight and bias.
+
+    Scaling the ``(out, in)`` weight costs nothing next to scaling the ``(tokens, out)`` output, and the
+    backward then keeps only the input it keeps anyway (LayerScale's gradient comes from the weight's).
+    """
+    if scale is None:
+        return linear(x)
+    bias = None if linear.bias is None else linear.bias * scale
+    return F.linear(x, linear.weight * scale.unsqueeze(-1), bias)
+
+
 def cpu_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d)) v`` for ``(B, heads, N, d)`` tensors on CPU, as two batched matmuls.
 
@@ -193,14 +205,18 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(B, N, -1)
 
     def forward(
-        self, x: torch.Tensor | Sequence[torch.Tensor], crop_shapes: tuple[tuple[int, int], ...] | None = None
+        self,
+        x: torch.Tensor | Sequence[torch.Tensor],
+        crop_shapes: tuple[tuple[int, int], ...] | None = None,
+        out_scale: torch.Tensor | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """``(B, N, C)`` -> ``(B, N, C)``; a list of ``(B_i, N_i, C)`` -> a list; packed ``(sum B_i N_i, C)`` with
-        ``crop_shapes`` -> packed. Tokens attend only within their own image of their own crop."""
+        ``crop_shapes`` -> packed. Tokens attend only within their own image of their own crop.
+        ``out_scale``: a per-channel factor on the output (LayerScale), folded into ``proj``."""
         if isinstance(x, (list, tuple)):
-            return self._forward_list(list(x))
+            return self._forward_list(list(x), out_scale)
         if crop_shapes is not None:
-            return self._forward_packed(x, crop_shapes)
+            return self._forward_packed(x, crop_shapes, out_scale)
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         if self._use_xformers(x):
@@ -208,17 +224,19 @@ class Attention(nn.Module):
             out = _xformers_ops().memory_efficient_attention(q, k, v).reshape(B, N, C)
         else:
             out = self._attend(qkv)
-        return self.proj(out)
+        return scaled_linear(self.proj, out, out_scale)
 
-    def _forward_list(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _forward_list(self, xs: list[torch.Tensor], out_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
         if not xs:
             raise ValueError("Attention got an empty list of token tensors")
         C = xs[0].shape[-1]
         shapes = tuple((int(x.shape[0]), int(x.shape[1])) for x in xs)
-        out = self._forward_packed(torch.cat([x.reshape(-1, C) for x in xs]), shapes)
+        out = self._forward_packed(torch.cat([x.reshape(-1, C) for x in xs]), shapes, out_scale)
         return [o.view(b, n, C) for o, (b, n) in zip(out.split([b * n for b, n in shapes]), shapes)]
 
-    def _forward_packed(self, x: torch.Tensor, crop_shapes: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    def _forward_packed(
+        self, x: torch.Tensor, crop_shapes: tuple[tuple[int, int], ...], out_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Packed tokens ``(sum_i B_i * N_i, C)`` of the crops ``((B_i, N_i), ...)`` -> packed output."""
         T, C = x.shape
         if T != sum(b * n for b, n in crop_shapes):
@@ -238,7 +256,7 @@ class Attention(nn.Module):
                 for part, (b, n) in zip(qkv.split(sizes), crop_shapes)
             ]
             out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        return self.proj(out)
+        return scaled_linear(self.proj, out, out_scale)
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Attention probabilities ``(B, heads, N, N)`` for ``x`` of shape ``(B, N, C)`` (explicit softmax)."""

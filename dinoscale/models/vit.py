@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dinoscale.models.attention import Attention
+from dinoscale.models.attention import Attention, scaled_linear
 
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
 
@@ -58,8 +58,9 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``out_scale``: a per-channel factor on the output (LayerScale), folded into ``fc2``."""
+        return scaled_linear(self.fc2, self.act(self.fc1(x)), out_scale)
 
 
 def swiglu_hidden_features(hidden_features: int) -> int:
@@ -76,13 +77,18 @@ class SwiGLUFFN(nn.Module):
         self.w12 = nn.Linear(in_features, 2 * hidden, bias=bias)
         self.w3 = nn.Linear(hidden, in_features, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``out_scale``: a per-channel factor on the output (LayerScale), folded into ``w3``."""
         a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
+        return scaled_linear(self.w3, F.silu(a) * b, out_scale)
 
 
 class LayerScale(nn.Module):
-    """Per-channel scaling of a residual branch, ``gamma`` initialised to ``init_values``."""
+    """Per-channel scaling of a residual branch, ``gamma`` initialised to ``init_values``.
+
+    ``Block`` does not call it: it folds ``gamma`` into the branch's last linear layer (``scaled_linear``).
+    The module holds the parameter under the released checkpoints' name (``ls1.gamma``).
+    """
 
     def __init__(self, dim: int, init_values: float) -> None:
         super().__init__()
@@ -182,8 +188,17 @@ def resample_pos_embed(
     return torch.cat((pos_embed[:, :1], patch_pos), dim=1).to(dtype)
 
 
+def _gamma(layer_scale: nn.Module) -> torch.Tensor | None:
+    return layer_scale.gamma if isinstance(layer_scale, LayerScale) else None
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``."""
+    """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``.
+
+    LayerScale is applied inside the branch's last linear layer (``attn.proj``, ``mlp.fc2``), whose weight and
+    bias are scaled by ``gamma`` instead of its output: the same function, one elementwise pass over the tokens
+    fewer per branch, forward and backward, and no copy of the branch output kept for ``gamma``'s gradient.
+    """
 
     def __init__(
         self,
@@ -215,7 +230,7 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ls2(self.mlp(self.norm2(x)))
+        return self.mlp(self.norm2(x), out_scale=_gamma(self.ls2))
 
     def forward(
         self, x: torch.Tensor | Sequence[torch.Tensor], crop_shapes: CropShapes | None = None
@@ -224,7 +239,7 @@ class Block(nn.Module):
         if isinstance(x, (list, tuple)):
             packed, shapes = pack_crops(x)
             return unpack_crops(self.forward(packed, shapes), shapes)
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), crop_shapes)), crop_shapes)
+        x = x + self.drop_path1(self.attn(self.norm1(x), crop_shapes, out_scale=_gamma(self.ls1)), crop_shapes)
         return x + self.drop_path2(self._ffn(x), crop_shapes)
 
 

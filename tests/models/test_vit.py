@@ -303,3 +303,47 @@ def test_invalid_constructor_arguments():
         tiny(ffn_layer="moe")
     with pytest.raises(ValueError, match="num_register_tokens"):
         tiny(num_register_tokens=-1)
+
+
+@pytest.mark.parametrize("ffn_layer", ["mlp", "swiglufused"])
+def test_layerscale_folded_into_linear_equals_scaling_the_branch_output(ffn_layer):
+    """Block folds gamma into attn.proj / the FFN's last linear: same output and gradients as
+    ``x + ls(branch(norm(x)))`` written out, and no copy of the branch output kept for backward."""
+    model = tiny(ffn_layer=ffn_layer, init_values=0.5).train()
+    block = model.blocks[0]
+    with torch.no_grad():
+        block.ls1.gamma.uniform_(-2.0, 2.0)
+        block.ls2.gamma.uniform_(-2.0, 2.0)
+    x = torch.randn(4, 65, D, dtype=torch.float64)
+    block = block.double()
+
+    def reference(x):
+        h = x + block.attn(block.norm1(x)) * block.ls1.gamma
+        return h + block.mlp(block.norm2(h)) * block.ls2.gamma
+
+    params = [block.ls1.gamma, block.ls2.gamma, block.attn.proj.weight, block.attn.proj.bias]
+    ref = reference(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params)
+    out = block(x)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(torch.autograd.grad(out.square().sum(), params), ref_grads):
+        torch.testing.assert_close(got, want)
+
+    def saved_numels(fn):
+        """Elements of the tensors autograd keeps for backward, each storage once, parameters excluded."""
+        skip = {p.untyped_storage().data_ptr() for p in block.parameters()}
+        storages = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in skip:
+                storages[ptr] = t.untyped_storage().nbytes() // t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x)
+        return sum(storages.values())
+
+    # The unfolded form keeps both branch outputs (one x-sized tensor each) for gamma's gradient; the folded
+    # one keeps the scaled weights of proj and of the FFN's last linear instead (at most 4 D x D here).
+    assert saved_numels(reference) - saved_numels(block) >= 2 * x.numel() - 5 * D * D
