@@ -93,6 +93,15 @@ def tokens_per_image(patch: int = PATCH, registers: int = 0) -> tuple[int, int]:
     return n_global * g_tokens + n_local * l_tokens, n_global * g_tokens
 
 
+def ffn_hidden(ffn_layer: str, mlp_hidden: int) -> int:
+    """Width of the FFN's hidden layer: ``mlp_hidden`` for the MLP, SwiGLU's h' (its last linear's input)."""
+    if ffn_layer == "mlp":
+        return mlp_hidden
+    if ffn_layer in ("swiglu", "swiglufused"):
+        return vit.swiglu_hidden_features(mlp_hidden)
+    raise ValueError(f"unknown ffn_layer {ffn_layer!r}")
+
+
 def stored_per_token(dim: int, ffn_layer: str, mlp_hidden: int) -> float:
     """Elements autograd keeps per token per block for the backward (flash-style attention, so
     no tokens x tokens matrix is stored).
@@ -105,13 +114,8 @@ def stored_per_token(dim: int, ffn_layer: str, mlp_hidden: int) -> float:
     LayerScale keeps nothing per token: the block folds it into ``proj`` / the FFN's last linear.
     """
     attention = 1 + 1 + 3 + 1 + 1
-    if ffn_layer == "mlp":
-        ffn = 1 + 1 + 2 * mlp_hidden / dim
-    elif ffn_layer in ("swiglu", "swiglufused"):
-        h = vit.swiglu_hidden_features(mlp_hidden)
-        ffn = 1 + 1 + 4 * h / dim
-    else:
-        raise ValueError(f"unknown ffn_layer {ffn_layer!r}")
+    h = ffn_hidden(ffn_layer, mlp_hidden)
+    ffn = 1 + 1 + (2 * h if ffn_layer == "mlp" else 4 * h) / dim
     return (attention + ffn) * dim
 
 
@@ -119,13 +123,7 @@ def stored_per_block(dim: int, ffn_layer: str, mlp_hidden: int) -> float:
     """Elements a block with LayerScale keeps for the backward besides the per-token ones: the
     weights of ``proj`` (D x D) and of the FFN's last linear (D x h, D x h' for SwiGLU) scaled by
     LayerScale's gamma, which the block folds into them (a fresh tensor each forward)."""
-    if ffn_layer == "mlp":
-        last = mlp_hidden
-    elif ffn_layer in ("swiglu", "swiglufused"):
-        last = vit.swiglu_hidden_features(mlp_hidden)
-    else:
-        raise ValueError(f"unknown ffn_layer {ffn_layer!r}")
-    return dim * dim + dim * last
+    return dim * dim + dim * ffn_hidden(ffn_layer, mlp_hidden)
 
 
 def _count(module: torch.nn.Module) -> int:
