@@ -23,7 +23,8 @@ from torch.utils.data import TensorDataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dinoscale.eval.features import cpu_supports_bf16, extract_features, resolve_autocast_dtype  # noqa: E402
+from dinoscale.device import cpu_supports_bf16, inference_autocast_dtype  # noqa: E402
+from dinoscale.eval.features import extract_features  # noqa: E402
 from dinoscale.models import vit  # noqa: E402
 
 
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     model = getattr(vit, args.arch)(patch_size=14, img_size=518).eval()
     images = torch.rand(args.images, 3, args.size, args.size)
     data = TensorDataset(images, torch.zeros(args.images, dtype=torch.long))
-    default = resolve_autocast_dtype(torch.device("cpu"))
+    default = inference_autocast_dtype(torch.device("cpu"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}; "
           f"native bf16: {cpu_supports_bf16()}, default autocast: {default}; {args.arch}/14, "
           f"{args.images} images of {args.size} px, batch {args.batch}")

@@ -32,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dinoscale.device import resolve_device  # noqa: E402
 from dinoscale.config import load_config  # noqa: E402
 from dinoscale.data.datasets import open_dataset  # noqa: E402
 from dinoscale.eval.features import eval_transform  # noqa: E402
@@ -94,7 +95,7 @@ def evaluate(cfg, backbone: torch.nn.Module, device: torch.device, *, linear: bo
 
 
 def run(args) -> dict:
-    device = loop.resolve_device(args.device)
+    device = resolve_device(args.device)
     results = {"recipes": {}, "threads": torch.get_num_threads(), "machine": machine_description(),
                "cores": os.cpu_count(), "load_before": os.getloadavg()[0]}
     for name in args.recipes:

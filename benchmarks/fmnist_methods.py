@@ -30,6 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dinoscale.device import resolve_device  # noqa: E402
 from dinoscale.config import CONFIG_DIR, load_config  # noqa: E402
 from dinoscale.methods.dinov2 import build_backbone  # noqa: E402
 from dinoscale.train import loop  # noqa: E402
@@ -84,7 +85,7 @@ def random_init_backbone(cfg) -> torch.nn.Module:
 
 
 def run(args) -> tuple[list[dict], float | None]:
-    device = loop.resolve_device(args.device)
+    device = resolve_device(args.device)
     results, baselines, pixels = [], {}, None
     for method in args.methods:
         cfg = method_config(method, args.steps, args.out_dir, args.knn_train_samples, args.set)

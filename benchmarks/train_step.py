@@ -11,7 +11,7 @@
 A step is what ``dinoscale.train.loop`` does between two batches: the method's forward under the configured
 autocast (student on all crops, EMA teacher on the global crops, DINO/iBOT heads and losses), backward,
 gradient clipping, AdamW step and the EMA update. It is built from the loop's own functions
-(``apply_parallelism``, ``build_optimizer``, ``autocast_context``, ``ema_update_``). Data loading is *not*
+(``apply_parallelism``, ``build_optimizer``, ``dinoscale.device.autocast``, ``ema_update_``). Data loading is *not*
 timed: batches are made once by the method's own transform and collate (``dinoscale.train.flops.example_batch``)
 and reused, so the figure is the compute ceiling of the step.
 
@@ -24,6 +24,7 @@ timed steps end with a device synchronisation, and the peak allocated memory of 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -39,9 +40,10 @@ if str(REPO) not in sys.path:
 
 from dinoscale.config import load_config  # noqa: E402
 from dinoscale.cpu_malloc import keep_freed_memory  # noqa: E402
+from dinoscale.device import autocast as autocast_in, training_autocast_dtype  # noqa: E402
 from dinoscale.methods import build_method  # noqa: E402
 from dinoscale.train.flops import example_batch, peak_flops, step_flops  # noqa: E402
-from dinoscale.train.loop import apply_parallelism, autocast_context  # noqa: E402
+from dinoscale.train.loop import apply_parallelism  # noqa: E402
 from dinoscale.train.optim import apply_schedule_, build_optimizer, clip_grad_norm_, get_param_groups  # noqa: E402
 from dinoscale.train.teacher import ema_update_, init_teacher_from_student_  # noqa: E402
 
@@ -94,7 +96,7 @@ def build_step(config: str, overrides: list[str], batch_size: int, variant: str,
                                                  patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
                                                  n_blocks=student["backbone"].n_blocks))
     apply_schedule_(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
-    autocast = autocast_context(cfg.train.autocast, dev)
+    autocast = functools.partial(autocast_in, dev, training_autocast_dtype(cfg.train.autocast, dev))
     sched = {"teacher_temp": cfg.teacher.teacher_temp, "momentum": cfg.teacher.momentum_teacher}
     student.train()
     if teacher is not None:

@@ -133,24 +133,27 @@ def test_compile_blocks_in_place_keeps_names_and_outputs():
         assert torch.allclose(a["x_norm_clstoken"], b["x_norm_clstoken"], atol=1e-6)
 
 
-def test_compile_blocks_gives_every_block_a_graph(monkeypatch):
+def test_compile_blocks_gives_every_block_a_graph():
     """Past dynamo's recompile limit (8) blocks would run eagerly; parallelize raises the limit.
 
     specialize_float=True makes each block's stochastic-depth rate a guarded constant, as seen on CUDA
     (torch 2.11: a 24-block ViT-L compiled 8 blocks), so 12 blocks need 12 graphs.
+
+    dynamo's own ``config.patch`` restores its settings: pytest's monkeypatch deletes ``recompile_limit`` on
+    undo (an alias of ``cache_size_limit`` in torch 2.14), which broke every later compile in the session.
     """
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "specialize_float", True)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    with torch._dynamo.config.patch(specialize_float=True, recompile_limit=8):
+        torch._dynamo.reset()
+        counters.clear()
+        model = vit_small(patch_size=PATCH, img_size=IMG, embed_dim=DIM, depth=12, num_heads=2, drop_path_rate=0.3)
+        parallelize(model, mesh=None, compile_blocks=True, compile_options={"backend": "aot_eager"})
+        model.train()
+        model(torch.randn(2, 3, IMG, IMG), is_training=True)
+        assert counters["stats"]["unique_graphs"] == 12
     torch._dynamo.reset()
-    counters.clear()
-    model = vit_small(patch_size=PATCH, img_size=IMG, embed_dim=DIM, depth=12, num_heads=2, drop_path_rate=0.3)
-    parallelize(model, mesh=None, compile_blocks=True, compile_options={"backend": "aot_eager"})
-    model.train()
-    model(torch.randn(2, 3, IMG, IMG), is_training=True)
-    assert counters["stats"]["unique_graphs"] == 12
-    torch._dynamo.reset()
+    assert torch._dynamo.config.recompile_limit >= 8  # still there for the tests that follow
 
 
 @pytest.mark.slow

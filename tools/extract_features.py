@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from dinoscale import distributed  # noqa: E402
 from dinoscale.data.datasets import open_dataset  # noqa: E402
+from dinoscale.device import resolve_device  # noqa: E402
 from dinoscale.eval.features import (  # noqa: E402
     add_backbone_args,
     backbone_from_args,

@@ -13,9 +13,7 @@ import functools
 import io
 import logging
 import math
-from contextlib import nullcontext
 from pathlib import Path
-from functools import lru_cache
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torchvision.transforms.v2 import functional as TF
 
 from dinoscale import distributed
+from dinoscale.device import autocast, inference_autocast_dtype, resolve_device
 from dinoscale.data.datasets import ImageFolderDataset, TransformedDataset, load_rgb
 
 logger = logging.getLogger(__name__)
@@ -115,67 +114,6 @@ class EvalTransform:
 def eval_transform(image_size: int, patch_size: int, crop_ratio: float = 224 / 256) -> EvalTransform:
     """The standard evaluation transform (see ``EvalTransform``)."""
     return EvalTransform(image_size, patch_size, crop_ratio=crop_ratio)
-
-
-# --------------------------------------------------------------------------------------
-# Precision
-# --------------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=1)
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
-    capability = ""
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-    except (AttributeError, RuntimeError):
-        pass
-    if "AMX" in capability.upper():
-        return True
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"avx512_bf16", "amx_bf16"} & flags)
-    except OSError:
-        pass
-    return False
-
-
-_DTYPE_NAMES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "none": torch.float32,
-}
-
-
-def resolve_autocast_dtype(device: torch.device, autocast_dtype: Any = None) -> Optional[torch.dtype]:
-    """Autocast dtype to use, or None for full fp32.
-
-    ``None`` picks the default: bf16 on a CPU with native bf16 support, fp32 on other CPUs,
-    bf16 on CUDA when supported else fp16. An explicit dtype (or "bf16"/"fp16"/"fp32")
-    overrides; fp32 disables autocast.
-    """
-    if isinstance(autocast_dtype, str):
-        key = autocast_dtype.lower()
-        if key not in _DTYPE_NAMES:
-            raise ValueError(f"unknown autocast dtype {autocast_dtype!r}; use one of {sorted(_DTYPE_NAMES)}")
-        autocast_dtype = _DTYPE_NAMES[key]
-    if autocast_dtype is None:
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu":
-            return torch.bfloat16 if cpu_supports_bf16() else None
-        return None
-    if autocast_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"autocast dtype must be float32, bfloat16 or float16, got {autocast_dtype}")
-    return None if autocast_dtype == torch.float32 else autocast_dtype
 
 
 # --------------------------------------------------------------------------------------
@@ -305,11 +243,6 @@ def _progress(iterable, total: Optional[int], enabled: bool, desc: str):
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
 
 
-def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
-    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op for full precision (None)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 @torch.inference_mode()
 def extract_outputs(
     model: torch.nn.Module,
@@ -343,7 +276,7 @@ def extract_outputs(
 
     model_device = _model_device(model)
     device = model_device if device is None else torch.device(device)
-    amp_dtype = resolve_autocast_dtype(device, autocast_dtype)
+    amp_dtype = inference_autocast_dtype(device, autocast_dtype)
     was_training = model.training
     moved = device != model_device
     if moved:
@@ -388,7 +321,7 @@ def extract_outputs(
             if images is None:
                 continue
             images = images.to(device, non_blocking=True)
-            with autocast_context(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 out = forward_fn(model, images)
             n_forwards += 1
             last_image = images[:1]
@@ -409,7 +342,7 @@ def extract_outputs(
                     "the model's collectives; use fewer ranks or fix the unreadable images"
                 )
             for _ in range(target - n_forwards):
-                with autocast_context(device, amp_dtype):
+                with autocast(device, amp_dtype):
                     forward_fn(model, last_image)
     finally:
         if moved:
@@ -672,16 +605,6 @@ def backbone_from_args(args) -> torch.nn.Module:
         overrides=args.override,
         model_kwargs=parse_model_args(args.model_arg),
     )
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def sample_names(dataset: Dataset, indices: torch.Tensor) -> List[str]:

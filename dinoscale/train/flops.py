@@ -53,6 +53,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from dinoscale.device import dtype_name as short_dtype_name
+
 __all__ = [
     "ZERO_FLOP_OPS",
     "FlopBreakdown",
@@ -424,7 +426,6 @@ GPU_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
     ("V100", {"fp16": 125e12, "fp32": 15.7e12}),  # no bf16 tensor cores: bf16 is measured
 ]
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _PROBE_SIZE = {"cpu": 2048, "cuda": 8192}
 _PROBE_REPEATS = 10  # best of 10: a shared machine rarely slows every run
 
@@ -503,9 +504,10 @@ def peak_flops(
     thread count and the dtype. ``refresh=True`` measures again.
     """
     device = torch.device(device)
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"peak_flops: dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")
-    dtype_name = _DTYPE_NAMES[dtype]
+    try:
+        dtype_name = short_dtype_name(dtype)
+    except ValueError as e:
+        raise ValueError(f"peak_flops: {e}") from None
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         entry = _gpu_table_entry(name, dtype_name)

@@ -6,7 +6,6 @@ process group) or where batches come from (``dinoscale.data.loader.build_pretrai
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,6 +17,7 @@ from omegaconf import DictConfig
 
 from dinoscale import checkpoint, distributed
 from dinoscale.cpu_malloc import keep_freed_memory
+from dinoscale.device import autocast as autocast_in, dtype_from_name, resolve_device, training_autocast_dtype
 from dinoscale.config import save_config
 from dinoscale.data.augment import photometric_collated
 from dinoscale.data.datasets import derive_seed, open_dataset
@@ -43,30 +43,6 @@ class TrainResult:
 
 class TooManyBadSteps(RuntimeError):
     """Training stopped after too many consecutive steps with a non-finite loss or gradient."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=cpu")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
-
-
-def autocast_context(mode: str, device: torch.device):
-    """``train.autocast``: auto (bf16 on CUDA, off on CPU) | none | bf16 | fp16."""
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "none"
-    if mode == "none":
-        return contextlib.nullcontext
-    if mode not in ("bf16", "fp16"):
-        raise ValueError(f"train.autocast must be auto, none, bf16 or fp16, got '{mode}'")
-    if mode == "fp16" and device.type != "cuda":
-        raise ValueError("train.autocast=fp16 needs CUDA (fp16 training needs a loss scaler; use bf16 on CPU)")
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    return partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
 def ensure_shards(cfg: DictConfig) -> None:
@@ -105,21 +81,15 @@ def build_data(cfg: DictConfig, method, *, patch_size: int, start_step: int):
     )
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def apply_parallelism(compute: DictConfig, student, teacher) -> None:
     """FSDP2 sharding (when a process group exists), activation checkpointing and compile, from ``compute:``."""
     from dinoscale.parallel import build_mesh, parallelize, parallelize_student_teacher
 
-    for key in ("param_dtype", "reduce_dtype"):
-        if compute[key] not in _DTYPES:
-            raise ValueError(f"compute.{key} must be one of {sorted(_DTYPES)}, got '{compute[key]}'")
     mesh = build_mesh(hybrid_shard=compute.hybrid_shard) if distributed.is_enabled() else None
     options = dict(
         mesh=mesh,
-        param_dtype=_DTYPES[compute.param_dtype],
-        reduce_dtype=_DTYPES[compute.reduce_dtype],
+        param_dtype=dtype_from_name(compute.param_dtype, what="compute.param_dtype"),
+        reduce_dtype=dtype_from_name(compute.reduce_dtype, what="compute.reduce_dtype"),
         reshard_after_forward=compute.reshard_after_forward,
         activation_checkpointing=compute.activation_checkpointing,
         compile_blocks=compute.compile,
@@ -134,12 +104,10 @@ def apply_parallelism(compute: DictConfig, student, teacher) -> None:
 
 def compute_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
     """The dtype the matmuls run in: the autocast dtype, else FSDP's param_dtype when sharded, else fp32."""
-    mode = cfg.train.autocast
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "none"
-    if mode in ("bf16", "fp16"):
-        return _DTYPES[mode]
-    return _DTYPES[cfg.compute.param_dtype] if distributed.is_enabled() else torch.float32
+    dtype = training_autocast_dtype(cfg.train.autocast, device)
+    if dtype is not None:
+        return dtype
+    return dtype_from_name(cfg.compute.param_dtype) if distributed.is_enabled() else torch.float32
 
 
 def build_throughput_meter(cfg: DictConfig, method, student, teacher, device: torch.device):
@@ -243,7 +211,7 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
         output_dir, total_steps=max_steps, log_every=cfg.train.log_every, tensorboard=cfg.train.tensorboard,
         enabled=rank == 0, start_step=start_step,
     )
-    autocast = autocast_context(cfg.train.autocast, device)
+    autocast = partial(autocast_in, device, training_autocast_dtype(cfg.train.autocast, device))
     batches = iter(build_data(cfg, method, patch_size=student["backbone"].patch_size, start_step=start_step))
 
     # Skipped steps are decided on the device; the host reads them only at log and checkpoint steps.

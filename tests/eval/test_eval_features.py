@@ -12,8 +12,8 @@ from dinoscale.eval.features import (
     EvalTransform,
     eval_transform,
     extract_features,
-    resolve_autocast_dtype,
 )
+from dinoscale.device import inference_autocast_dtype
 
 
 class TinyTokenModel(torch.nn.Module):
@@ -136,11 +136,11 @@ def test_eval_transform_inputs_and_sizes():
 
 def test_autocast_resolution():
     cpu = torch.device("cpu")
-    assert resolve_autocast_dtype(cpu, torch.float32) is None
-    assert resolve_autocast_dtype(cpu, "bf16") == torch.bfloat16
-    assert resolve_autocast_dtype(cpu, None) in (None, torch.bfloat16)
-    with pytest.raises(ValueError, match="unknown autocast dtype"):
-        resolve_autocast_dtype(cpu, "int8")
+    assert inference_autocast_dtype(cpu, torch.float32) is None
+    assert inference_autocast_dtype(cpu, "bf16") == torch.bfloat16
+    assert inference_autocast_dtype(cpu, None) in (None, torch.bfloat16)
+    with pytest.raises(ValueError, match="autocast dtype must be one of"):
+        inference_autocast_dtype(cpu, "int8")
 
 
 def _free_port():

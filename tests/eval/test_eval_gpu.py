@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from dinoscale import hub
-from dinoscale.eval.features import extract_features, resolve_autocast_dtype
+from dinoscale.device import inference_autocast_dtype
+from dinoscale.eval.features import extract_features
 from dinoscale.eval.knn import knn_classify
 from dinoscale.eval.linear import train_linear_probes
 
@@ -19,7 +20,7 @@ def test_cuda_extraction_autocast_knn_and_probe_match_cpu():
     images = torch.randn(40, 3, 28, 28, generator=g)
     ds = list(zip(images, (torch.arange(40) % 4).tolist()))
     cpu = extract_features(model, ds, batch_size=16, autocast_dtype="fp32", progress=False)
-    assert resolve_autocast_dtype(torch.device("cuda")) in (torch.bfloat16, torch.float16)
+    assert inference_autocast_dtype(torch.device("cuda")) in (torch.bfloat16, torch.float16)
     gpu = extract_features(model, ds, batch_size=16, device="cuda", progress=False)  # default autocast
     assert gpu["cls"].device.type == "cpu" and gpu["cls"].dtype == torch.float32
     assert next(model.parameters()).device.type == "cpu"  # moved back after the pass
