@@ -41,24 +41,19 @@ log = logging.getLogger("dinoscale.launch")
 DEFAULT_MAX_REQUEUES = 20
 
 
-def master_port_for_job(job_id: str) -> int:
-    """A TCP port in [20000, 30000) derived from the job id, identical on every task of the job.
-
-    Deriving it (rather than picking a free one) needs no communication, and two jobs sharing a
-    node get different ports unless their ids collide modulo 10000.
-    """
-    digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
-    return 20000 + int(digits) % 10000
-
-
 def export_torch_distributed_env(env: submitit.JobEnvironment) -> dict[str, str]:
     """Set the torchrun-style variables from submitit's job environment; returns what was set.
 
     ``MASTER_ADDR`` is the first host of the job (rank 0 runs there: SLURM and submitit's local
     executor both give the lowest ranks to the first node). Values already present in the
     environment for ``MASTER_ADDR``/``MASTER_PORT`` are kept, so a cluster that needs a specific
-    interface or port can export them in the job's setup.
+    interface or port can export them in the job's setup. The port is
+    :func:`dinoscale.distributed.master_port_for_job`, the rule a plain ``srun`` launch uses too.
     """
+    # Imported on the task, like the trainer in TrainingJob.__call__: tools/submit.py imports this
+    # module on the submitting host, which needs neither torch nor the trainer.
+    from dinoscale import distributed
+
     tasks_per_node = max(1, env.num_tasks // max(1, env.num_nodes))
     values = {
         "RANK": str(env.global_rank),
@@ -67,7 +62,7 @@ def export_torch_distributed_env(env: submitit.JobEnvironment) -> dict[str, str]
         "LOCAL_WORLD_SIZE": str(tasks_per_node),
         "GROUP_RANK": str(env.node),
         "MASTER_ADDR": os.environ.get("MASTER_ADDR") or env.hostnames[0],
-        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(master_port_for_job(env.job_id)),
+        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(distributed.master_port_for_job(env.job_id)),
     }
     os.environ.update(values)
     return values
@@ -145,6 +140,7 @@ class TrainingJob:
                 f"requeue_count={self.requeue_count}/{self.max_requeues})")
 
     def __call__(self):
+        # On the task only (see export_torch_distributed_env).
         from dinoscale import distributed
         from dinoscale.config import load_config
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dinoscale.launch import StopFlag, TrainingJob, export_torch_distributed_env, master_port_for_job
+from dinoscale.distributed import dist_info_from_env, master_port_for_job
+from dinoscale.launch import StopFlag, TrainingJob, export_torch_distributed_env
 
 REPO = Path(__file__).resolve().parents[1]
 SUBMIT = REPO / "tools" / "submit.py"
@@ -208,8 +209,25 @@ def test_distributed_env_from_submitit_environment(monkeypatch):
     environ.update(MASTER_ADDR="10.0.0.1", MASTER_PORT="29500")
     assert export_torch_distributed_env(FakeEnv())["MASTER_ADDR"] == "10.0.0.1"
     assert environ["MASTER_PORT"] == "29500"
-    assert 20000 <= master_port_for_job("987654321") < 30000
-    assert master_port_for_job("77_3") == master_port_for_job("77_3")
+
+
+@pytest.mark.parametrize("job_id", ["7", "14999", "15000", "123456", "987654321"])
+def test_submitit_and_srun_launches_derive_the_same_port(monkeypatch, job_id):
+    """One job-id-to-port rule: the port submitit's tasks export is the one a plain srun step derives."""
+
+    class FakeEnv:
+        global_rank, num_tasks, local_rank, num_nodes, node = 0, 2, 0, 2, 0
+        hostnames = ["n1", "n2"]
+
+    FakeEnv.job_id = job_id
+    environ = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    monkeypatch.setattr(os, "environ", environ)
+    exported = int(export_torch_distributed_env(FakeEnv())["MASTER_PORT"])
+    srun_step = {"SLURM_JOB_ID": job_id, "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                 "SLURM_NTASKS": "2", "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_JOB_NODELIST": "n[1-2]"}
+    derived = dist_info_from_env(srun_step, use_scontrol=False).master_port
+    assert exported == derived == master_port_for_job(job_id)
+    assert 15000 <= exported < 30000
 
 
 # ---------------------------------------------------------------------------------------------

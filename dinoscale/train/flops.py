@@ -53,6 +53,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from dinoscale import distributed
 from dinoscale.device import dtype_name as short_dtype_name
 
 __all__ = [
@@ -189,14 +190,8 @@ def _without_collectives() -> Iterator[None]:
     search is then counted over the local batch only (a few thousand multiply-adds). As a result the count
     needs no other rank: it may run on one rank only.
     """
-    from dinoscale import distributed
-
-    original = distributed.is_enabled
-    distributed.is_enabled = lambda: False
-    try:
+    with distributed.hide_process_group():
         yield
-    finally:
-        distributed.is_enabled = original
 
 
 @contextlib.contextmanager
