@@ -38,7 +38,8 @@ if str(REPO) not in sys.path:
 from dinoscale.cpu_malloc import keep_freed_memory  # noqa: E402
 from dinoscale.hub import load_state_dict_any  # noqa: E402
 from dinoscale.models import vit  # noqa: E402
-from dinoscale.train.flops import count_forward_flops, peak_flops  # noqa: E402
+from dinoscale.train.perf.flops import count_forward_flops  # noqa: E402
+from dinoscale.train.perf.peak import peak_flops  # noqa: E402
 
 PATCH = 14
 GLOBAL_SIZE, N_GLOBAL = 224, 2
@@ -102,7 +103,7 @@ class _MultiCrop(torch.nn.Module):
 
 
 def step_flops(model, crops) -> float:
-    """FLOPs of one forward + backward (backward = 2 x forward; see dinoscale.train.flops)."""
+    """FLOPs of one forward + backward (backward = 2 x forward; see dinoscale.train.perf.flops)."""
     return 3 * count_forward_flops(_MultiCrop(model), *crops)
 
 

@@ -72,7 +72,7 @@ if [[ $DRY_RUN -eq 1 ]]; then
     # The CPU side: the benchmark's arguments parse and the gpu tests are collected.
     "$PYTHON" benchmarks/train_step.py --help > /dev/null
     "$PYTHON" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests/models/test_attention.py \
-        tests/train/test_flops.py | tee -a "$OUT/summary.txt"
+        tests/train/perf/test_meter.py | tee -a "$OUT/summary.txt"
 else
     {
         echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"

@@ -1,4 +1,4 @@
-"""FLOPs of one training step, the hardware's peak, and the model FLOPs utilisation (MFU) in between.
+"""FLOPs of one training step, counted by tracing the method once with fvcore.
 
 Convention: **1 multiply-add = 2 FLOPs**. fvcore counts one multiply-add as one "flop"; every figure here is
 fvcore's count times 2. What is counted (dense-algebra FLOPs, the usual basis of MFU):
@@ -23,51 +23,34 @@ backward through everything that is not the teacher. The backward is counted as 
     step = 3 * (forward FLOPs outside the teacher) + teacher forward FLOPs
 
 The count comes from tracing the method once with fvcore (``FlopCountAnalysis``), on this rank's batch, so
-it is the FLOPs *per optimizer step for this rank*. Usage in a training loop (count before FSDP wraps the
-networks; :func:`throughput_meter` does both look-ups and returns None if the step cannot be traced)::
-
-    flops = step_flops(method, student, teacher, example_batch(method, patch_size, batch_size, device=device))
-    peak, source = peak_flops(device, torch.bfloat16)
-    meter = ThroughputMeter(flops, peak, window=log_every)
-    ...
-    meter.update()                  # after every optimizer step
-    stats = meter.stats()           # {"tflops_per_s": ..., "mfu": ...} over the last log_every steps
+it is the FLOPs *per optimizer step for this rank* (count before FSDP wraps the networks). The hardware's
+peak comes from :mod:`dinoscale.train.perf.peak`, the MFU from :mod:`dinoscale.train.perf.meter`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
-import os
-import platform
 import random
-import time
 import warnings
-from collections import deque
 from math import prod
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from dinoscale import distributed
-from dinoscale.device import dtype_name as short_dtype_name
 
 __all__ = [
     "ZERO_FLOP_OPS",
     "FlopBreakdown",
-    "ThroughputMeter",
     "clear_flops_cache",
     "count_forward_flops",
     "example_batch",
     "flops_breakdown",
-    "peak_flops",
     "sdpa_flop_jit",
     "step_flops",
-    "throughput_meter",
 ]
 
 log = logging.getLogger("dinoscale")
@@ -182,19 +165,6 @@ def _traceable(modules: list[nn.Module]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _without_collectives() -> Iterator[None]:
-    """Make ``dinoscale.distributed`` report a single process while the step is traced.
-
-    The JIT tracer cannot record collectives. The method's all-reduces and gathers (loss centers, Sinkhorn
-    sums, KoLeo's gathered neighbour search) change values, not this rank's FLOPs, except that the KoLeo
-    search is then counted over the local batch only (a few thousand multiply-adds). As a result the count
-    needs no other rank: it may run on one rank only.
-    """
-    with distributed.hide_process_group():
-        yield
-
-
-@contextlib.contextmanager
 def _no_side_effects(modules: list[nn.Module], tensors: list[torch.Tensor]) -> Iterator[None]:
     """Run the traced forward without changing training: RNG streams and every buffer of ``modules`` (loss
     centers, batch-norm running statistics) are restored; parameters cannot change under ``no_grad``."""
@@ -302,8 +272,8 @@ def flops_breakdown(
     """Per-part FLOPs of one training step on ``batch`` (see the module docstring); cached like :func:`step_flops`.
 
     Runs the method's forward once under ``torch.no_grad`` (on the batch's device), with the RNG state and the
-    method's buffers (loss centers) restored afterwards, and collectives turned off (see
-    :func:`_without_collectives`), so it may be called on any subset of ranks.
+    method's buffers (loss centers) restored afterwards, and collectives turned off
+    (:func:`dinoscale.distributed.hide_process_group`), so it may be called on any subset of ranks.
     """
     key = _cache_key(method, student, teacher, batch)
     if use_cache and key in _CACHE:
@@ -315,7 +285,12 @@ def flops_breakdown(
     sched = _default_sched(method) if sched is None else sched
     wrapper = _Step(method, student, teacher, batch, keys, sched)
     nets = [student] + ([teacher] if teacher is not None else [])
-    with _traceable(nets), _no_side_effects([method, *nets], tensors), _without_collectives(), warnings.catch_warnings():
+    # No collectives while tracing: the JIT tracer cannot record them. The method's all-reduces and gathers
+    # (loss centers, Sinkhorn sums, KoLeo's gathered neighbour search) change values, not this rank's FLOPs,
+    # except that the KoLeo search is then counted over the local batch only (a few thousand multiply-adds).
+    # As a result the count needs no other rank: it may run on one rank only.
+    with _traceable(nets), _no_side_effects([method, *nets], tensors), distributed.hide_process_group(), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about data-dependent Python values
         fa = _analysis(wrapper, tuple(tensors))
         try:
@@ -398,194 +373,3 @@ def example_batch(
             v = v.to(device)
         out[k] = v
     return out
-
-
-# ----------------------------------------------------------------------------------------------- peak FLOP/s
-
-# Dense (no sparsity) tensor-core figures from NVIDIA's data sheets, FLOP/s. "tf32" is used for float32
-# when TF32 matmuls are allowed (torch.backends.cuda.matmul), "fp32" otherwise. Matched in order, so more
-# specific names come first.
-GPU_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H200 NVL", {"bf16": 835.5e12, "fp16": 835.5e12, "tf32": 417.5e12, "fp32": 60e12}),
-    ("H200", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12}),
-    ("GH200", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12}),
-    ("H100 NVL", {"bf16": 835.5e12, "fp16": 835.5e12, "tf32": 417.5e12, "fp32": 60e12}),
-    ("H100 PCIe", {"bf16": 756.5e12, "fp16": 756.5e12, "tf32": 378e12, "fp32": 51.2e12}),
-    ("H100", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12}),  # SXM (HBM3)
-    ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
-    ("L40S", {"bf16": 362.05e12, "fp16": 362.05e12, "tf32": 183e12, "fp32": 91.6e12}),
-    ("L40", {"bf16": 181e12, "fp16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12}),
-    ("L4", {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
-    ("A40", {"bf16": 149.7e12, "fp16": 149.7e12, "tf32": 74.8e12, "fp32": 37.4e12}),
-    ("A10", {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
-    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),  # no bf16 tensor cores: bf16 is measured
-]
-
-_PROBE_SIZE = {"cpu": 2048, "cuda": 8192}
-_PROBE_REPEATS = 10  # best of 10: a shared machine rarely slows every run
-
-
-def default_cache_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dinoscale" / "peak_flops.json"
-
-
-def _gpu_table_entry(name: str, dtype_name: str) -> tuple[float, str] | None:
-    if dtype_name == "fp32" and torch.get_float32_matmul_precision() != "highest":
-        dtype_name = "tf32"
-    for pattern, figures in GPU_PEAK_FLOPS:
-        # word match, so that "A100" is not taken for "A10" and "L40S" not for "L4"
-        tokens = name.replace("-", " ").split()
-        words = pattern.split()
-        if any(tokens[i : i + len(words)] == words for i in range(len(tokens))) and dtype_name in figures:
-            return figures[dtype_name], f"table: {name}, dense {dtype_name}"
-    return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
-
-
-def _measure_matmul(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> float:
-    """Best FLOP/s of an ``n x n @ n x n`` matmul over ``repeats`` timed runs (after one warm-up)."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.matmul(a, b)
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_cache(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)  # atomic: ranks probing at once never leave a half-written file
-
-
-def peak_flops(
-    device: torch.device | str,
-    dtype: torch.dtype = torch.bfloat16,
-    *,
-    cache_path: str | os.PathLike | None = None,
-    refresh: bool = False,
-) -> tuple[float, str]:
-    """Peak dense matmul FLOP/s of ``device`` for ``dtype``, and where the figure comes from.
-
-    Known GPUs (by ``torch.cuda.get_device_name``) come from ``GPU_PEAK_FLOPS``. Anything else -- CPUs
-    included -- is measured once with a square matmul (2048 on CPU, 8192 on GPU; best of 10) and cached in
-    ``cache_path`` (default ``~/.cache/dinoscale/peak_flops.json``) under the CPU model (or GPU name), the
-    thread count and the dtype. ``refresh=True`` measures again.
-    """
-    device = torch.device(device)
-    try:
-        dtype_name = short_dtype_name(dtype)
-    except ValueError as e:
-        raise ValueError(f"peak_flops: {e}") from None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        entry = _gpu_table_entry(name, dtype_name)
-        if entry is not None:
-            return entry
-        key = f"cuda|{name}|{dtype_name}"
-    elif device.type == "cpu":
-        key = f"cpu|{_cpu_model()}|threads={torch.get_num_threads()}|{dtype_name}"
-    else:
-        raise ValueError(f"peak_flops: unsupported device type '{device.type}' (cpu or cuda)")
-    path = Path(cache_path) if cache_path is not None else default_cache_path()
-    cache = _read_cache(path)
-    if not refresh and isinstance(cache.get(key), (int, float)) and cache[key] > 0:
-        return float(cache[key]), f"measured (cached in {path}): {key}"
-    n = _PROBE_SIZE[device.type]
-    value = _measure_matmul(device, dtype, n, _PROBE_REPEATS)
-    cache = _read_cache(path)  # another process may have written meanwhile
-    cache[key] = value
-    _write_cache(path, cache)
-    return value, f"measured now ({n}^3 matmul, best of {_PROBE_REPEATS}; cached in {path}): {key}"
-
-
-# ------------------------------------------------------------------------------------------------ throughput
-
-
-class ThroughputMeter:
-    """Achieved FLOP/s and MFU over the last ``window`` optimizer steps.
-
-    ``flops_per_step``: from :func:`step_flops` (this rank). ``peak_flops_per_s``: from :func:`peak_flops` (one
-    device). ``mfu = flops_per_step * steps / seconds / peak_flops_per_s``. Time is host wall time between
-    :meth:`update` calls; in a loop with one host sync per step it tracks the device. Nothing is read from the
-    device. With ``window = log_every`` the figures cover the same steps as the logger's images/s.
-    """
-
-    def __init__(self, flops_per_step: float, peak_flops_per_s: float, *, window: int = 10) -> None:
-        if not flops_per_step > 0:
-            raise ValueError(f"flops_per_step must be > 0, got {flops_per_step}")
-        if not peak_flops_per_s > 0:
-            raise ValueError(f"peak_flops_per_s must be > 0, got {peak_flops_per_s}")
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        self.flops_per_step = float(flops_per_step)
-        self.peak_flops_per_s = float(peak_flops_per_s)
-        # Times of the last window + 1 step ends; the first entry is the meter's creation.
-        self._times: deque[float] = deque([time.perf_counter()], maxlen=window + 1)
-
-    def restart(self) -> None:
-        """Forget the window: time from now on (e.g. when the loop starts, or after a checkpoint or an evaluation,
-        whose time is not training's)."""
-        self._times = deque([time.perf_counter()], maxlen=self._times.maxlen)
-
-    def update(self) -> None:
-        """Mark the end of one optimizer step."""
-        self._times.append(time.perf_counter())
-
-    def stats(self) -> dict[str, float]:
-        """``{"tflops_per_s", "mfu"}`` over the steps in the window (zeros before the first step)."""
-        steps = len(self._times) - 1
-        elapsed = self._times[-1] - self._times[0]
-        if steps == 0 or elapsed <= 0:
-            return {"tflops_per_s": 0.0, "mfu": 0.0}
-        achieved = self.flops_per_step * steps / elapsed
-        return {"tflops_per_s": achieved / 1e12, "mfu": achieved / self.peak_flops_per_s}
-
-
-def throughput_meter(
-    method: nn.Module,
-    student: nn.Module,
-    teacher: nn.Module | None,
-    batch: Mapping[str, Any],
-    *,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    window: int = 10,
-) -> ThroughputMeter | None:
-    """:class:`ThroughputMeter` for a run: counts the step (:func:`step_flops`, on unsharded networks) and looks up
-    the peak (:func:`peak_flops`). Returns None, with a warning, when either fails: a metric must not stop a run.
-    """
-    try:
-        flops = step_flops(method, student, teacher, batch)
-        peak, source = peak_flops(device, dtype)
-    except (RuntimeError, ValueError, OSError) as exc:
-        log.warning("no tflops_per_s / mfu in the logs: %s", exc)
-        return None
-    log.info("FLOPs per step and rank: %.4g; peak: %.4g FLOP/s (%s)", flops, peak, source)
-    return ThroughputMeter(flops, peak, window=window)
