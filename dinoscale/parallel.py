@@ -27,6 +27,8 @@ this rank's shard: create the optimizer *after* :func:`parallelize`, and update 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
@@ -185,24 +187,16 @@ def parallelize(
 
 
 def parallelize_student_teacher(
-    student: nn.ModuleDict,
-    teacher: nn.ModuleDict,
-    *,
-    mesh: DeviceMesh | None,
-    param_dtype: torch.dtype | None = None,
-    reduce_dtype: torch.dtype | None = torch.float32,
-    reshard_after_forward: bool = True,
-    activation_checkpointing: bool = False,
-    compile_blocks: bool = False,
-    compile_options: dict | None = None,
+    student: nn.ModuleDict, teacher: nn.ModuleDict, **options: Any
 ) -> tuple[nn.ModuleDict, nn.ModuleDict]:
     """:func:`parallelize` every entry (backbone, heads) of the student and of the EMA teacher.
 
-    The student gets the options as given (activation checkpointing only where there are blocks,
-    i.e. the backbone). The teacher never needs gradients: its parameters are
-    frozen, it is never activation-checkpointed and always reshards right after its forward
-    (nothing of it is needed again until the next step). Both are sharded over the same mesh in
-    the same way, so an EMA update can run shard by shard on ``p.to_local()``.
+    ``options`` are :func:`parallelize`'s keyword arguments (``mesh`` is required). The student gets
+    them as given (activation checkpointing only where there are blocks, i.e. the backbone). The
+    teacher never needs gradients: its parameters are frozen, it is never activation-checkpointed
+    and always reshards right after its forward (nothing of it is needed again until the next
+    step). Both are sharded over the same mesh in the same way, so an EMA update can run shard by
+    shard on ``p.to_local()``.
     """
     for name, d in (("student", student), ("teacher", teacher)):
         if not isinstance(d, nn.ModuleDict):
@@ -212,28 +206,16 @@ def parallelize_student_teacher(
             f"student and teacher have different parts: student {sorted(student.keys())}, "
             f"teacher {sorted(teacher.keys())}"
         )
+    activation_checkpointing = options.pop("activation_checkpointing", False)
     for key in student.keys():
         parallelize(
             student[key],
-            mesh=mesh,
-            param_dtype=param_dtype,
-            reduce_dtype=reduce_dtype,
-            reshard_after_forward=reshard_after_forward,
+            **options,
             # heads have no blocks to checkpoint; their activations are small
             activation_checkpointing=activation_checkpointing and _blocks(student[key]) is not None,
-            compile_blocks=compile_blocks,
-            compile_options=compile_options,
         )
+    teacher_options = {**options, "reshard_after_forward": True}
     for key in teacher.keys():
         teacher[key].requires_grad_(False)
-        parallelize(
-            teacher[key],
-            mesh=mesh,
-            param_dtype=param_dtype,
-            reduce_dtype=reduce_dtype,
-            reshard_after_forward=True,
-            activation_checkpointing=False,
-            compile_blocks=compile_blocks,
-            compile_options=compile_options,
-        )
+        parallelize(teacher[key], **teacher_options, activation_checkpointing=False)
     return student, teacher
