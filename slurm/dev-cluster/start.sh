@@ -248,6 +248,7 @@ import os, subprocess, torch, torch.distributed as dist
 rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
 hosts = subprocess.check_output(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], text=True).split()
 os.environ["MASTER_ADDR"] = hosts[0]
+# The port of dinoscale.distributed.master_port_for_job, written out: this check needs torch only.
 os.environ["MASTER_PORT"] = str(15000 + int(os.environ["SLURM_JOB_ID"]) % 15000)
 dist.init_process_group("gloo", rank=rank, world_size=world)
 t = torch.tensor([rank + 1.0])
