@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from dinoscale.device import cpu_supports_bf16, inference_autocast_dtype  # noqa: E402
 from dinoscale.eval.features import extract_features  # noqa: E402
-from dinoscale.models import vit  # noqa: E402
+from dinoscale.models.factory import build_backbone  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    model = getattr(vit, args.arch)(patch_size=14, img_size=518).eval()
+    model = build_backbone(args.arch, patch_size=14, img_size=518).eval()
     images = torch.rand(args.images, 3, args.size, args.size)
     data = TensorDataset(images, torch.zeros(args.images, dtype=torch.long))
     default = inference_autocast_dtype(torch.device("cpu"))

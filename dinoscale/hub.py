@@ -31,7 +31,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from dinoscale.models.vit import DinoVisionTransformer, resample_pos_embed, vit_base, vit_giant2, vit_large, vit_small
+from dinoscale.models.factory import build_backbone
+from dinoscale.models.vit import DinoVisionTransformer, resample_pos_embed
 
 logger = logging.getLogger(__name__)
 
@@ -473,7 +474,7 @@ def load_state_dict_any(
 
 # --------------------------------------------------------------------------------------------- named models
 
-_ARCHS = {"s": vit_small, "b": vit_base, "l": vit_large, "g": vit_giant2}
+_ARCHS = {"s": "vit_small", "b": "vit_base", "l": "vit_large", "g": "vit_giant2"}
 
 
 def official_weights_url(name: str) -> str:
@@ -500,7 +501,7 @@ def _make_dinov2(name: str, weights: str | os.PathLike | Mapping | None, kwargs:
         interpolate_offset=0.0 if registers else 0.1,
     )
     params.update(kwargs)
-    model = _ARCHS[m.group(1)](**params)
+    model = build_backbone(_ARCHS[m.group(1)], **params)
     if weights is not None:
         if isinstance(weights, str) and weights == "official":
             weights = official_weights_url(name)

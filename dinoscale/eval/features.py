@@ -25,6 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 from dinoscale import distributed
 from dinoscale.device import autocast, inference_autocast_dtype, resolve_device
 from dinoscale.data.datasets import ImageFolderDataset, TransformedDataset, load_rgb
+from dinoscale.models.factory import ARCHS, build_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -547,7 +548,6 @@ def load_backbone(
     (official DINOv2 .pth, timm, Hugging Face, dinoscale checkpoints).
     """
     from dinoscale import hub
-    from dinoscale.models import vit
 
     model_kwargs = dict(model_kwargs or {})
     if weights is not None and Path(weights).is_dir() and (Path(weights) / "config.yaml").is_file():
@@ -558,7 +558,6 @@ def load_backbone(
         if arch is not None:
             raise ValueError("give either an arch or a config, not both")
         from dinoscale.config import load_config
-        from dinoscale.methods.dinov2 import build_backbone
 
         cfg = load_config(config, overrides)
         model = build_backbone(cfg.model, drop_path_rate=0.0)
@@ -566,14 +565,14 @@ def load_backbone(
             hub.load_state_dict_any(model, weights)
     elif arch in hub.MODELS:
         model = hub.load(arch, weights=weights, **model_kwargs)
-    elif arch in ("vit_small", "vit_base", "vit_large", "vit_giant2"):
-        model = getattr(vit, arch)(**model_kwargs)
+    elif arch in ARCHS:
+        model = build_backbone(arch, **model_kwargs)
         if weights is not None:
             hub.load_state_dict_any(model, weights)
     elif arch is None:
         raise ValueError("no backbone given: pass an arch (e.g. dinov2_vits14), a config, or a run directory")
     else:
-        known = sorted(hub.MODELS) + ["vit_base", "vit_giant2", "vit_large", "vit_small"]
+        known = sorted(hub.MODELS) + sorted(ARCHS)
         raise ValueError(f"unknown arch {arch!r}; choose one of {known}")
     model.eval()
     for p in model.parameters():

@@ -506,35 +506,3 @@ class DinoVisionTransformer(nn.Module):
             tokens = blk(tokens)
         last = self.blocks[-1]
         return last.attn.attention_probs(last.norm1(tokens))
-
-
-def _build(defaults: dict, patch_size: int, num_register_tokens: int, kwargs: dict) -> DinoVisionTransformer:
-    # kwargs override the size presets (e.g. depth=2 for a fast test of the giant layout).
-    return DinoVisionTransformer(
-        **{**defaults, "patch_size": patch_size, "num_register_tokens": num_register_tokens, **kwargs}
-    )
-
-
-def vit_small(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    """ViT-S: embed_dim 384, depth 12, 6 heads, MLP ratio 4."""
-    return _build(dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4), patch_size, num_register_tokens, kwargs)
-
-
-def vit_base(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    """ViT-B: embed_dim 768, depth 12, 12 heads, MLP ratio 4."""
-    return _build(dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4), patch_size, num_register_tokens, kwargs)
-
-
-def vit_large(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    """ViT-L: embed_dim 1024, depth 24, 16 heads, MLP ratio 4."""
-    return _build(dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4), patch_size, num_register_tokens, kwargs)
-
-
-def vit_giant2(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    """ViT-g/2 (DINOv2's giant): embed_dim 1536, depth 40, 24 heads (head dim 64), SwiGLU FFN, MLP ratio 4."""
-    return _build(
-        dict(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=4, ffn_layer="swiglufused"),
-        patch_size,
-        num_register_tokens,
-        kwargs,
-    )

@@ -152,7 +152,7 @@ def test_image_folder_skip_in_library_path(tmp_path):
 def test_load_backbone_from_config_and_run_directory(tmp_path):
     from dinoscale.checkpoint import save_backbone
     from dinoscale.config import load_config, save_config
-    from dinoscale.methods.dinov2 import build_backbone
+    from dinoscale.models.factory import build_backbone
 
     overrides = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8", "model.img_size=32"]
     cfg = load_config(None, overrides)
