@@ -32,14 +32,13 @@ from urllib.parse import urlparse
 import torch
 
 from dinoscale.models.factory import build_backbone
+from dinoscale.parallel import strip_wrapper_prefixes
 from dinoscale.models.vit import DinoVisionTransformer, resample_pos_embed
 
 logger = logging.getLogger(__name__)
 
 DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 
-# Path components added by wrappers (DDP, torch.compile, FSDP, activation checkpointing); never part of a name.
-_WRAPPER_COMPONENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 # Keys that mark the root of a backbone in the official/timm and in the Hugging Face layouts.
 _BACKBONE_MARKERS = ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight")
 _MAX_LISTED = 12
@@ -199,11 +198,11 @@ def flatten_state_dict(obj: Mapping, prefix: str = "") -> dict[str, torch.Tensor
     return flat
 
 
-def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_wrapper_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop ``module.``, ``_orig_mod.`` and FSDP/checkpoint-wrapper components anywhere in the keys."""
     out = {}
     for key, value in state_dict.items():
-        new_key = ".".join(part for part in key.split(".") if part not in _WRAPPER_COMPONENTS)
+        new_key = strip_wrapper_prefixes(key)
         if new_key in out:
             raise WeightsLoadError(f"keys collide after removing wrapper prefixes: {new_key!r}")
         out[new_key] = value
@@ -439,7 +438,7 @@ def load_state_dict_any(
         raw, source = read_checkpoint(obj_or_path, weights_only=weights_only), str(obj_or_path)
     if not isinstance(raw, Mapping):
         raise WeightsLoadError(f"{source} holds a {type(raw).__name__}, not a state dict")
-    flat = strip_wrapper_prefixes(flatten_state_dict(raw))
+    flat = strip_wrapper_keys(flatten_state_dict(raw))
     if not flat:
         raise WeightsLoadError(f"{source} contains no tensors")
     backbone, prefix = select_backbone(flat)

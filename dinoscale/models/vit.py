@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from dinoscale.models.attention import Attention, scaled_linear
 
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
+# Learned tokens and the position embedding: part of the input embedding, never weight-decayed.
+_TOKEN_PARAMS = ("cls_token", "pos_embed", "mask_token", "register_tokens")
 
 
 class PatchEmbed(nn.Module):
@@ -355,6 +357,23 @@ class DinoVisionTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, (nn.LayerNorm, LayerScale)):
                 m.reset_parameters()
+
+    # ------------------------------------------------------------------ optimizer metadata
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay: the learned tokens, the position embedding and every 1-d parameter
+        (biases, LayerNorm and LayerScale weights)."""
+        return {name for name, p in self.named_parameters() if name in _TOKEN_PARAMS or p.ndim <= 1}
+
+    def layer_id(self, name: str) -> int:
+        """Depth of parameter ``name`` for layer-wise lr decay: 0 for the patch embedding and the tokens,
+        ``i + 1`` for ``blocks.i``, ``n_blocks + 1`` for what comes after the blocks (the final norm)."""
+        root, _, rest = name.partition(".")
+        if root == "patch_embed" or root in _TOKEN_PARAMS:
+            return 0
+        if root == "blocks":
+            return int(rest.partition(".")[0]) + 1
+        return self.n_blocks + 1
 
     # ------------------------------------------------------------------ tokens
 

@@ -58,6 +58,16 @@ def test_constructor_hyperparameters_and_layout(arch, dim, depth, heads):
     assert model.blocks[0].norm1.eps == 1e-6 and model.norm.eps == 1e-6
 
 
+def test_optimizer_metadata():
+    model = tiny(num_register_tokens=2)
+    decayed = {name for name, _ in model.named_parameters()} - model.no_weight_decay()
+    assert decayed == {"patch_embed.proj.weight"} | {
+        f"blocks.{i}.{layer}.weight" for i in range(2) for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    }
+    names = ["register_tokens", "patch_embed.proj.bias", "blocks.0.norm1.weight", "blocks.1.ls2.gamma", "norm.weight"]
+    assert [model.layer_id(n) for n in names] == [0, 0, 1, 2, 3]
+
+
 def test_swiglu_hidden_rounding():
     assert swiglu_hidden_features(4 * 1536) == 4096
     assert swiglu_hidden_features(4 * 32) == 88  # int(128 * 2/3) = 85 -> 88
