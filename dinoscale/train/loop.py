@@ -364,7 +364,8 @@ def export_network(network: torch.nn.Module, export_dir: Path, name: str) -> Non
 
 def evaluate_knn(cfg: DictConfig, backbone: torch.nn.Module, device: torch.device) -> dict[str, float]:
     """Weighted cosine kNN of ``backbone``'s CLS features on the configured labeled datasets."""
-    from dinoscale.eval.features import eval_transform, extract_features
+    from dinoscale.eval.extract import extract_features
+    from dinoscale.eval.transforms import eval_transform
     from dinoscale.eval.knn import knn_classify
 
     ev = cfg.evaluation

@@ -12,7 +12,9 @@ from PIL import Image
 
 from dinoscale import hub
 from dinoscale.data.datasets import FashionMNIST, ImageFolderDataset, open_dataset
-from dinoscale.eval.features import eval_transform, extract_features, load_backbone
+from dinoscale.eval.backbones import load_backbone
+from dinoscale.eval.extract import extract_features
+from dinoscale.eval.transforms import eval_transform
 from dinoscale.eval.knn import knn_classify
 
 REPO = Path(__file__).resolve().parents[2]
