@@ -41,6 +41,7 @@ __all__ = [
     "step_unless_",
 ]
 
+
 class _MetadataOwner(NamedTuple):
     """A submodule that declares its optimizer metadata, with its name prefix (wrapper components removed)."""
 
