@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:
 
 from dinoscale.cpu_malloc import keep_freed_memory  # noqa: E402
 from dinoscale.hub import load_state_dict_any  # noqa: E402
-from dinoscale.models import vit  # noqa: E402
+from dinoscale.models.factory import build_backbone  # noqa: E402
 from dinoscale.train.perf.flops import count_forward_flops  # noqa: E402
 from dinoscale.train.perf.peak import peak_flops  # noqa: E402
 
@@ -58,8 +58,8 @@ def build_models(compile_mode: str | None) -> tuple[torch.nn.Module, torch.nn.Mo
     theirs = timm.create_model(
         "vit_small_patch14_dinov2", pretrained=False, img_size=GLOBAL_SIZE, dynamic_img_size=True
     )
-    ours = vit.vit_small(
-        patch_size=PATCH, img_size=GLOBAL_SIZE, init_values=1e-5, interpolate_offset=0.0, interpolate_antialias=True
+    ours = build_backbone(
+        "vit_small", patch_size=PATCH, img_size=GLOBAL_SIZE, init_values=1e-5, interpolate_offset=0.0, interpolate_antialias=True
     )
     load_state_dict_any(ours, theirs.state_dict())
     ours.train(), theirs.train()

@@ -3,7 +3,7 @@
     python benchmarks/extract_cpu.py                      # ViT-S/14 at 224 px, 128 images, batch 32
     python benchmarks/extract_cpu.py --arch vit_base --images 64
 
-Runs ``dinoscale.eval.features.extract_features`` (the code behind ``tools/extract_features.py`` and the
+Runs ``dinoscale.eval.extract.extract_features`` (the code behind ``tools/extract_features.py`` and the
 kNN / linear evaluations) over the same random images twice per dtype, interleaved, and prints images/s for
 each (the better of the two passes), the speed-up, and how far the bf16 [CLS] features are from the fp32
 ones (cosine similarity, and whether a 20-NN search over the set finds the same neighbours).
@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dinoscale.device import cpu_supports_bf16, inference_autocast_dtype  # noqa: E402
-from dinoscale.eval.features import extract_features  # noqa: E402
-from dinoscale.models import vit  # noqa: E402
+from dinoscale.eval.extract import extract_features  # noqa: E402
+from dinoscale.models.factory import build_backbone  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    model = getattr(vit, args.arch)(patch_size=14, img_size=518).eval()
+    model = build_backbone(args.arch, patch_size=14, img_size=518).eval()
     images = torch.rand(args.images, 3, args.size, args.size)
     data = TensorDataset(images, torch.zeros(args.images, dtype=torch.long))
     default = inference_autocast_dtype(torch.device("cpu"))

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from dinoscale.device import resolve_device  # noqa: E402
 from dinoscale.config import CONFIG_DIR, load_config  # noqa: E402
-from dinoscale.methods.dinov2 import build_backbone  # noqa: E402
+from dinoscale.models.factory import build_backbone  # noqa: E402
 from dinoscale.train import loop  # noqa: E402
 
 METHODS = ("dino", "ibot", "simclr", "barlow_twins", "simmim", "msn")

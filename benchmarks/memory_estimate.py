@@ -46,6 +46,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from dinoscale.models import vit  # noqa: E402
+from dinoscale.models.factory import build_backbone  # noqa: E402
 from dinoscale.models.heads import DINOHead  # noqa: E402
 
 GiB = 1024**3
@@ -133,8 +134,8 @@ def _count(module: torch.nn.Module) -> int:
 def model_numbers(recipe: Recipe) -> dict:
     """Parameter counts from the real model definitions, built on the meta device (no memory)."""
     with torch.device("meta"):
-        backbone = getattr(vit, recipe.builder)(
-            patch_size=PATCH, img_size=GLOBAL_CROPS[1], init_values=LAYERSCALE, ffn_layer=recipe.ffn_layer
+        backbone = build_backbone(
+            recipe.builder, patch_size=PATCH, img_size=GLOBAL_CROPS[1], init_values=LAYERSCALE, ffn_layer=recipe.ffn_layer
         )
         dim = backbone.embed_dim
         head = DINOHead(dim, recipe.n_prototypes, hidden_dim=HEAD_HIDDEN, bottleneck_dim=recipe.bottleneck_dim, nlayers=HEAD_NLAYERS)

@@ -18,6 +18,7 @@ import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -198,21 +200,36 @@ def save_backbone(state_dict: dict[str, torch.Tensor], out_prefix: str | Path) -
 
 
 def read_dcp_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a whole DCP checkpoint into one nested dict on CPU, without a process group."""
-    import tempfile
+    """The tensors of a DCP checkpoint as one nested dict on CPU, read in this process (no process group).
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
+    Sharded tensors come back whole. Non-tensor entries (optimizer hyper-parameters, ...) are stored pickled;
+    they are left out, so nothing but DCP's own metadata file is unpickled. Lists come back as dicts keyed
+    by index.
+    """
     path = Path(path)
     if not (path / ".metadata").exists():
         raise CheckpointError(f"{path} is not a torch.distributed.checkpoint directory (no .metadata)")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "full.pt"
-        try:
-            dcp_to_torch_save(str(path), str(out))
-        except Exception as exc:
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-        return torch.load(out, map_location="cpu", weights_only=False)
+    try:
+        reader = dcp.FileSystemReader(str(path))
+        metadata = reader.read_metadata()
+        flat = {
+            key: torch.empty(md.size, dtype=md.properties.dtype)
+            for key, md in metadata.state_dict_metadata.items()
+            if isinstance(md, TensorStorageMetadata)
+        }
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(flat, storage_reader=reader, no_dist=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    nested: dict[Any, Any] = {}
+    for key, tensor in flat.items():
+        *parents, leaf = (metadata.planner_data or {}).get(key, (key,))
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = tensor
+    return nested
 
 
 def export_from_checkpoint(path: str | Path, out_prefix: str | Path, *, heads: bool = False) -> list[Path]:

@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
+# Name components that wrappers insert into parameter and state-dict names without changing the parameter:
+# DDP/DataParallel, torch.compile, FSDP1 (in older checkpoints) and activation checkpointing.
+WRAPPER_COMPONENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module", CHECKPOINT_PREFIX.rstrip(".")})
 
 # Methods other than forward that callers use as entry points of a backbone. FSDP2 only hooks
 # ``forward``; calling any other method of a sharded root would run on sharded parameters.
@@ -53,8 +56,10 @@ _FORWARD_METHODS = ("forward_features", "get_intermediate_layers", "get_last_sel
 
 
 def strip_wrapper_prefixes(name: str) -> str:
-    """``blocks.0._checkpoint_wrapped_module.attn.qkv.weight`` -> ``blocks.0.attn.qkv.weight``."""
-    return name.replace(CHECKPOINT_PREFIX, "")
+    """``name`` without the components in ``WRAPPER_COMPONENTS`` (whole components, never substrings):
+    ``module.backbone._orig_mod.blocks.0._checkpoint_wrapped_module.attn.qkv.weight`` ->
+    ``backbone.blocks.0.attn.qkv.weight``."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
 
 
 def build_mesh(*, hybrid_shard: bool, devices_per_node: int | None = None) -> DeviceMesh | None:

@@ -262,6 +262,47 @@ def test_distributed_checkpoint_directory(tmp_path):
     assert_same_weights(ours, teacher)
 
 
+UNPICKLED = []
+
+
+class _RecordsUnpickling:
+    """Unpickling an instance calls ``_record_unpickling``: shows whether a reader unpickled it."""
+
+    def __reduce__(self):
+        return _record_unpickling, ()
+
+
+def _record_unpickling():
+    UNPICKLED.append(True)
+    return "unpickled"
+
+
+def test_checkpoints_are_read_without_unpickling_objects(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from dinoscale.checkpoint import read_dcp_checkpoint
+
+    src = randomize_(tiny())
+    state = {"teacher": {"backbone": src.state_dict()}, "optimizer": {"param_groups": [{"lr": 0.1}]},
+             "trusted": _RecordsUnpickling(), "step": torch.tensor(3)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save(state, checkpoint_id=str(tmp_path / "ckpt"))
+    UNPICKLED.clear()
+    read = read_dcp_checkpoint(tmp_path / "ckpt")
+    assert set(read) == {"teacher", "step"} and torch.equal(read["step"], torch.tensor(3))
+    ours = tiny()
+    load_state_dict_any(ours, tmp_path / "ckpt")
+    assert_same_weights(ours, src)
+    # a torch.save file is read with weights_only=True: the object is refused, not unpickled
+    torch.save({"model": src.state_dict(), "trusted": _RecordsUnpickling()}, tmp_path / "ckpt.pth")
+    with pytest.raises(WeightsLoadError, match=r"ckpt\.pth"):
+        load_state_dict_any(tiny(), tmp_path / "ckpt.pth")
+    assert UNPICKLED == []
+
+
 # ------------------------------------------------------------------------------------- errors
 
 

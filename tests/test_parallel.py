@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from dinoscale import distributed as D
 from dinoscale.models.heads import DINOHead
-from dinoscale.models.vit import vit_small
+from dinoscale.models.factory import build_backbone
 from dinoscale.parallel import (
     CHECKPOINT_PREFIX,
     build_mesh,
@@ -30,7 +30,7 @@ DIM = 32
 
 
 def _tiny_vit(**kwargs):
-    return vit_small(patch_size=PATCH, img_size=IMG, embed_dim=DIM, depth=2, num_heads=2, num_register_tokens=1, **kwargs)
+    return build_backbone("vit_small", patch_size=PATCH, img_size=IMG, embed_dim=DIM, depth=2, num_heads=2, num_register_tokens=1, **kwargs)
 
 
 def _head():
@@ -147,7 +147,7 @@ def test_compile_blocks_gives_every_block_a_graph():
     with torch._dynamo.config.patch(specialize_float=True, recompile_limit=8):
         torch._dynamo.reset()
         counters.clear()
-        model = vit_small(patch_size=PATCH, img_size=IMG, embed_dim=DIM, depth=12, num_heads=2, drop_path_rate=0.3)
+        model = build_backbone("vit_small", patch_size=PATCH, img_size=IMG, embed_dim=DIM, depth=12, num_heads=2, drop_path_rate=0.3)
         parallelize(model, mesh=None, compile_blocks=True, compile_options={"backend": "aot_eager"})
         model.train()
         model(torch.randn(2, 3, IMG, IMG), is_training=True)

@@ -124,7 +124,7 @@ def test_sharded_checkpoint_resumes_on_1_2_and_3_ranks(tmp_path):
 def test_export_of_sharded_checkpoint_loads_through_hub(tmp_path):
     launch(2, tmp_path / "run", "train.max_steps=2")
     from dinoscale.hub import load_state_dict_any
-    from dinoscale.methods.dinov2 import build_backbone
+    from dinoscale.models.factory import build_backbone
 
     out = tmp_path / "exported"
     checkpoint.export_from_checkpoint(checkpoint.latest_checkpoint(tmp_path / "run"), out, heads=True)

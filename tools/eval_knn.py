@@ -26,13 +26,10 @@ import torch  # noqa: E402
 from dinoscale import distributed  # noqa: E402
 from dinoscale.data.datasets import open_dataset  # noqa: E402
 from dinoscale.device import resolve_device  # noqa: E402
-from dinoscale.eval.features import (  # noqa: E402
-    add_backbone_args,
-    backbone_from_args,
-    eval_transform,
-    extract_features,
-)
+from dinoscale.eval.backbones import add_backbone_args, backbone_from_args  # noqa: E402
+from dinoscale.eval.extract import extract_features  # noqa: E402
 from dinoscale.eval.knn import knn_classify  # noqa: E402
+from dinoscale.eval.transforms import eval_transform  # noqa: E402
 
 
 class Pixels(torch.nn.Module):

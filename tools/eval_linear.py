@@ -26,11 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from dinoscale import distributed  # noqa: E402
 from dinoscale.data.datasets import open_dataset  # noqa: E402
 from dinoscale.device import resolve_device  # noqa: E402
-from dinoscale.eval.features import (  # noqa: E402
-    add_backbone_args,
-    backbone_from_args,
-    eval_transform,
-)
+from dinoscale.eval.backbones import add_backbone_args, backbone_from_args  # noqa: E402
 from dinoscale.eval.linear import (  # noqa: E402
     DEFAULT_CS,
     DEFAULT_LEARNING_RATES,
@@ -40,6 +36,7 @@ from dinoscale.eval.linear import (  # noqa: E402
     train_linear_probes,
     usable_block_counts,
 )
+from dinoscale.eval.transforms import eval_transform  # noqa: E402
 
 
 def parse_args(argv=None):

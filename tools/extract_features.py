@@ -33,14 +33,9 @@ import numpy as np  # noqa: E402
 from dinoscale import distributed  # noqa: E402
 from dinoscale.data.datasets import open_dataset  # noqa: E402
 from dinoscale.device import resolve_device  # noqa: E402
-from dinoscale.eval.features import (  # noqa: E402
-    add_backbone_args,
-    backbone_from_args,
-    eval_transform,
-    extract_features,
-    resolve_device,
-    sample_names,
-)
+from dinoscale.eval.backbones import add_backbone_args, backbone_from_args  # noqa: E402
+from dinoscale.eval.extract import extract_features, sample_names  # noqa: E402
+from dinoscale.eval.transforms import eval_transform  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dinoscale.device import resolve_device  # noqa: E402
-from dinoscale.eval.features import add_backbone_args, backbone_from_args  # noqa: E402
+from dinoscale.eval.backbones import add_backbone_args, backbone_from_args  # noqa: E402
 from dinoscale.viz.attention import load_images, save_attention_maps  # noqa: E402
 from dinoscale.viz.pca import save_pca_images  # noqa: E402
 

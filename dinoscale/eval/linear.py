@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from dinoscale.data.datasets import derive_seed
-from dinoscale.eval.features import extract_outputs
+from dinoscale.eval.extract import extract_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -72,29 +72,16 @@ def extract_linear_features(
     dataset_or_loader: Dataset | DataLoader,
     *,
     n_last_blocks: int = 4,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: Optional[str | torch.device] = None,
-    autocast_dtype: Any = None,
-    transform: Optional[Callable] = None,
-    progress: bool = True,
+    **options: Any,
 ) -> Dict[str, Any]:
     """Cache for the linear probe: ``cls_blocks`` (N, n_last_blocks, D) (shallow to deep),
     ``patch_mean`` (N, D) of the last block, ``labels`` (N,), plus the bookkeeping keys of
-    ``extract_outputs`` (indices, num_skipped, skipped)."""
+    ``extract_outputs`` (indices, num_skipped, skipped). ``options``: ``batch_size``, ``num_workers``,
+    ``device``, ``autocast_dtype``, ``transform``, ``progress`` as in ``extract_outputs``."""
     if n_last_blocks < 1:
         raise ValueError(f"n_last_blocks must be >= 1, got {n_last_blocks}")
     return extract_outputs(
-        model,
-        dataset_or_loader,
-        _intermediate_forward(n_last_blocks),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        autocast_dtype=autocast_dtype,
-        transform=transform,
-        progress=progress,
-        desc="linear features",
+        model, dataset_or_loader, _intermediate_forward(n_last_blocks), desc="linear features", **options
     )
 
 

@@ -24,40 +24,8 @@ from dinoscale.data.masking import MaskingGenerator
 from dinoscale.losses.dino import DINOLoss, dino_cls_loss
 from dinoscale.losses.ibot import iBOTPatchLoss
 from dinoscale.losses.koleo import KoLeoLoss
-from dinoscale.models import vit
+from dinoscale.models.factory import build_backbone
 from dinoscale.models.heads import DINOHead
-
-ARCHS = {
-    "vit_small": vit.vit_small,
-    "vit_base": vit.vit_base,
-    "vit_large": vit.vit_large,
-    "vit_giant2": vit.vit_giant2,
-}
-
-
-def build_backbone(model_cfg: DictConfig, *, drop_path_rate: float) -> vit.DinoVisionTransformer:
-    """A plain ViT from the ``model:`` config section (width/depth/heads overridable for small runs)."""
-    if model_cfg.arch not in ARCHS:
-        raise ValueError(f"unknown model.arch '{model_cfg.arch}'; choose one of {sorted(ARCHS)}")
-    overrides = {k: model_cfg[k] for k in ("embed_dim", "depth", "num_heads") if model_cfg[k] is not None}
-    return ARCHS[model_cfg.arch](
-        patch_size=model_cfg.patch_size,
-        img_size=model_cfg.img_size,
-        mlp_ratio=model_cfg.mlp_ratio,
-        num_register_tokens=model_cfg.num_register_tokens,
-        init_values=model_cfg.layerscale,
-        ffn_layer=model_cfg.ffn_layer,
-        qkv_bias=model_cfg.qkv_bias,
-        proj_bias=model_cfg.proj_bias,
-        ffn_bias=model_cfg.ffn_bias,
-        drop_path_rate=drop_path_rate,
-        drop_path_uniform=model_cfg.drop_path_uniform,
-        interpolate_antialias=model_cfg.interpolate_antialias,
-        interpolate_offset=model_cfg.interpolate_offset,
-        attn_backend=model_cfg.attn_backend,
-        **overrides,
-    )
-
 
 def _head(section: DictConfig, in_dim: int) -> DINOHead:
     return DINOHead(

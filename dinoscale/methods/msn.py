@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dinoscale.losses.msn import MSNLoss
-from dinoscale.methods.dinov2 import build_backbone
+from dinoscale.models.factory import build_backbone
 from dinoscale.methods.views import multicrop_collate, multicrop_transform
 from dinoscale.models.projector import ProjectionMLP
 

@@ -31,7 +31,7 @@ from dinoscale import distributed
 from dinoscale.data.augment import IMAGENET_MEAN, IMAGENET_STD, sample_crop_boxes
 from dinoscale.data.datasets import load_rgb
 from dinoscale.losses.simmim import SimMIMLoss, patchify
-from dinoscale.methods.dinov2 import build_backbone
+from dinoscale.models.factory import build_backbone
 
 
 def _as_uint8_chw(image: Any) -> torch.Tensor:

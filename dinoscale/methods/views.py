@@ -18,7 +18,7 @@ from torch import nn
 from dinoscale.data.augment import MultiCropAugmentation
 from dinoscale.data.collate import collate_multicrop
 from dinoscale.data.masking import MaskingGenerator
-from dinoscale.methods.dinov2 import build_backbone
+from dinoscale.models.factory import build_backbone
 
 __all__ = ["TwoViewMethod", "multicrop_transform", "multicrop_collate"]
 

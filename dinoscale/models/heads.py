@@ -143,6 +143,12 @@ class DINOHead(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay: the biases and the prototypes' magnitudes ``last_layer.weight_g``
+        (as in DINOv2, the weights of an MLP batch norm are decayed)."""
+        biases = {name for name, _ in self.named_parameters() if name.rpartition(".")[2] == "bias"}
+        return biases | {"last_layer.weight_g"}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)
         # 1e-12 underflows to 0 in fp16, which would divide by zero for a zero vector.

@@ -88,8 +88,7 @@ class ProjectionMLP(nn.Module):
         last_norm: a ``GlobalBatchNorm1d`` without affine parameters after the last layer (SimCLR v2's head
             ends with a batch norm).
 
-    Layers are named ``fc0, norm0, act0, fc1, ...``; the ``norm`` in the names keeps the batch-norm
-    parameters out of weight decay (``dinoscale.train.optim``), as the reference recipes do.
+    Layers are named ``fc0, norm0, act0, fc1, ...``.
     """
 
     def __init__(
@@ -120,6 +119,10 @@ class ProjectionMLP(nn.Module):
         if last_norm:
             layers[f"norm{n_hidden}"] = GlobalBatchNorm1d(dims[-1], affine=False)
         self.layers = nn.Sequential(layers)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay, as the reference recipes do: biases and batch-norm parameters."""
+        return {name for name, p in self.named_parameters() if p.ndim <= 1}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)

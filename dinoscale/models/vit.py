@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from dinoscale.models.attention import Attention, scaled_linear
 
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
+# Learned tokens and the position embedding: part of the input embedding, never weight-decayed.
+_TOKEN_PARAMS = ("cls_token", "pos_embed", "mask_token", "register_tokens")
 
 
 class PatchEmbed(nn.Module):
@@ -356,6 +358,23 @@ class DinoVisionTransformer(nn.Module):
             elif isinstance(m, (nn.LayerNorm, LayerScale)):
                 m.reset_parameters()
 
+    # ------------------------------------------------------------------ optimizer metadata
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay: the learned tokens, the position embedding and every 1-d parameter
+        (biases, LayerNorm and LayerScale weights)."""
+        return {name for name, p in self.named_parameters() if name in _TOKEN_PARAMS or p.ndim <= 1}
+
+    def layer_id(self, name: str) -> int:
+        """Depth of parameter ``name`` for layer-wise lr decay: 0 for the patch embedding and the tokens,
+        ``i + 1`` for ``blocks.i``, ``n_blocks + 1`` for what comes after the blocks (the final norm)."""
+        root, _, rest = name.partition(".")
+        if root == "patch_embed" or root in _TOKEN_PARAMS:
+            return 0
+        if root == "blocks":
+            return int(rest.partition(".")[0]) + 1
+        return self.n_blocks + 1
+
     # ------------------------------------------------------------------ tokens
 
     def interpolate_pos_encoding(self, x: torch.Tensor, w: int, h: int) -> torch.Tensor:
@@ -506,35 +525,3 @@ class DinoVisionTransformer(nn.Module):
             tokens = blk(tokens)
         last = self.blocks[-1]
         return last.attn.attention_probs(last.norm1(tokens))
-
-
-def _build(defaults: dict, patch_size: int, num_register_tokens: int, kwargs: dict) -> DinoVisionTransformer:
-    # kwargs override the size presets (e.g. depth=2 for a fast test of the giant layout).
-    return DinoVisionTransformer(
-        **{**defaults, "patch_size": patch_size, "num_register_tokens": num_register_tokens, **kwargs}
-    )
-
-
-def vit_small(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    """ViT-S: embed_dim 384, depth 12, 6 heads, MLP ratio 4."""
-    return _build(dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4), patch_size, num_register_tokens, kwargs)
-
-
-def vit_base(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    """ViT-B: embed_dim 768, depth 12, 12 heads, MLP ratio 4."""
-    return _build(dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4), patch_size, num_register_tokens, kwargs)
-
-
-def vit_large(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    """ViT-L: embed_dim 1024, depth 24, 16 heads, MLP ratio 4."""
-    return _build(dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4), patch_size, num_register_tokens, kwargs)
-
-
-def vit_giant2(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
-    """ViT-g/2 (DINOv2's giant): embed_dim 1536, depth 40, 24 heads (head dim 64), SwiGLU FFN, MLP ratio 4."""
-    return _build(
-        dict(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=4, ffn_layer="swiglufused"),
-        patch_size,
-        num_register_tokens,
-        kwargs,
-    )

@@ -23,7 +23,7 @@ from dinoscale.data.augment import photometric_collated
 from dinoscale.data.datasets import derive_seed, open_dataset
 from dinoscale.data.loader import build_pretrain_loader
 from dinoscale.methods import build_method
-from dinoscale.methods.dinov2 import build_backbone
+from dinoscale.models.factory import build_backbone
 from dinoscale.train.metrics import MetricLogger
 from dinoscale.train.optim import apply_schedule_, build_optimizer, clip_grad_norm_, get_param_groups, step_unless_
 from dinoscale.train.perf.flops import example_batch
@@ -365,7 +365,8 @@ def export_network(network: torch.nn.Module, export_dir: Path, name: str) -> Non
 
 def evaluate_knn(cfg: DictConfig, backbone: torch.nn.Module, device: torch.device) -> dict[str, float]:
     """Weighted cosine kNN of ``backbone``'s CLS features on the configured labeled datasets."""
-    from dinoscale.eval.features import eval_transform, extract_features
+    from dinoscale.eval.extract import extract_features
+    from dinoscale.eval.transforms import eval_transform
     from dinoscale.eval.knn import knn_classify
 
     ev = cfg.evaluation

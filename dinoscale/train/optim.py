@@ -1,4 +1,4 @@
-"""AdamW with DINOv2's parameter groups: layer-wise lr decay, no weight decay on biases/norms/tokens, and a
+"""AdamW with DINOv2's parameter groups: layer-wise lr decay, no weight decay where the model says so, and a
 separately scheduled prototype ("last") layer.
 
 The optimizer's groups carry *multipliers* (``lr_multiplier``, ``wd_multiplier``, ``is_last_layer``); the training
@@ -7,18 +7,26 @@ loop writes the scheduled values into them every step with :func:`apply_schedule
     group.lr           = (last_layer_lr if group.is_last_layer else lr) * group.lr_multiplier
     group.weight_decay = wd * group.wd_multiplier
 
-Layer-wise decay (BEiT/DINOv2): with ``L = n_blocks``, embeddings have layer id 0, ``blocks.i`` has id ``i + 1`` and
-everything after the blocks (final norm, heads) has id ``L + 1``; then
-``lr_multiplier = lr_decay_rate ** (L + 1 - layer_id)``, so the top of the network trains at the full lr and
-each block below it at ``lr_decay_rate`` times the block above.
-"""
+The model owns the metadata, as in timm: a module's ``no_weight_decay()`` names its parameters that are not
+decayed, and a backbone's ``layer_id(name)`` gives the depth of each of its parameters (embeddings 0, ``blocks.i``
+``i + 1``, the final norm ``n_blocks + 1``). A parameter belongs to the innermost module declaring
+``no_weight_decay()``; parameters of modules that declare nothing are decayed unless 1-d (biases, norm scales).
+Parameters without a layer id (heads, projectors) sit at the top, ``n_blocks + 1``.
+
+Layer-wise decay (BEiT/DINOv2): with ``L = n_blocks``, ``lr_multiplier = lr_decay_rate ** (L + 1 - layer_id)``, so
+the top of the network trains at the full lr and each block below it at ``lr_decay_rate`` times the block above.
+The patch embedding's lr is further scaled by ``patch_embed_lr_mult``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from dinoscale.models.heads import is_last_layer_param
+from dinoscale.parallel import strip_wrapper_prefixes
 
 try:
     from torch.distributed.tensor import DTensor
@@ -26,7 +34,6 @@ except ImportError:  # builds without torch.distributed
     DTensor = None
 
 __all__ = [
-    "canonical_param_name",
     "get_param_groups",
     "build_optimizer",
     "apply_schedule_",
@@ -34,45 +41,37 @@ __all__ = [
     "step_unless_",
 ]
 
-# Name components added by wrappers that do not change the parameter: activation checkpointing,
-# torch.compile and DDP/DataParallel.
-_WRAPPER_COMPONENTS = frozenset({"_checkpoint_wrapped_module", "_orig_mod", "module"})
-# Parameters that belong to the input embedding (layer id 0).
-_EMBEDDING_COMPONENTS = frozenset({"patch_embed", "cls_token", "pos_embed", "mask_token", "register_tokens"})
-# Learned tokens and position embeddings are not decayed.
-_TOKEN_PARAMS = frozenset({"cls_token", "pos_embed", "mask_token", "register_tokens"})
+
+class _MetadataOwner(NamedTuple):
+    """A submodule that declares its optimizer metadata, with its name prefix (wrapper components removed)."""
+
+    prefix: str
+    module: nn.Module
+    no_weight_decay: frozenset[str]
 
 
-def canonical_param_name(name: str) -> str:
-    """``name`` without wrapper components: ``backbone._orig_mod.blocks.0._checkpoint_wrapped_module.attn.qkv.weight``
-    -> ``backbone.blocks.0.attn.qkv.weight``. Components are removed whole, never as substrings."""
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
+def _metadata_owners(model: nn.Module) -> list[_MetadataOwner]:
+    """Every submodule with ``no_weight_decay()``, innermost (longest prefix) first."""
+    owners = [
+        _MetadataOwner(
+            strip_wrapper_prefixes(prefix),
+            module,
+            frozenset(strip_wrapper_prefixes(n) for n in module.no_weight_decay()),
+        )
+        for prefix, module in model.named_modules()
+        if callable(getattr(module, "no_weight_decay", None))
+    ]
+    return sorted(owners, key=lambda owner: -len(owner.prefix))
 
 
-def _layer_id(parts: list[str], n_blocks: int, name: str) -> int:
-    for i, part in enumerate(parts):
-        if part in _EMBEDDING_COMPONENTS:
-            return 0
-        if part == "blocks" and i + 1 < len(parts) and parts[i + 1].isdigit():
-            block = int(parts[i + 1])
-            if block >= n_blocks:
-                raise ValueError(f"parameter '{name}' belongs to block {block}, but n_blocks={n_blocks}")
-            return block + 1
-    return n_blocks + 1
-
-
-def _wd_multiplier(parts: list[str]) -> float:
-    last = parts[-1]
-    if last in ("bias", "gamma", "weight_g") or last in _TOKEN_PARAMS:
-        # biases, LayerScale gammas, tokens, and the weight-norm magnitude of the prototype layer
-        return 0.0
-    if parts[-3:] == ["parametrizations", "weight", "original0"]:
-        # torch.nn.utils.parametrizations.weight_norm stores the magnitude g as original0
-        return 0.0
-    if any("norm" in part for part in parts[:-1]):
-        # weights of LayerNorm/RMSNorm modules (norm, norm1, norm2, fc_norm, ...)
-        return 0.0
-    return 1.0
+def _owner_of(name: str, owners: list[_MetadataOwner]) -> tuple[_MetadataOwner | None, str]:
+    """The innermost owner of parameter ``name`` and the name relative to it (``name`` itself without owner)."""
+    for owner in owners:
+        if not owner.prefix:
+            return owner, name
+        if name.startswith(owner.prefix + "."):
+            return owner, name[len(owner.prefix) + 1 :]
+    return None, name
 
 
 def get_param_groups(
@@ -96,18 +95,27 @@ def get_param_groups(
     if n_blocks < 0:
         raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
 
+    owners = _metadata_owners(model)
     groups: dict[tuple[float, float, bool], dict] = {}
     for raw_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        name = canonical_param_name(raw_name)
-        parts = name.split(".")
-        layer_id = _layer_id(parts, n_blocks, raw_name)
+        name = strip_wrapper_prefixes(raw_name)
+        owner, local_name = _owner_of(name, owners)
+        layer_id = n_blocks + 1
+        if owner is not None and callable(getattr(owner.module, "layer_id", None)):
+            layer_id = owner.module.layer_id(local_name)
+        if not 0 <= layer_id <= n_blocks + 1:
+            raise ValueError(
+                f"parameter '{raw_name}' has layer id {layer_id}, outside 0..n_blocks + 1 with n_blocks={n_blocks} "
+                "(n_blocks must be the backbone's depth)"
+            )
         lr_multiplier = lr_decay_rate ** (n_blocks + 1 - layer_id)
-        if "patch_embed" in parts:
+        if "patch_embed" in name.split("."):
             lr_multiplier *= patch_embed_lr_mult
-        wd_multiplier = _wd_multiplier(parts)
-        is_last_layer = "last_layer" in parts
+        no_decay = local_name in owner.no_weight_decay if owner is not None else param.ndim <= 1
+        wd_multiplier = 0.0 if no_decay else 1.0
+        is_last_layer = is_last_layer_param(name)
         key = (lr_multiplier, wd_multiplier, is_last_layer)
         if key not in groups:
             label = f"lr_x{lr_multiplier:.4g}_wd_x{wd_multiplier:g}" + ("_last_layer" if is_last_layer else "")

@@ -3,7 +3,7 @@
     teacher <- m * teacher + (1 - m) * student        (for every parameter, m = the scheduled momentum)
 
 Parameters are matched by name (ignoring wrapper components such as ``_orig_mod.``, see
-:func:`dinoscale.train.optim.canonical_param_name`), so student and teacher may be wrapped differently, e.g. an
+:func:`dinoscale.parallel.strip_wrapper_prefixes`), so student and teacher may be wrapped differently, e.g. an
 activation-checkpointed student and a plain teacher. Under FSDP2 both are sharded the same way and the update runs
 on each rank's local shards (``DTensor.to_local()``), so no full parameter is ever gathered.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dinoscale.train.optim import canonical_param_name
+from dinoscale.parallel import strip_wrapper_prefixes
 
 try:
     from torch.distributed.tensor import DTensor
@@ -39,8 +39,8 @@ def _match(
     teacher_items: list[tuple[str, torch.Tensor]], student_items: list[tuple[str, torch.Tensor]], what: str
 ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """Pair teacher and student tensors by canonical name, in the teacher's order; raise on any mismatch."""
-    teacher_by_name = {canonical_param_name(n): t for n, t in teacher_items}
-    student_by_name = {canonical_param_name(n): t for n, t in student_items}
+    teacher_by_name = {strip_wrapper_prefixes(n): t for n, t in teacher_items}
+    student_by_name = {strip_wrapper_prefixes(n): t for n, t in student_items}
     for side, items, by_name in (
         ("teacher", teacher_items, teacher_by_name),
         ("student", student_items, student_by_name),

@@ -3,7 +3,7 @@ import torch
 
 from dinoscale import hub
 from dinoscale.device import inference_autocast_dtype
-from dinoscale.eval.features import extract_features
+from dinoscale.eval.extract import extract_features
 from dinoscale.eval.knn import knn_classify
 from dinoscale.eval.linear import train_linear_probes
 

@@ -12,7 +12,9 @@ from PIL import Image
 
 from dinoscale import hub
 from dinoscale.data.datasets import FashionMNIST, ImageFolderDataset, open_dataset
-from dinoscale.eval.features import eval_transform, extract_features, load_backbone
+from dinoscale.eval.backbones import load_backbone
+from dinoscale.eval.extract import extract_features
+from dinoscale.eval.transforms import eval_transform
 from dinoscale.eval.knn import knn_classify
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,7 +154,7 @@ def test_image_folder_skip_in_library_path(tmp_path):
 def test_load_backbone_from_config_and_run_directory(tmp_path):
     from dinoscale.checkpoint import save_backbone
     from dinoscale.config import load_config, save_config
-    from dinoscale.methods.dinov2 import build_backbone
+    from dinoscale.models.factory import build_backbone
 
     overrides = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8", "model.img_size=32"]
     cfg = load_config(None, overrides)

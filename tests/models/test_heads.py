@@ -91,6 +91,15 @@ def test_last_layer_param_names():
     assert not is_last_layer_param("dino_head.mlp.4.weight")
 
 
+def test_no_weight_decay_on_biases_and_prototype_magnitudes():
+    assert _small_head().no_weight_decay() == {"mlp.0.bias", "mlp.2.bias", "mlp.4.bias", "last_layer.weight_g"}
+    # DINOv2's rule: the MLP's batch-norm scales are decayed, their shifts are not
+    assert _small_head(nlayers=2, use_bn=True).no_weight_decay() == {
+        "mlp.0.bias", "mlp.1.bias", "mlp.3.bias", "last_layer.weight_g"
+    }
+    assert _small_head(nlayers=1).no_weight_decay() == {"mlp.bias", "last_layer.weight_g"}
+
+
 def test_variants_one_layer_and_batchnorm():
     one = _small_head(nlayers=1)
     assert isinstance(one.mlp, nn.Linear) and one.mlp.weight.shape == (16, 32)

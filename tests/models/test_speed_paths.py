@@ -79,9 +79,9 @@ def test_dispatch_cpu_uses_the_matmul_path_and_long_or_large_calls_the_fused_ker
 
 
 def _tiny_vit(**kwargs):
-    from dinoscale.models.vit import vit_small
+    from dinoscale.models.factory import build_backbone
 
-    return vit_small(**{"patch_size": 8, "img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2,
+    return build_backbone("vit_small", **{"patch_size": 8, "img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2,
                         "init_values": 1e-5, **kwargs})
 
 

@@ -2,15 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinoscale.models.vit import (
-    DinoVisionTransformer,
-    DropPath,
-    swiglu_hidden_features,
-    vit_base,
-    vit_giant2,
-    vit_large,
-    vit_small,
-)
+from dinoscale.models.factory import build_backbone
+from dinoscale.models.vit import DinoVisionTransformer, DropPath, swiglu_hidden_features
 
 D = 32
 
@@ -37,25 +30,25 @@ def expected_keys(depth, num_register_tokens, layerscale=True, ffn="mlp"):
 
 
 @pytest.mark.parametrize(
-    "constructor, dim, depth, heads",
-    [(vit_small, 384, 12, 6), (vit_base, 768, 12, 12), (vit_large, 1024, 24, 16), (vit_giant2, 1536, 40, 24)],
+    "arch, dim, depth, heads",
+    [("vit_small", 384, 12, 6), ("vit_base", 768, 12, 12), ("vit_large", 1024, 24, 16), ("vit_giant2", 1536, 40, 24)],
 )
-def test_constructor_hyperparameters_and_layout(constructor, dim, depth, heads):
+def test_constructor_hyperparameters_and_layout(arch, dim, depth, heads):
     # The meta device gives the real shapes without allocating (or initialising) the weights.
     with torch.device("meta"):
-        model = constructor(patch_size=14, img_size=518, init_values=1.0)
+        model = build_backbone(arch, patch_size=14, img_size=518, init_values=1.0)
     assert (model.embed_dim, model.n_blocks, model.num_heads, model.patch_size) == (dim, depth, heads, 14)
     assert len(model.blocks) == depth and isinstance(model.blocks, torch.nn.ModuleList)
     assert isinstance(model.head, torch.nn.Identity)
     sd = model.state_dict()
-    ffn = "swiglu" if constructor is vit_giant2 else "mlp"
+    ffn = "swiglu" if arch == "vit_giant2" else "mlp"
     assert set(sd) == expected_keys(depth, 0, ffn=ffn)
     assert sd["pos_embed"].shape == (1, 1 + 37 * 37, dim)
     assert sd["cls_token"].shape == (1, 1, dim)
     assert sd["mask_token"].shape == (1, dim)
     assert sd["patch_embed.proj.weight"].shape == (dim, 3, 14, 14)
     assert sd["blocks.0.attn.qkv.weight"].shape == (3 * dim, dim)
-    if constructor is vit_giant2:
+    if arch == "vit_giant2":
         # The release's SwiGLU width: 2/3 of 4*1536 rounded to a multiple of 8 -> 4096.
         assert sd["blocks.0.mlp.w12.weight"].shape == (2 * 4096, 1536)
         assert sd["blocks.0.mlp.w3.weight"].shape == (1536, 4096)
@@ -65,6 +58,16 @@ def test_constructor_hyperparameters_and_layout(constructor, dim, depth, heads):
     assert model.blocks[0].norm1.eps == 1e-6 and model.norm.eps == 1e-6
 
 
+def test_optimizer_metadata():
+    model = tiny(num_register_tokens=2)
+    decayed = {name for name, _ in model.named_parameters()} - model.no_weight_decay()
+    assert decayed == {"patch_embed.proj.weight"} | {
+        f"blocks.{i}.{layer}.weight" for i in range(2) for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    }
+    names = ["register_tokens", "patch_embed.proj.bias", "blocks.0.norm1.weight", "blocks.1.ls2.gamma", "norm.weight"]
+    assert [model.layer_id(n) for n in names] == [0, 0, 1, 2, 3]
+
+
 def test_swiglu_hidden_rounding():
     assert swiglu_hidden_features(4 * 1536) == 4096
     assert swiglu_hidden_features(4 * 32) == 88  # int(128 * 2/3) = 85 -> 88
@@ -72,7 +75,7 @@ def test_swiglu_hidden_rounding():
 
 
 def test_small_giant_forward_and_keys():
-    model = vit_giant2(patch_size=14, img_size=28, depth=2, embed_dim=48, num_heads=2, init_values=1e-5).eval()
+    model = build_backbone("vit_giant2", patch_size=14, img_size=28, depth=2, embed_dim=48, num_heads=2, init_values=1e-5).eval()
     assert set(model.state_dict()) == expected_keys(2, 0, ffn="swiglu")
     assert model.blocks[1].mlp.w12.weight.shape == (256, 48)
     out = model.forward_features(torch.randn(2, 3, 28, 28))

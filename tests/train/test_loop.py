@@ -53,7 +53,7 @@ def test_train_writes_config_checkpoints_metrics_and_export(tmp_path):
     # keep_checkpoints=1: only the last survives
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_000000004"]
     # the export loads with plain torch.load + strict load_state_dict into the same architecture
-    from dinoscale.methods.dinov2 import build_backbone
+    from dinoscale.models.factory import build_backbone
 
     model = build_backbone(cfg.model, drop_path_rate=0.0)
     model.load_state_dict(torch.load(tmp_path / "export" / "teacher_backbone.pth"), strict=True)
@@ -187,7 +187,7 @@ def test_export_tool_from_checkpoint_loads_through_hub(tmp_path):
     spec.loader.exec_module(tool)
     assert tool.main([str(tmp_path / "run"), str(tmp_path / "out" / "bb"), "--heads"]) == 0
     from dinoscale.hub import load_state_dict_any
-    from dinoscale.methods.dinov2 import build_backbone
+    from dinoscale.models.factory import build_backbone
 
     model = build_backbone(cfg.model, drop_path_rate=0.0)
     assert load_state_dict_any(model, str(tmp_path / "out" / "bb.safetensors")) == "dinov2"
@@ -239,7 +239,7 @@ def test_periodic_knn_eval_logs_and_keeps_the_evaluated_teacher(tmp_path):
     assert [r["step"] for r in evals] == [2]  # not at the last step: the end of training has its own export
     assert 10.0 < evals[0]["knn/top1@20"] <= 100.0  # better than chance on 10 classes
     from dinoscale.hub import load_state_dict_any
-    from dinoscale.methods.dinov2 import build_backbone
+    from dinoscale.models.factory import build_backbone
 
     model = build_backbone(load_config("quickstart", TINY).model, drop_path_rate=0.0)
     saved = tmp_path / "eval" / "step_000000002" / "teacher_backbone.pth"

@@ -2,10 +2,12 @@ import pytest
 import torch
 from torch import nn
 
+from dinoscale.models.heads import DINOHead
+from dinoscale.models.vit import DinoVisionTransformer
+from dinoscale.parallel import strip_wrapper_prefixes
 from dinoscale.train.optim import (
     apply_schedule_,
     build_optimizer,
-    canonical_param_name,
     clip_grad_norm_,
     get_param_groups,
 )
@@ -13,67 +15,15 @@ from dinoscale.train.optim import (
 DIM = 8
 
 
-class LayerScale(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), 1e-5))
-
-
-class Attention(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-
-class Block(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim)
-        self.ls1 = LayerScale(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        self.ls2 = LayerScale(dim)
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=4, stride=4)
-
-
-class TinyViT(nn.Module):
-    def __init__(self, dim=DIM, depth=2):
-        super().__init__()
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 5, dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, dim))
-        self.register_tokens = nn.Parameter(torch.zeros(1, 2, dim))
-        self.patch_embed = PatchEmbed(dim)
-        self.blocks = nn.ModuleList([Block(dim) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-
-
-class WeightNormLinear(nn.Module):
-    """The layout of torch.nn.utils.weight_norm's parameters (weight_g, weight_v)."""
-
-    def __init__(self, dim, out):
-        super().__init__()
-        self.weight_g = nn.Parameter(torch.ones(out, 1))
-        self.weight_v = nn.Parameter(torch.randn(out, dim))
-
-
-class Head(nn.Module):
-    def __init__(self, dim=DIM, out=16):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
-        self.last_layer = WeightNormLinear(dim, out)
-
-
 def student(depth=2):
+    """The parts of a DINO student: a tiny ViT (2 registers, LayerScale) and a DINO head; the optimizer's
+    groups come from their ``no_weight_decay()`` and the backbone's ``layer_id()``."""
     torch.manual_seed(0)
-    return nn.ModuleDict({"backbone": TinyViT(depth=depth), "dino_head": Head()})
+    backbone = DinoVisionTransformer(
+        img_size=8, patch_size=4, embed_dim=DIM, depth=depth, num_heads=2, init_values=1e-5, num_register_tokens=2
+    )
+    head = DINOHead(DIM, 16, nlayers=2, hidden_dim=DIM, bottleneck_dim=DIM)
+    return nn.ModuleDict({"backbone": backbone, "dino_head": head})
 
 
 def groups_by_name(model, groups):
@@ -104,7 +54,7 @@ def test_layerwise_lr_decay_and_weight_decay_rules():
         "backbone.blocks.0.attn.qkv.bias": (0.25, 0.0, False),
         "backbone.blocks.0.norm1.weight": (0.25, 0.0, False),
         "backbone.blocks.0.ls1.gamma": (0.25, 0.0, False),
-        "backbone.blocks.1.mlp.2.weight": (0.5, 1.0, False),
+        "backbone.blocks.1.mlp.fc2.weight": (0.5, 1.0, False),
         "backbone.blocks.1.norm2.bias": (0.5, 0.0, False),
         "backbone.blocks.1.ls2.gamma": (0.5, 0.0, False),
         # after the blocks: full lr
@@ -163,19 +113,55 @@ def test_wrapper_fragments_are_ignored():
     kwargs = dict(lr_decay_rate=0.7, patch_embed_lr_mult=0.2, n_blocks=2)
     want = groups_by_name(plain, get_param_groups(plain, **kwargs))
     got = groups_by_name(outer, get_param_groups(outer, **kwargs))
-    assert {canonical_param_name(n): v for n, v in got.items()} == want
+    assert {strip_wrapper_prefixes(n): v for n, v in got.items()} == want
 
 
-def test_canonical_param_name_removes_whole_components_only():
-    assert canonical_param_name("module.backbone._orig_mod.blocks.3._checkpoint_wrapped_module.attn.qkv.weight") == (
+class Declared(nn.Module):
+    """A module that declares its own metadata: no decay on a matrix, a layer id per sub-layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(DIM, DIM)
+        self.top = nn.Linear(DIM, DIM)
+
+    def no_weight_decay(self):
+        return {"embed.weight"}
+
+    def layer_id(self, name):
+        return 0 if name.startswith("embed.") else 1
+
+
+def test_the_models_metadata_drives_the_groups():
+    model = nn.ModuleDict({"declared": Declared(), "plain": nn.Linear(DIM, DIM), "proj": nn.Linear(DIM, DIM)})
+    model["proj"] = Compiled(model["proj"])
+    got = groups_by_name(model, get_param_groups(model, lr_decay_rate=0.5, n_blocks=1))
+    assert {n: v[:3] for n, v in got.items()} == {
+        # the module's own no_weight_decay() and layer_id(): the bias of "embed" is decayed, its weight is not
+        "declared.embed.weight": (0.25, 0.0, False),
+        "declared.embed.bias": (0.25, 1.0, False),
+        "declared.top.weight": (0.5, 1.0, False),
+        "declared.top.bias": (0.5, 1.0, False),
+        # nothing declared: top layer, decayed unless 1-d
+        "plain.weight": (1.0, 1.0, False),
+        "plain.bias": (1.0, 0.0, False),
+        "proj._orig_mod.weight": (1.0, 1.0, False),
+        "proj._orig_mod.bias": (1.0, 0.0, False),
+    }
+
+
+def test_strip_wrapper_prefixes_removes_whole_components_only():
+    assert strip_wrapper_prefixes("module.backbone._orig_mod.blocks.3._checkpoint_wrapped_module.attn.qkv.weight") == (
         "backbone.blocks.3.attn.qkv.weight"
     )
-    assert canonical_param_name("backbone.submodule.weight") == "backbone.submodule.weight"
-    assert canonical_param_name("my_module.x") == "my_module.x"
+    assert strip_wrapper_prefixes("backbone.submodule.weight") == "backbone.submodule.weight"
+    assert strip_wrapper_prefixes("my_module.x") == "my_module.x"
+    assert strip_wrapper_prefixes("_fsdp_wrapped_module.blocks.0.x_checkpoint_wrapped_module.w") == (
+        "blocks.0.x_checkpoint_wrapped_module.w"
+    )
 
 
-def test_block_index_beyond_n_blocks_is_an_error():
-    with pytest.raises(ValueError, match="blocks.1.*n_blocks=1|block 1.*n_blocks=1"):
+def test_model_deeper_than_n_blocks_is_an_error():
+    with pytest.raises(ValueError, match=r"backbone.norm.weight' has layer id 3.*n_blocks=1"):
         get_param_groups(student(depth=2), lr_decay_rate=0.9, n_blocks=1)
     frozen = student()
     frozen.requires_grad_(False)

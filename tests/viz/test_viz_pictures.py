@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dinoscale.models.vit import vit_small
+from dinoscale.models.factory import build_backbone
 from dinoscale.viz.attention import (
     attention_maps,
     load_images,
@@ -19,7 +19,7 @@ skimage_data = pytest.importorskip("skimage.data")
 
 def tiny_vit(registers=0):
     torch.manual_seed(0)
-    return vit_small(patch_size=16, embed_dim=32, depth=2, num_heads=2, num_register_tokens=registers, img_size=64)
+    return build_backbone("vit_small", patch_size=16, embed_dim=32, depth=2, num_heads=2, num_register_tokens=registers, img_size=64)
 
 
 def png_size(path):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dinoscale.config import load_config
 from dinoscale.methods import build_method
-from dinoscale.models import vit
+from dinoscale.models.factory import build_backbone
 from dinoscale.parallel import parallelize
 from dinoscale.train.perf import flops
 
@@ -34,7 +34,7 @@ def layer_norm_count(B, T, D, depth):
 @pytest.mark.parametrize("registers", [0, 2])
 def test_vit_forward_matches_hand_formula(registers):
     B, img, p, D, depth = 3, 32, 8, 48, 2
-    model = vit.vit_small(patch_size=p, img_size=img, embed_dim=D, depth=depth, num_heads=4,
+    model = build_backbone("vit_small", patch_size=p, img_size=img, embed_dim=D, depth=depth, num_heads=4,
                           num_register_tokens=registers, init_values=1e-5)
     counted = flops.count_forward_flops(model, torch.randn(B, 3, img, img))
     matmuls = vit_forward_formula(B, img, p, D, depth, registers=registers)
@@ -60,7 +60,7 @@ def test_attention_backends_count_the_same(monkeypatch):
     x = torch.randn(2, 3, 16, 16)
     counts = {}
     for backend in ("sdpa", "math"):
-        model = vit.vit_small(patch_size=4, img_size=16, embed_dim=32, depth=1, num_heads=2, attn_backend=backend)
+        model = build_backbone("vit_small", patch_size=4, img_size=16, embed_dim=32, depth=1, num_heads=2, attn_backend=backend)
         counts[backend] = flops.count_forward_flops(model, x)
     # the math path does q k^T and attn v as matmuls (fvcore's handle): same multiply-adds as the sdpa handle
     assert counts["sdpa"] == counts["math"]
@@ -68,7 +68,7 @@ def test_attention_backends_count_the_same(monkeypatch):
 
 def test_compiled_and_checkpointed_blocks_count_like_plain():
     x = torch.randn(2, 3, 16, 16)
-    build = lambda: vit.vit_small(patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2)  # noqa: E731
+    build = lambda: build_backbone("vit_small", patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2)  # noqa: E731
     plain = flops.count_forward_flops(build(), x)
     wrapped = parallelize(build(), mesh=None, activation_checkpointing=True, compile_blocks=True,
                           compile_options={"backend": "eager"})

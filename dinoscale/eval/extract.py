@@ -1,119 +1,30 @@
 """Frozen-feature extraction for evaluation (kNN, linear probes, feature dumps).
 
-``extract_features`` runs a backbone over a dataset in batches and returns CLS embeddings
-(and optionally the mean of the patch tokens) with their labels, in dataset order. In a
-distributed run every rank embeds its own interleaved slice of the dataset (no padding
-duplicates) and the slices are gathered back to every rank and re-sorted by index. Images
-that fail to load are skipped, counted and reported instead of aborting the whole pass.
+``extract_outputs`` is the engine: it runs a forward function over a dataset in batches and returns its
+outputs with the labels, in dataset order. ``extract_features`` uses it for CLS embeddings (and optionally
+the mean of the patch tokens). In a distributed run every rank embeds its own interleaved slice of the
+dataset (no padding duplicates) and the slices are gathered back to every rank and re-sorted by index.
+Images that fail to load are skipped, counted and reported instead of aborting the whole pass.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
-from torchvision.transforms.v2 import functional as TF
 
 from dinoscale import distributed
-from dinoscale.device import autocast, inference_autocast_dtype, resolve_device
 from dinoscale.data.datasets import ImageFolderDataset, TransformedDataset, load_rgb
+from dinoscale.device import autocast, inference_autocast_dtype
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _MAX_SKIP_LOGS = 10  # individual warnings per extraction; the total is always reported
-
-
-# --------------------------------------------------------------------------------------
-# Eval transform
-# --------------------------------------------------------------------------------------
-
-
-def round_to_patch(size: int, patch_size: int) -> int:
-    """Nearest multiple of ``patch_size`` (at least one patch)."""
-    if size < 1 or patch_size < 1:
-        raise ValueError(f"image size and patch size must be positive, got {size}, {patch_size}")
-    return max(patch_size, int(round(size / patch_size)) * patch_size)
-
-
-def to_uint8_or_float_chw(image: Any) -> torch.Tensor:
-    """Convert PIL / bytes / numpy / tensor input to a (3, H, W) tensor (uint8 or float in [0, 1]).
-
-    Grayscale and RGBA inputs become RGB. Encoded bytes are decoded with PIL.
-    """
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        image = Image.open(io.BytesIO(bytes(image)))
-    if isinstance(image, Image.Image):
-        return TF.pil_to_tensor(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        array = image
-        if array.ndim == 3 and array.shape[-1] in (1, 3, 4) and array.shape[0] not in (1, 3):
-            array = np.moveaxis(array, -1, 0)  # HWC -> CHW
-        image = torch.from_numpy(np.ascontiguousarray(array))
-    if not isinstance(image, torch.Tensor):
-        raise TypeError(f"unsupported image type {type(image).__name__} (expected PIL, bytes, ndarray or tensor)")
-    if image.ndim == 2:
-        image = image[None]
-    if image.ndim != 3:
-        raise ValueError(f"image tensor must be (H, W) or (C, H, W), got shape {tuple(image.shape)}")
-    channels = image.shape[0]
-    if channels == 1:
-        image = image.expand(3, -1, -1)
-    elif channels == 4:
-        image = image[:3]
-    elif channels != 3:
-        raise ValueError(f"image must have 1, 3 or 4 channels, got {channels} (shape {tuple(image.shape)})")
-    if image.dtype != torch.uint8 and not image.dtype.is_floating_point:
-        raise ValueError(f"image tensor must be uint8 or floating point in [0, 1], got {image.dtype}")
-    return image.contiguous()
-
-
-class EvalTransform:
-    """Resize the shorter side, center-crop to a multiple of the patch size, normalise.
-
-    The resize keeps DINO's 256/224 ratio by default (``crop_ratio = 224/256``): the shorter
-    side goes to ``crop_size / crop_ratio`` and the central ``crop_size`` square is kept.
-    Use ``crop_ratio=1.0`` for small images whose borders matter (e.g. Fashion-MNIST).
-    """
-
-    def __init__(
-        self,
-        image_size: int,
-        patch_size: int,
-        crop_ratio: float = 224 / 256,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
-        if not 0 < crop_ratio <= 1:
-            raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
-        self.crop_size = round_to_patch(image_size, patch_size)
-        self.resize_size = int(math.floor(self.crop_size / crop_ratio + 0.5))
-        self.mean = list(mean)
-        self.std = list(std)
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        x = to_uint8_or_float_chw(image)
-        x = TF.to_dtype(x, torch.float32, scale=True)  # uint8 -> [0, 1]
-        x = TF.resize(x, [self.resize_size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        x = TF.center_crop(x, [self.crop_size, self.crop_size]).clamp_(0.0, 1.0)
-        return TF.normalize(x, self.mean, self.std)
-
-    def __repr__(self) -> str:
-        return f"EvalTransform(resize={self.resize_size}, crop={self.crop_size})"
-
-
-def eval_transform(image_size: int, patch_size: int, crop_ratio: float = 224 / 256) -> EvalTransform:
-    """The standard evaluation transform (see ``EvalTransform``)."""
-    return EvalTransform(image_size, patch_size, crop_ratio=crop_ratio)
 
 
 # --------------------------------------------------------------------------------------
@@ -260,6 +171,19 @@ def extract_outputs(
     """Run ``forward_fn(model, images) -> {name: (B, ...) tensor}`` over a dataset.
 
     This is the engine behind ``extract_features`` and the linear-probe feature cache.
+
+    Args:
+        dataset_or_loader: a map-style dataset yielding (image, label) or a DataLoader over
+            one (its batch size / workers are kept; sampler and collate are replaced so ranks
+            can shard and bad samples can be skipped).
+        device: where to run; default the model's device. A different device moves the
+            model there for the pass and back afterwards.
+        autocast_dtype: None = bf16 on CPUs with native bf16 and on CUDA (fp16 if no bf16),
+            else fp32; pass torch.float32 / "fp32" to disable, or a dtype to force.
+        transform: applied to each sample's image (e.g. ``eval_transform(224, 14)``) when the
+            dataset does not transform itself.
+        progress, desc: show a progress bar (main process only) with this label.
+
     Returns the concatenated float32 CPU outputs plus ``labels`` (N,), ``indices`` (N,)
     (dataset positions of the kept samples), ``num_skipped`` and ``skipped`` (list of
     (index, error) for samples that failed to load). For a map-style dataset the rows are in
@@ -445,166 +369,23 @@ def extract_features(
     model: torch.nn.Module,
     dataset_or_loader: Dataset | DataLoader,
     *,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: Optional[str | torch.device] = None,
-    autocast_dtype: Any = None,
     pooled_patches: bool = False,
-    progress: bool = True,
-    transform: Optional[Callable] = None,
+    **options: Any,
 ) -> Dict[str, Any]:
     """Embed a dataset with a frozen backbone.
 
     Args:
         model: a ``DinoVisionTransformer`` (uses ``forward_features``) or any module whose
             ``model(x)`` returns (B, D) embeddings.
-        dataset_or_loader: a map-style dataset yielding (image, label) or a DataLoader over
-            one (its batch size / workers are kept; sampler and collate are replaced so ranks
-            can shard and bad samples can be skipped).
-        device: where to run; default the model's device. A different device moves the
-            model there for the pass and back afterwards.
-        autocast_dtype: None = bf16 on CPUs with native bf16 and on CUDA (fp16 if no bf16),
-            else fp32; pass torch.float32 / "fp32" to disable, or a dtype to force.
         pooled_patches: also return the mean of the last block's normalised patch tokens.
-        transform: applied to each sample's image (e.g. ``eval_transform(224, 14)``) when the
-            dataset does not transform itself.
+        options: ``batch_size``, ``num_workers``, ``device``, ``autocast_dtype``, ``transform``,
+            ``progress`` as in :func:`extract_outputs`.
 
     Returns:
         ``{"cls": (N, D) float32, "patch_mean": (N, D) (if pooled_patches), "labels": (N,)
         long, "indices": (N,) long, "num_skipped": int, "skipped": [(index, error)]}``.
     """
-    return extract_outputs(
-        model,
-        dataset_or_loader,
-        _default_forward(pooled_patches),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        autocast_dtype=autocast_dtype,
-        transform=transform,
-        progress=progress,
-        desc="features",
-    )
-
-
-# --------------------------------------------------------------------------------------
-# Helpers shared by the evaluation CLIs
-# --------------------------------------------------------------------------------------
-
-
-def _parse_value(text: str) -> Any:
-    import ast
-
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare word such as mlp or swiglufused
-
-
-def parse_model_args(items: Sequence[str]) -> Dict[str, Any]:
-    """``["embed_dim=32", "depth=2"]`` -> ``{"embed_dim": 32, "depth": 2}`` (Python literals)."""
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"model argument {item!r} is not KEY=VALUE")
-        kwargs[key.strip()] = _parse_value(value.strip())
-    return kwargs
-
-
-def _run_weights(run_dir: Path) -> Path:
-    """The best backbone weights of a training output directory (export first, else newest checkpoint)."""
-    for name in ("teacher_backbone.safetensors", "teacher_backbone.pth"):
-        if (run_dir / "export" / name).is_file():
-            return run_dir / "export" / name
-    from dinoscale.checkpoint import latest_checkpoint
-
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        raise FileNotFoundError(f"{run_dir} has config.yaml but neither export/teacher_backbone.* nor a checkpoint")
-    return latest
-
-
-def load_backbone(
-    arch: Optional[str] = None,
-    weights: Optional[str] = None,
-    *,
-    config: Optional[str] = None,
-    overrides: Sequence[str] = (),
-    model_kwargs: Optional[Dict[str, Any]] = None,
-) -> torch.nn.Module:
-    """A frozen (eval, no grad) backbone for evaluation.
-
-    * ``arch`` a ``dinoscale.hub`` name (``dinov2_vits14``, ``dinov2_vitb14_reg``, ...): built by
-      ``hub.load(arch, weights=weights, **model_kwargs)``;
-    * ``arch`` a plain ViT constructor (``vit_small``, ``vit_base``, ``vit_large``, ``vit_giant2``)
-      with ``model_kwargs`` (patch_size, num_register_tokens, embed_dim, ...);
-    * ``config`` a dinoscale training config (+ ``overrides``): the backbone of ``model:``;
-    * ``weights`` a training output directory (holding ``config.yaml``): its config and its
-      exported teacher (or newest checkpoint).
-
-    ``weights`` may be any file/directory ``dinoscale.hub.load_state_dict_any`` understands
-    (official DINOv2 .pth, timm, Hugging Face, dinoscale checkpoints).
-    """
-    from dinoscale import hub
-    from dinoscale.models import vit
-
-    model_kwargs = dict(model_kwargs or {})
-    if weights is not None and Path(weights).is_dir() and (Path(weights) / "config.yaml").is_file():
-        if config is None and arch is None:
-            config = str(Path(weights) / "config.yaml")
-        weights = str(_run_weights(Path(weights)))
-    if config is not None:
-        if arch is not None:
-            raise ValueError("give either an arch or a config, not both")
-        from dinoscale.config import load_config
-        from dinoscale.methods.dinov2 import build_backbone
-
-        cfg = load_config(config, overrides)
-        model = build_backbone(cfg.model, drop_path_rate=0.0)
-        if weights is not None:
-            hub.load_state_dict_any(model, weights)
-    elif arch in hub.MODELS:
-        model = hub.load(arch, weights=weights, **model_kwargs)
-    elif arch in ("vit_small", "vit_base", "vit_large", "vit_giant2"):
-        model = getattr(vit, arch)(**model_kwargs)
-        if weights is not None:
-            hub.load_state_dict_any(model, weights)
-    elif arch is None:
-        raise ValueError("no backbone given: pass an arch (e.g. dinov2_vits14), a config, or a run directory")
-    else:
-        known = sorted(hub.MODELS) + ["vit_base", "vit_giant2", "vit_large", "vit_small"]
-        raise ValueError(f"unknown arch {arch!r}; choose one of {known}")
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def add_backbone_args(parser) -> None:
-    """The backbone options shared by the evaluation CLIs (see ``backbone_from_args``)."""
-    group = parser.add_argument_group("backbone")
-    group.add_argument("--arch", help="dinoscale.hub name (dinov2_vits14, dinov2_vitb14_reg, ...) or vit_small/...")
-    group.add_argument(
-        "--weights",
-        help="checkpoint: official DINOv2 .pth, timm/HF weights, a dinoscale export or checkpoint, or a run directory",
-    )
-    group.add_argument("--config", help="dinoscale training config whose model: section defines the backbone")
-    group.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    group.add_argument(
-        "--model-arg", action="append", default=[], metavar="KEY=VALUE",
-        help="constructor argument for --arch, e.g. --model-arg embed_dim=32 --model-arg depth=2",
-    )
-
-
-def backbone_from_args(args) -> torch.nn.Module:
-    return load_backbone(
-        args.arch,
-        args.weights,
-        config=args.config,
-        overrides=args.override,
-        model_kwargs=parse_model_args(args.model_arg),
-    )
+    return extract_outputs(model, dataset_or_loader, _default_forward(pooled_patches), **options)
 
 
 def sample_names(dataset: Dataset, indices: torch.Tensor) -> List[str]:

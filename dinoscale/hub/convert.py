@@ -1,0 +1,226 @@
+"""Finding the backbone in a checkpoint and converting it to the official DINOv2 layout.
+
+The official layout is that of :class:`~dinoscale.models.vit.DinoVisionTransformer`. Understood inputs:
+
+* the official DINOv2 ``.pth`` (also with the training code's chunked ``blocks.<chunk>.<i>.`` names);
+* a timm ``vit_*_dinov2`` state dict (``reg_token``, patch-only ``pos_embed``, packed SwiGLU ``fc1/fc2``,
+  optionally split ``q/k/v`` projections);
+* a Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` state dict (saved or in-memory names);
+* a dinoscale (or DINOv2) training checkpoint: wrapper keys ``model``/``teacher``/``state_dict``, prefixes
+  such as ``module.``, ``_orig_mod.``, ``backbone.``, ``teacher.backbone.`` (the teacher is preferred when a
+  student is present too).
+
+The layout is detected from the keys. Every converter is a pure function from a state dict to the official
+layout; keys it does not know are passed through, so they show up as "unexpected" when loading.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping
+
+import torch
+
+from dinoscale.hub.io import WeightsLoadError
+from dinoscale.parallel import strip_wrapper_prefixes
+
+logger = logging.getLogger(__name__)
+
+# Keys that mark the root of a backbone in the official/timm and in the Hugging Face layouts.
+_BACKBONE_MARKERS = ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight")
+
+
+def flatten_state_dict(obj: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Nested dicts -> one flat dict with '.'-joined keys; only tensor values are kept."""
+    flat = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_state_dict(value, name + "."))
+        elif isinstance(value, torch.Tensor):
+            if hasattr(value, "full_tensor"):  # a DTensor handed over in memory: gather it
+                value = value.full_tensor()
+            flat[name] = value
+    return flat
+
+
+def strip_wrapper_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop ``module.``, ``_orig_mod.`` and FSDP/checkpoint-wrapper components anywhere in the keys."""
+    out = {}
+    for key, value in state_dict.items():
+        new_key = strip_wrapper_prefixes(key)
+        if new_key in out:
+            raise WeightsLoadError(f"keys collide after removing wrapper prefixes: {new_key!r}")
+        out[new_key] = value
+    return out
+
+
+def select_backbone(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Find the backbone inside a (training) checkpoint and strip its prefix.
+
+    The backbone root is where a patch-embedding key (``patch_embed.proj.weight`` or the Hugging Face
+    ``embeddings.patch_embeddings.projection.weight``) sits; e.g. ``teacher.backbone.``. With several
+    roots (student and teacher), the one under ``teacher`` wins. Returns ``(sub_state_dict, prefix)``.
+    """
+    prefixes = set()
+    for key in state_dict:
+        for marker in _BACKBONE_MARKERS:
+            if key == marker or key.endswith("." + marker):
+                prefixes.add(key[: len(key) - len(marker)])
+    if not prefixes:
+        return dict(state_dict), ""  # nothing recognisable: let the layout check report the keys
+    if len(prefixes) > 1:
+        teacher = {p for p in prefixes if "teacher" in p.split(".")}
+        if len(teacher) == 1:
+            prefixes = teacher
+        else:
+            raise WeightsLoadError(f"checkpoint holds several backbones {sorted(prefixes)}; cannot tell which to load")
+    (prefix,) = prefixes
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
+
+
+def is_square(n: int) -> bool:
+    """Whether ``n`` position slots form a square patch grid."""
+    return n > 0 and math.isqrt(n) ** 2 == n
+
+
+_TIMM_SPLIT_QKV = re.compile(r"(blocks\.\d+\.attn)\.(q|k|v)(?:_proj)?\.(weight|bias)")
+_TIMM_QV_BIAS = re.compile(r"(blocks\.\d+\.attn)\.(q|v)_bias")
+
+
+def _is_packed_swiglu(state_dict: Mapping[str, torch.Tensor], mlp: str) -> bool:
+    """timm packs SwiGLU's two input projections into ``fc1`` (twice as wide as ``fc2``'s input)."""
+    fc1, fc2 = state_dict.get(f"{mlp}.fc1.weight"), state_dict.get(f"{mlp}.fc2.weight")
+    return fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]
+
+
+def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """``"huggingface"``, ``"timm"`` or ``"dinov2"`` (the official layout), from key names and shapes."""
+    keys = state_dict.keys()
+    if any(k.startswith(("embeddings.", "encoder.layer.", "layernorm.")) for k in keys):
+        return "huggingface"
+    if "reg_token" in keys:
+        return "timm"
+    pos_embed = state_dict.get("pos_embed")
+    if pos_embed is not None and pos_embed.ndim == 3 and is_square(pos_embed.shape[1]):
+        return "timm"  # no class slot: timm's no_embed_class variant
+    for key in keys:
+        if _TIMM_SPLIT_QKV.fullmatch(key) or _TIMM_QV_BIAS.fullmatch(key):
+            return "timm"
+        m = re.fullmatch(r"(blocks\.\d+\.mlp)\.fc1\.weight", key)
+        if m and _is_packed_swiglu(state_dict, m.group(1)):
+            return "timm"
+    return "dinov2"
+
+
+def dinov2_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official layout: flatten the training code's chunked ``blocks.<chunk>.<i>.`` names to ``blocks.<i>.``."""
+    # In a chunked model the inner index is already the global block index (chunks are padded with Identity).
+    return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state_dict.items()}
+
+
+def _fuse_qkv(parts: dict[str, torch.Tensor], where: str) -> torch.Tensor:
+    missing = [name for name in ("q", "k", "v") if name not in parts]
+    if missing:
+        raise WeightsLoadError(f"{where}: found only {sorted(parts)} of the q/k/v projections")
+    return torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+
+
+def timm_to_dinov2(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm ``vit_*_dinov2`` layout -> official layout.
+
+    timm's register models fold the class position embedding into ``cls_token`` and keep a patch-only
+    ``pos_embed``; a zero class slot reproduces the same sum. SwiGLU ``fc1/fc2`` (packed) become ``w12/w3``.
+    Split ``q/k/v`` projections are fused into ``qkv``; a classifier ``head`` is dropped (not a backbone part).
+    """
+    out, qkv = {}, {}
+    for key, value in state_dict.items():
+        if key == "reg_token":
+            out["register_tokens"] = value
+        elif key == "pos_embed" and value.ndim == 3 and is_square(value.shape[1]):
+            out[key] = torch.cat([value.new_zeros(1, 1, value.shape[2]), value], dim=1)
+        elif key.startswith("head."):
+            logger.warning("ignoring classifier weights %s (not part of the backbone)", key)
+        elif m := _TIMM_SPLIT_QKV.fullmatch(key):
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+        elif m := _TIMM_QV_BIAS.fullmatch(key):
+            # BEiT/EVA style: no key bias (zeros keep the projection identical).
+            qkv.setdefault((m.group(1), "bias"), {})[m.group(2)] = value
+            qkv[(m.group(1), "bias")].setdefault("k", torch.zeros_like(value))
+        else:
+            out[key] = value
+    for (prefix, kind), parts in qkv.items():
+        out[f"{prefix}.qkv.{kind}"] = _fuse_qkv(parts, f"{prefix}.qkv.{kind}")
+    for key in list(out):
+        m = re.fullmatch(r"(blocks\.\d+\.mlp)\.fc1\.weight", key)
+        if m and _is_packed_swiglu(out, m.group(1)):
+            mlp = m.group(1)
+            for old, new in (("fc1", "w12"), ("fc2", "w3")):
+                for param in ("weight", "bias"):
+                    if f"{mlp}.{old}.{param}" in out:
+                        out[f"{mlp}.{new}.{param}"] = out.pop(f"{mlp}.{old}.{param}")
+    return dinov2_filter_fn(out)
+
+
+_HF_RENAMES = [
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.mask_token", "mask_token"),
+    (r"embeddings\.register_tokens", "register_tokens"),
+    (r"embeddings\.position_embeddings", "pos_embed"),
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"encoder\.layer\.(\d+)\.(norm1|norm2)\.(weight|bias)", r"blocks.\1.\2.\3"),
+    (r"encoder\.layer\.(\d+)\.attention\.(?:output\.dense|o_proj)\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layer\.(\d+)\.layer_scale1\.lambda1", r"blocks.\1.ls1.gamma"),
+    (r"encoder\.layer\.(\d+)\.layer_scale2\.lambda1", r"blocks.\1.ls2.gamma"),
+    (r"encoder\.layer\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
+    (r"encoder\.layer\.(\d+)\.mlp\.weights_in\.(weight|bias)", r"blocks.\1.mlp.w12.\2"),
+    (r"encoder\.layer\.(\d+)\.mlp\.(?:weights_out|down_proj)\.(weight|bias)", r"blocks.\1.mlp.w3.\2"),
+    (r"layernorm\.(weight|bias)", r"norm.\1"),
+]
+_HF_QKV = re.compile(
+    r"encoder\.layer\.(\d+)\.attention\.(?:attention\.(query|key|value)|(q|k|v)_proj)\.(weight|bias)"
+)
+_HF_GATE_UP = re.compile(r"encoder\.layer\.(\d+)\.mlp\.(gate|up)_proj\.(weight|bias)")
+
+
+def hf_to_dinov2(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` layout -> official layout.
+
+    Handles the saved names (``attention.attention.query``, ``mlp.weights_in``) and the in-memory names of
+    transformers >= 5 (``attention.q_proj``, ``mlp.gate_proj/up_proj/down_proj``). Separate q/k/v are fused
+    into ``qkv``; SwiGLU gate and up projections are packed into ``w12`` as ``[gate; up]``.
+    """
+    out, qkv, gate_up = {}, {}, {}
+    short = {"query": "q", "key": "k", "value": "v"}
+    for key, value in state_dict.items():
+        if m := _HF_QKV.fullmatch(key):
+            name = short.get(m.group(2)) or m.group(3)
+            qkv.setdefault((m.group(1), m.group(4)), {})[name] = value
+            continue
+        if m := _HF_GATE_UP.fullmatch(key):
+            gate_up.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+            continue
+        for pattern, replacement in _HF_RENAMES:
+            if re.fullmatch(pattern, key):
+                out[re.sub(pattern, replacement, key)] = value
+                break
+        else:
+            out[key] = value  # unknown: reported as unexpected
+    for (layer, kind), parts in qkv.items():
+        out[f"blocks.{layer}.attn.qkv.{kind}"] = _fuse_qkv(parts, f"encoder.layer.{layer}.attention {kind}")
+    for (layer, kind), parts in gate_up.items():
+        if set(parts) != {"gate", "up"}:
+            raise WeightsLoadError(f"encoder.layer.{layer}.mlp: found only {sorted(parts)} of gate_proj/up_proj")
+        out[f"blocks.{layer}.mlp.w12.{kind}"] = torch.cat([parts["gate"], parts["up"]], dim=0)
+    return out
+
+
+_CONVERTERS = {"dinov2": dinov2_filter_fn, "timm": timm_to_dinov2, "huggingface": hf_to_dinov2}
+
+
+def convert_to_dinov2(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Detect the layout of a backbone state dict and convert it; returns ``(state_dict, layout)``."""
+    layout = detect_layout(state_dict)
+    return _CONVERTERS[layout](state_dict), layout

@@ -1,0 +1,143 @@
+"""Reading checkpoints: files, ``save_pretrained`` directories, torch.distributed.checkpoint directories, URLs.
+
+Every ``torch.load`` here runs with ``weights_only=True``: tensors and plain containers only, no arbitrary
+objects are unpickled. Safetensors files are read with ``safetensors``; a DCP directory with
+:func:`dinoscale.checkpoint.read_dcp_checkpoint` (tensors only). What comes back is the raw object (usually a
+possibly nested dict of tensors); finding and converting the backbone in it is ``dinoscale.hub.convert``'s job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from safetensors.torch import load_file as load_safetensors
+
+from dinoscale.checkpoint import CheckpointError, read_dcp_checkpoint
+
+MAX_LISTED = 12  # names shown in an error message before "... and N more"
+
+
+class WeightsLoadError(ValueError):
+    """Weights could not be read, or do not match the model (detected layout and mismatches in the message)."""
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    # A safetensors file starts with a little-endian u64 header length followed by a JSON object.
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0
+
+
+def _zip_problem(path: Path) -> str | None:
+    """Why a torch.save (zip) file cannot be opened, if the zip structure itself is broken."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return f"the zip archive is truncated or corrupt (no central directory; {path.stat().st_size} bytes)"
+    if magic == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            return f"the zip archive is corrupt ({e})"
+        if bad is not None:
+            return f"the zip archive is corrupt (bad CRC in member {bad})"
+    return None
+
+
+def _torch_load(path: Path):
+    problem = _zip_problem(path)
+    if problem is not None:
+        raise WeightsLoadError(f"could not read checkpoint file {path}: {problem}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+        if not is_zip:  # not torch.save's format: a legacy pickle or garbage
+            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = f"not a torch.save zip archive nor a safetensors file, and unpickling failed ({first_line})"
+        else:  # torch.save's format, holding objects other than tensors and plain containers
+            reason = str(e)
+        raise WeightsLoadError(f"could not read checkpoint file {path} ({path.stat().st_size} bytes): {reason}") from e
+
+
+def _read_file(path: Path):
+    try:
+        if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+            return load_safetensors(str(path), device="cpu")
+        return _torch_load(path)
+    except WeightsLoadError:
+        raise
+    except Exception as e:  # truncated pickle, bad header, ... -- name the file and the reason
+        size = path.stat().st_size
+        raise WeightsLoadError(
+            f"could not read checkpoint file {path} ({size} bytes): {type(e).__name__}: {e}"
+        ) from e
+
+
+def _read_dcp(path: Path) -> dict:
+    try:
+        return read_dcp_checkpoint(path)
+    except CheckpointError as e:
+        raise WeightsLoadError(f"could not read distributed checkpoint {path}: {e}") from e
+
+
+def _read_hf_directory(path: Path) -> dict | None:
+    """State dict of a ``save_pretrained`` directory (single file or sharded with an index), else None."""
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).is_file():
+            return _read_file(path / single)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            try:
+                weight_map = json.loads((path / index).read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise WeightsLoadError(f"could not read shard index {path / index}: {e}") from e
+            state_dict = {}
+            for shard in sorted(set(weight_map.values())):
+                state_dict.update(_read_file(path / shard))
+            return state_dict
+    return None
+
+
+def _read_url(url: str):
+    if urlparse(url).path.endswith(".safetensors"):
+        # load_state_dict_from_url only unpickles; download into the same torch hub cache and read here.
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        if not cached.is_file():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(cached), progress=True)
+        return _read_file(cached)
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsLoadError(f"could not load weights from {url}: {type(e).__name__}: {e}") from e
+
+
+def read_checkpoint(path_or_url: str | os.PathLike):
+    """Read a checkpoint file, directory (HF ``save_pretrained`` or torch.distributed.checkpoint) or URL."""
+    source = str(path_or_url)
+    if source.startswith(("http://", "https://")):
+        return _read_url(source)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        if (path / ".metadata").is_file():
+            return _read_dcp(path)
+        state_dict = _read_hf_directory(path)
+        if state_dict is None:
+            listing = sorted(p.name for p in path.iterdir())[:MAX_LISTED]
+            raise WeightsLoadError(
+                f"directory {path} is neither a torch.distributed.checkpoint (no .metadata) nor a "
+                f"save_pretrained directory (no model.safetensors / pytorch_model.bin); it contains {listing}"
+            )
+        return state_dict
+    return _read_file(path)
