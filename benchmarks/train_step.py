@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:
 from dinoscale.config import load_config  # noqa: E402
 from dinoscale.cpu_malloc import keep_freed_memory  # noqa: E402
 from dinoscale.device import autocast as autocast_in, training_autocast_dtype  # noqa: E402
-from dinoscale.methods import build_method  # noqa: E402
+from dinoscale.methods.registry import build_method  # noqa: E402
 from dinoscale.train.flops import example_batch, peak_flops, step_flops  # noqa: E402
 from dinoscale.train.loop import apply_parallelism  # noqa: E402
 from dinoscale.train.optim import apply_schedule_, build_optimizer, clip_grad_norm_, get_param_groups  # noqa: E402

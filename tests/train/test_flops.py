@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dinoscale.config import load_config
-from dinoscale.methods import build_method
+from dinoscale.methods.registry import build_method
 from dinoscale.models import vit
 from dinoscale.parallel import parallelize
 from dinoscale.train import flops
