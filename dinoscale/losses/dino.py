@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from dinoscale.losses.center import CenteredPrototypeLoss

@@ -56,9 +56,9 @@ class Method(Protocol):
         ``student["backbone"]`` is a ``DinoVisionTransformer``: the loop reads its ``patch_size`` and
         ``n_blocks``, loads ``model.pretrained_weights`` into it, and evaluates and exports it when there is no
         teacher. The student's backbone is the first network built (so the loop's seed fixes it: the
-        benchmarks' "random init" rebuilds it). Every student parameter that requires grad must get a gradient
-        in every step (the checkpointed optimizer state has to cover every parameter it optimizes): turn off
-        ``requires_grad`` of what the objective never uses (e.g. ``backbone.mask_token`` without masking).
+        benchmarks' "random init" rebuilds it). Every student parameter that requires grad must take part in the
+        loss, since the optimizer's state, which is checkpointed, has to cover every parameter it optimizes: turn
+        off ``requires_grad`` of what the objective never uses (e.g. ``backbone.mask_token`` without masking).
 
         ``teacher`` is an EMA copy of the student: the same keys and parameter names (the loop copies the
         student's weights into it, freezes it and updates it as ``m * teacher + (1 - m) * student`` after
