@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:
 from dinoscale.config import load_config  # noqa: E402
 from dinoscale.cpu_malloc import keep_freed_memory  # noqa: E402
 from dinoscale.device import autocast as autocast_in, training_autocast_dtype  # noqa: E402
-from dinoscale.methods import build_method  # noqa: E402
+from dinoscale.methods.registry import build_method  # noqa: E402
 from dinoscale.train.perf.flops import example_batch, step_flops  # noqa: E402
 from dinoscale.train.perf.peak import peak_flops  # noqa: E402
 from dinoscale.train.loop import apply_parallelism  # noqa: E402

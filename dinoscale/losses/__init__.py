@@ -1,7 +1,4 @@
-"""Self-supervised losses. One loss per module; each is a small ``nn.Module``."""
+"""Self-supervised losses, one per module, each a small ``nn.Module``; import them from their module.
 
-from dinoscale.losses.dino import DINOLoss, dino_cls_loss, sinkhorn_knopp, soft_cross_entropy
-from dinoscale.losses.ibot import iBOTPatchLoss
-from dinoscale.losses.koleo import KoLeoLoss
-
-__all__ = ["DINOLoss", "dino_cls_loss", "sinkhorn_knopp", "soft_cross_entropy", "iBOTPatchLoss", "KoLeoLoss"]
+``center`` holds the teacher targets that DINO's and iBOT's losses share (EMA centering, Sinkhorn-Knopp).
+"""

@@ -1,8 +1,8 @@
 """DINO self-distillation loss on the [CLS] token (Caron et al. 2021, Oquab et al. 2023).
 
 The teacher's prototype scores are turned into targets either by centering + sharpening
-(``softmax_center_teacher``) or by Sinkhorn-Knopp (``sinkhorn_knopp_teacher``); the student is
-trained with the cross-entropy against these targets.
+(``softmax_center_teacher``) or by Sinkhorn-Knopp (``sinkhorn_knopp_teacher``), both from
+``dinoscale.losses.center``; the student is trained with the cross-entropy against these targets.
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from dinoscale import distributed
+from dinoscale.losses.center import CenteredPrototypeLoss
 
-__all__ = ["DINOLoss", "dino_cls_loss", "sinkhorn_knopp", "soft_cross_entropy"]
+__all__ = ["DINOLoss", "dino_cls_loss", "soft_cross_entropy"]
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -29,51 +28,7 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor
     return -torch.sum(teacher_probs.float() * log_p, dim=-1)
 
 
-@torch.no_grad()
-def sinkhorn_knopp(
-    teacher_output: torch.Tensor, teacher_temp: float, n_local_samples, n_iterations: int = 3
-) -> torch.Tensor:
-    """Sinkhorn-Knopp soft assignment of samples to prototypes, exact across ranks.
-
-    With ``Q = exp(teacher_output / teacher_temp)^T`` of shape ``(K, B_local)`` and
-    ``B = sum over ranks of n_local_samples``::
-
-        Q <- Q / sum(Q)                               # global sum
-        repeat n_iterations:
-            Q[k, :] <- Q[k, :] / (K * sum_b Q[k, b])  # each prototype gets mass 1/K (global row sums)
-            Q[:, b] <- Q[:, b] / (B * sum_k Q[k, b])  # each sample gets mass 1/B
-        return (B * Q)^T                              # (B_local, K), every row sums to 1
-
-    The last step normalises the samples, so each output row sums to 1 exactly; the
-    prototype marginals ``sum_b out[b, k]`` approach ``B / K`` as the iterations converge.
-    The scores are shifted by their global maximum before ``exp``; the shift is a constant
-    factor on ``Q`` that the first normalisation removes, and it keeps ``exp`` finite at low
-    temperatures.
-    """
-    if n_iterations < 1:
-        raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
-    if teacher_output.ndim != 2:
-        raise ValueError(f"sinkhorn_knopp expects a (samples, prototypes) tensor, got shape {tuple(teacher_output.shape)}")
-    scores = teacher_output.float() / teacher_temp
-    local_max = scores.max().reshape(1) if scores.numel() > 0 else scores.new_full((1,), float("-inf"))
-    global_max = distributed.all_gather_no_grad(local_max).max()
-    q = torch.exp(scores - global_max).t()  # (K, B_local)
-    n_prototypes = q.shape[0]
-
-    # One collective for the global sum of Q and the global number of samples.
-    totals = torch.stack([q.sum(), torch.as_tensor(n_local_samples, dtype=q.dtype, device=q.device)])
-    distributed.all_reduce_sum_(totals)
-    sum_q, n_samples = totals[0], totals[1]
-    q /= sum_q
-    for _ in range(n_iterations):
-        row_sums = distributed.all_reduce_sum_(q.sum(dim=1, keepdim=True))
-        q /= row_sums * n_prototypes
-        q /= q.sum(dim=0, keepdim=True) * n_samples
-    q *= n_samples
-    return q.t()
-
-
-class DINOLoss(nn.Module):
+class DINOLoss(CenteredPrototypeLoss):
     """Cross-entropy between teacher targets and student predictions over ``out_dim`` prototypes.
 
     For student logits ``s`` and teacher probabilities ``t`` (rows of a batch of size ``B``)::
@@ -86,55 +41,15 @@ class DINOLoss(nn.Module):
         t = softmax((teacher_logits - center) / teacher_temp)
         center <- m * center + (1 - m) * mean_b teacher_logits[b]     # mean over the global batch
 
-    ``center`` is a buffer of shape ``(1, out_dim)``, so it is saved in the state_dict. Call
-    ``softmax_center_teacher`` before ``update_center`` in a step: the targets then use the
-    center of the previous steps, as DINOv2's deferred update does.
+    ``center`` is a buffer of shape ``(1, out_dim)``, so it is saved in the state_dict. The teacher targets
+    (centering, Sinkhorn-Knopp) come from :class:`~dinoscale.losses.center.CenteredPrototypeLoss`.
     """
 
+    fused_center_update = True
+    dim_name = "out_dim"
+
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__()
-        if out_dim <= 0:
-            raise ValueError(f"DINOLoss needs a positive out_dim, got {out_dim}")
-        if student_temp <= 0:
-            raise ValueError(f"DINOLoss needs a positive student_temp, got {student_temp}")
-        if not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"DINOLoss needs center_momentum in [0, 1], got {center_momentum}")
-        self.out_dim = out_dim
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    def _check_last_dim(self, tensor: torch.Tensor, what: str) -> None:
-        if tensor.shape[-1] != self.out_dim:
-            raise ValueError(f"{what} has last dimension {tensor.shape[-1]}, expected out_dim={self.out_dim}")
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """``softmax((teacher_output - center) / teacher_temp)`` over the last dimension (float32)."""
-        self._check_last_dim(teacher_output, "teacher_output")
-        return F.softmax((teacher_output.float() - self.center) / teacher_temp, dim=-1)
-
-    @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        """EMA update of the center with the mean teacher output over all ranks' samples."""
-        self._check_last_dim(teacher_output, "teacher_output")
-        flat = teacher_output.reshape(-1, self.out_dim).float()
-        # Sum and sample count travel in one all-reduce: sum / count is the global mean.
-        totals = torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])])
-        distributed.all_reduce_sum_(totals)
-        batch_center = totals[:-1] / totals[-1]
-        self.center.mul_(self.center_momentum).add_(batch_center.unsqueeze(0), alpha=1.0 - self.center_momentum)
-
-    @torch.no_grad()
-    def sinkhorn_knopp_teacher(
-        self, teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3
-    ) -> torch.Tensor:
-        """Sinkhorn-Knopp targets ``(B_local, out_dim)``, see :func:`sinkhorn_knopp`.
-
-        ``B`` is the global batch (local batches summed over ranks).
-        """
-        self._check_last_dim(teacher_output, "teacher_output")
-        return sinkhorn_knopp(teacher_output, teacher_temp, teacher_output.shape[0], n_iterations)
+        super().__init__(out_dim, student_temp, center_momentum, center_shape=(1, out_dim))
 
     def forward(
         self,

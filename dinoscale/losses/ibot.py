@@ -7,16 +7,14 @@ teacher's (unmasked) prototype distribution of that patch.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from dinoscale import distributed
-from dinoscale.losses.dino import sinkhorn_knopp, soft_cross_entropy
+from dinoscale.losses.center import CenteredPrototypeLoss
+from dinoscale.losses.dino import soft_cross_entropy
 
 __all__ = ["iBOTPatchLoss"]
 
 
-class iBOTPatchLoss(nn.Module):  # noqa: N801 - the paper's spelling
+class iBOTPatchLoss(CenteredPrototypeLoss):  # noqa: N801 - the paper's spelling
     """Masked-patch cross-entropy, each image weighted equally.
 
     With ``M`` masked patches in total over ``I`` images, patch ``p`` belonging to image
@@ -32,52 +30,16 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - the paper's spelling
         t_p = softmax((teacher_logits_p - center) / teacher_temp)
         center <- m * center + (1 - m) * mean over all masked patches of all ranks
 
-    ``center`` is a buffer of shape ``(1, 1, patch_out_dim)`` (DINOv2's layout), saved in the
-    state_dict. Call ``softmax_center_teacher`` before ``update_center`` in a step.
+    ``center`` is a buffer of shape ``(1, 1, patch_out_dim)`` (DINOv2's layout), saved in the state_dict. The
+    teacher targets (centering, Sinkhorn-Knopp) come from :class:`~dinoscale.losses.center.CenteredPrototypeLoss`;
+    a step without masked patches on any rank leaves the center unchanged.
     """
 
+    fused_center_update = False
+    dim_name = "patch_out_dim"
+
     def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__()
-        if patch_out_dim <= 0:
-            raise ValueError(f"iBOTPatchLoss needs a positive patch_out_dim, got {patch_out_dim}")
-        if student_temp <= 0:
-            raise ValueError(f"iBOTPatchLoss needs a positive student_temp, got {student_temp}")
-        if not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"iBOTPatchLoss needs center_momentum in [0, 1], got {center_momentum}")
-        self.patch_out_dim = patch_out_dim
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, 1, patch_out_dim))
-
-    def _check_last_dim(self, tensor: torch.Tensor, what: str) -> None:
-        if tensor.shape[-1] != self.patch_out_dim:
-            raise ValueError(
-                f"{what} has last dimension {tensor.shape[-1]}, expected patch_out_dim={self.patch_out_dim}"
-            )
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_patch_tokens: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """``softmax((tokens - center) / teacher_temp)`` for tokens of any shape ``(..., K)`` (float32)."""
-        self._check_last_dim(teacher_patch_tokens, "teacher_patch_tokens")
-        # Flatten the center to (K,) so the output keeps the input's shape.
-        return F.softmax((teacher_patch_tokens.float() - self.center.reshape(-1)) / teacher_temp, dim=-1)
-
-    @torch.no_grad()
-    def update_center(self, teacher_patch_tokens: torch.Tensor) -> None:
-        """EMA update with the mean over all masked patch tokens ``(..., K)`` of all ranks.
-
-        Sum and count are all-reduced, so ranks with different numbers of masked patches are
-        weighted by their patch counts. If no rank has a masked patch the center is unchanged.
-        """
-        self._check_last_dim(teacher_patch_tokens, "teacher_patch_tokens")
-        flat = teacher_patch_tokens.reshape(-1, self.patch_out_dim).float()
-        totals = torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])])
-        distributed.all_reduce_sum_(totals)
-        count = totals[-1]
-        batch_center = totals[:-1] / count.clamp(min=1.0)
-        updated = self.center * self.center_momentum + batch_center.reshape(1, 1, -1) * (1.0 - self.center_momentum)
-        # torch.where instead of an `if` keeps this free of a host-device sync.
-        self.center.copy_(torch.where(count > 0, updated, self.center))
+        super().__init__(patch_out_dim, student_temp, center_momentum, center_shape=(1, 1, patch_out_dim))
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
@@ -87,20 +49,19 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - the paper's spelling
         n_masked_patches_tensor,
         n_iterations: int = 3,
     ) -> torch.Tensor:
-        """Sinkhorn-Knopp targets for this rank's masked patches, see :func:`~dinoscale.losses.dino.sinkhorn_knopp`.
+        """Sinkhorn-Knopp targets for this rank's masked patches, see :func:`~dinoscale.losses.center.sinkhorn_knopp`.
 
         ``teacher_output`` is ``(n_masked_local, K)``; ``n_masked_patches_tensor`` (int or
         tensor, not modified) is this rank's number of masked patches, summed over ranks to
         give ``B``. It must equal the number of rows of ``teacher_output``.
         """
-        self._check_last_dim(teacher_output, "teacher_output")
         n_local = torch.as_tensor(n_masked_patches_tensor).reshape(-1)
         if n_local.numel() != 1 or int(n_local.item()) != teacher_output.shape[0]:
             raise ValueError(
                 f"n_masked_patches_tensor ({n_masked_patches_tensor}) must be the number of rows of "
                 f"teacher_output ({teacher_output.shape[0]})"
             )
-        return sinkhorn_knopp(teacher_output, teacher_temp, teacher_output.shape[0], n_iterations)
+        return super().sinkhorn_knopp_teacher(teacher_output, teacher_temp, n_iterations)
 
     def forward_masked(
         self,

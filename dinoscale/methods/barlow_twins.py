@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dinoscale.losses.barlow_twins import BarlowTwinsLoss
-from dinoscale.methods.views import TwoViewMethod
+from dinoscale.methods.two_view import TwoViewMethod
 from dinoscale.models.projector import ProjectionMLP
 
 

@@ -1,7 +1,8 @@
 """DINOv2: DINO CLS loss + iBOT masked-patch loss + KoLeo, with an EMA teacher.
 
 This file declares what the method needs (backbones, heads, losses) and computes the loss of one batch.
-It knows nothing of sharding, optimizers or data loading; the train loop owns those.
+It knows nothing of sharding, optimizers or data loading; the train loop owns those. ``DINOv2`` keeps the
+``Method`` contract of ``dinoscale.methods.base``; ``dino.py`` and ``ibot.py`` switch parts of it off.
 
 Batch layout (from ``dinoscale.data.collate.collate_multicrop``), B images per rank:
   global_crops (2B,3,G,G) crop-major [crop A of all images, crop B of all images], local_crops (nL*B,3,L,L),
@@ -10,17 +11,14 @@ Batch layout (from ``dinoscale.data.collate.collate_multicrop``), B images per r
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from dinoscale import distributed
 from dinoscale.data.augment import MultiCropAugmentation
-from dinoscale.data.collate import collate_multicrop
-from dinoscale.data.masking import MaskingGenerator
+from dinoscale.methods.views import multicrop_collate, multicrop_transform
 
+from dinoscale.losses.center import CenteredPrototypeLoss
 from dinoscale.losses.dino import DINOLoss, dino_cls_loss
 from dinoscale.losses.ibot import iBOTPatchLoss
 from dinoscale.losses.koleo import KoLeoLoss
@@ -55,12 +53,40 @@ def build_networks(cfg: DictConfig, *, with_ibot: bool = True) -> tuple[nn.Modul
     return nets[0], nets[1]
 
 
-class DINOv2(nn.Module):
-    """The DINOv2 method: networks, views and loss. Its loss centers are buffers, checkpointed with it.
+def masked_patch_tokens(backbone_out: dict, mask_indices: torch.Tensor) -> torch.Tensor:
+    """The ``(M, D)`` output patch tokens at the masked positions (``mask_indices`` into the flat ``(2B*N)``)."""
+    return backbone_out["x_norm_patchtokens"].flatten(0, 1)[mask_indices]
 
-    The interface every method in ``dinoscale/methods`` offers the train loop:
-      ``build_networks() -> (student, teacher or None)``, ``build_transform()``, ``build_collate(patch_size)``,
-      ``forward(student, teacher, batch, sched) -> (total loss, dict of detached terms)``.
+
+def head_logits(
+    net: nn.ModuleDict, cls_tokens: torch.Tensor, masked_patches: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prototype logits of the [CLS] tokens (``dino_head``) and of the masked patch tokens (``ibot_head``, or
+    ``dino_head`` when iBOT shares it: then one pass over both). ``(cls_logits, patch_logits or None)``."""
+    if masked_patches is None:
+        return net["dino_head"](cls_tokens), None
+    if "ibot_head" in net:
+        return net["dino_head"](cls_tokens), net["ibot_head"](masked_patches)
+    logits = net["dino_head"](torch.cat((cls_tokens, masked_patches)))
+    return logits[: cls_tokens.shape[0]], logits[cls_tokens.shape[0] :]
+
+
+@torch.no_grad()
+def teacher_probs(
+    loss: CenteredPrototypeLoss, logits: torch.Tensor, centering: str, teacher_temp: float, **sinkhorn_args
+) -> torch.Tensor:
+    """Targets from the teacher's logits: centered softmax, then the center's EMA update (``centering``), or
+    Sinkhorn-Knopp (``sinkhorn_knopp``, with the loss's extra ``sinkhorn_args``)."""
+    if centering == "centering":
+        probs = loss.softmax_center_teacher(logits, teacher_temp)
+        loss.update_center(logits)
+        return probs
+    return loss.sinkhorn_knopp_teacher(logits, teacher_temp, **sinkhorn_args)
+
+
+class DINOv2(nn.Module):
+    """The DINOv2 method (a ``dinoscale.methods.base.Method``): networks, views and loss. Its loss centers are
+    buffers (``dino_loss.center``, ``ibot_loss.center``), checkpointed with it.
 
     The class attributes ``use_ibot`` and ``use_koleo`` switch parts of the objective off; the ``dino`` and
     ``ibot`` methods are subclasses that do just that (``dinoscale/methods/dino.py``, ``ibot.py``).
@@ -72,10 +98,11 @@ class DINOv2(nn.Module):
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
-        if cfg.dino.centering not in ("centering", "sinkhorn_knopp"):
-            raise ValueError(f"dino.centering must be 'centering' or 'sinkhorn_knopp', got '{cfg.dino.centering}'")
-        if self.use_ibot and cfg.ibot.centering not in ("centering", "sinkhorn_knopp"):
-            raise ValueError(f"ibot.centering must be 'centering' or 'sinkhorn_knopp', got '{cfg.ibot.centering}'")
+        for section in ("dino", "ibot") if self.use_ibot else ("dino",):
+            if cfg[section].centering not in ("centering", "sinkhorn_knopp"):
+                raise ValueError(
+                    f"{section}.centering must be 'centering' or 'sinkhorn_knopp', got '{cfg[section].centering}'"
+                )
         self.cfg = cfg
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes, cfg.dino.student_temp, cfg.dino.center_momentum)
         if self.use_ibot:
@@ -93,29 +120,15 @@ class DINOv2(nn.Module):
         return student, teacher
 
     def build_transform(self) -> MultiCropAugmentation:
-        c = self.cfg.crops
-        return MultiCropAugmentation(
-            global_crops_scale=tuple(c.global_crops_scale),
-            local_crops_scale=tuple(c.local_crops_scale),
-            local_crops_number=c.local_crops_number,
-            global_crops_size=c.global_crops_size,
-            local_crops_size=c.local_crops_size,
-            photometric_on_device=c.photometric_on_device,
-        )
+        return multicrop_transform(self.cfg.crops, local_crops_number=self.cfg.crops.local_crops_number)
 
     def build_collate(self, patch_size: int):
         """Multi-crop collate with iBOT block masks on the global crops' patch grid (none without iBOT)."""
-        grid = self.cfg.crops.global_crops_size // patch_size
-        n_tokens = grid * grid
-        return partial(
-            collate_multicrop,
-            mask_generator=MaskingGenerator((grid, grid), max_num_patches=int(0.5 * n_tokens)),
-            n_tokens=n_tokens,
-            mask_ratio_tuple=tuple(self.cfg.ibot.mask_ratio_min_max),
+        return multicrop_collate(
+            self.cfg.crops,
+            patch_size,
             mask_probability=self.cfg.ibot.mask_sample_probability if self.use_ibot else 0.0,
-            local_crops_size=self.cfg.crops.local_crops_size,
-            rank=distributed.get_rank(),  # masks are drawn for the global batch; this rank builds its share
-            world_size=distributed.get_world_size(),
+            mask_ratio_min_max=self.cfg.ibot.mask_ratio_min_max,
         )
 
     @torch.no_grad()
@@ -123,34 +136,16 @@ class DINOv2(nn.Module):
         """Teacher probabilities for the global-crop CLS tokens (crop order A, B) and the masked patches
         (None without iBOT)."""
         out = teacher["backbone"](batch["global_crops"], is_training=True)
-        cls = out["x_norm_clstoken"]  # crop order A, B; dino_cls_loss pairs teacher A with student B and back
-        if not self.use_ibot:
-            cls_logits, patch_logits = teacher["dino_head"](cls), None
-        elif "ibot_head" in teacher:
-            patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
-            cls_logits = teacher["dino_head"](cls)
-            patch_logits = teacher["ibot_head"](patches)
-        else:  # shared head: one pass over CLS and masked patches together
-            patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
-            logits = teacher["dino_head"](torch.cat((cls, patches)))
-            cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0] :]
-        cls_logits = cls_logits.float()
-
-        if self.cfg.dino.centering == "centering":
-            cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
-            self.dino_loss.update_center(cls_logits)
-        else:
-            cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
+        # crop order A, B; dino_cls_loss pairs teacher A with student B and back
+        patches = masked_patch_tokens(out, batch["mask_indices"]) if self.use_ibot else None
+        cls_logits, patch_logits = head_logits(teacher, out["x_norm_clstoken"], patches)
+        cls_probs = teacher_probs(self.dino_loss, cls_logits.float(), self.cfg.dino.centering, teacher_temp)
         if patch_logits is None:
             return cls_probs, None
-        patch_logits = patch_logits.float()
-        if self.cfg.ibot.centering == "centering":
-            patch_probs = self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
-            self.ibot_loss.update_center(patch_logits)
-        else:
-            patch_probs = self.ibot_loss.sinkhorn_knopp_teacher(
-                patch_logits, teacher_temp, n_masked_patches_tensor=batch["n_masked_patches"].clone()
-            )
+        patch_probs = teacher_probs(
+            self.ibot_loss, patch_logits.float(), self.cfg.ibot.centering, teacher_temp,
+            n_masked_patches_tensor=batch["n_masked_patches"].clone(),
+        )
         return cls_probs, patch_probs
 
     def forward(self, student: nn.ModuleDict, teacher: nn.ModuleDict, batch: dict, sched: dict):
@@ -162,25 +157,13 @@ class DINOv2(nn.Module):
         crops = [batch["global_crops"], batch["local_crops"]] if has_local else [batch["global_crops"]]
         masks = [global_masks, None] if has_local else [global_masks]
         outs = student["backbone"](crops, masks=masks, is_training=True)
-        global_out = outs[0]
-        global_cls = global_out["x_norm_clstoken"]
-        local_cls = outs[1]["x_norm_clstoken"] if has_local else None
+        global_cls = outs[0]["x_norm_clstoken"]
+        n_global = global_cls.shape[0]
 
         # Student heads: CLS of all crops (and masked patches, when the head is shared) in one pass.
-        n_global = global_cls.shape[0]
-        cls_in = [global_cls] + ([local_cls] if has_local else [])
-        patch_logits = None
-        if not self.use_ibot:
-            cls_logits = student["dino_head"](torch.cat(cls_in))
-        elif "ibot_head" in student:
-            masked_patches = global_out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
-            cls_logits = student["dino_head"](torch.cat(cls_in))
-            patch_logits = student["ibot_head"](masked_patches)
-        else:
-            masked_patches = global_out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
-            logits = student["dino_head"](torch.cat(cls_in + [masked_patches]))
-            n_cls = n_global + (local_cls.shape[0] if has_local else 0)
-            cls_logits, patch_logits = logits[:n_cls], logits[n_cls:]
+        cls_tokens = torch.cat([global_cls] + ([outs[1]["x_norm_clstoken"]] if has_local else []))
+        patches = masked_patch_tokens(outs[0], batch["mask_indices"]) if self.use_ibot else None
+        cls_logits, patch_logits = head_logits(student, cls_tokens, patches)
         cls_logits = cls_logits.float()
 
         global_term, local_term = dino_cls_loss(

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dinoscale.losses.nt_xent import NTXentLoss
-from dinoscale.methods.views import TwoViewMethod
+from dinoscale.methods.two_view import TwoViewMethod
 from dinoscale.models.projector import ProjectionMLP
 
 

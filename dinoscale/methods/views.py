@@ -1,26 +1,26 @@
-"""Views shared by the joint-embedding methods (SimCLR, Barlow Twins, MSN): multi-crop views without masks,
-and ``TwoViewMethod``, the whole step of the methods that compare two views' projected [CLS] tokens.
+"""The multi-crop views of DINOv2, DINO, iBOT, SimCLR, Barlow Twins and MSN: their transform and collate.
 
 The crops come from DINOv2's multi-crop augmentation (``dinoscale.data.augment``): two global crops with the
 asymmetric photometry of BYOL (blur on crop 1, rarely on crop 2, solarisation on crop 2 only; exactly what
-Barlow Twins uses) and optionally local crops. They are collated crop-major by
-``dinoscale.data.collate.collate_multicrop`` with no masks drawn, so ``global_crops.chunk(2)`` gives the two
-views of the same images and ``crops.photometric_on_device`` works as for DINOv2.
+Barlow Twins uses) and ``local_crops_number`` local crops. They are collated crop-major by
+``dinoscale.data.collate.collate_multicrop``, so ``global_crops.chunk(2)`` gives the two views of the same
+images, and ``crops.photometric_on_device`` works the same for every method. Only iBOT's masked-patch loss
+draws masks; the other methods' batches hold empty ones.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Sequence
 
 from omegaconf import DictConfig
-from torch import nn
 
+from dinoscale import distributed
 from dinoscale.data.augment import MultiCropAugmentation
 from dinoscale.data.collate import collate_multicrop
 from dinoscale.data.masking import MaskingGenerator
-from dinoscale.models.factory import build_backbone
 
-__all__ = ["TwoViewMethod", "multicrop_transform", "multicrop_collate"]
+__all__ = ["multicrop_collate", "multicrop_transform"]
 
 
 def multicrop_transform(crops: DictConfig, *, local_crops_number: int) -> MultiCropAugmentation:
@@ -35,54 +35,33 @@ def multicrop_transform(crops: DictConfig, *, local_crops_number: int) -> MultiC
     )
 
 
-def multicrop_collate(crops: DictConfig, patch_size: int):
-    """``collate_multicrop`` without masks: batches hold ``global_crops`` (2B,3,G,G), ``local_crops``,
-    ``labels`` (and empty mask entries, ignored by these methods)."""
+def multicrop_collate(
+    crops: DictConfig,
+    patch_size: int,
+    *,
+    mask_probability: float = 0.0,
+    mask_ratio_min_max: Sequence[float] = (0.1, 0.5),
+):
+    """``collate_multicrop`` with iBOT block masks on the global crops' patch grid.
+
+    ``mask_probability`` of the global crops get a mask covering a ratio in ``mask_ratio_min_max`` of their
+    patches (0: no masks). Masks are drawn for the global batch; this rank builds its share. Batches hold
+    ``global_crops`` (2B,3,G,G), ``local_crops`` (nL*B,3,L,L), ``masks``, ``mask_indices``, ``masks_weight``,
+    ``n_masked_patches``, ``upperbound`` and ``labels``.
+    """
     if crops.global_crops_size % patch_size != 0:
         raise ValueError(
             f"crops.global_crops_size={crops.global_crops_size} is not a multiple of the patch size {patch_size}"
         )
     grid = crops.global_crops_size // patch_size
+    n_tokens = grid * grid
     return partial(
         collate_multicrop,
-        mask_generator=MaskingGenerator((grid, grid)),
-        n_tokens=grid * grid,
-        mask_probability=0.0,
+        mask_generator=MaskingGenerator((grid, grid), max_num_patches=int(0.5 * n_tokens)),
+        n_tokens=n_tokens,
+        mask_ratio_tuple=tuple(mask_ratio_min_max),
+        mask_probability=mask_probability,
+        local_crops_size=crops.local_crops_size,
+        rank=distributed.get_rank(),
+        world_size=distributed.get_world_size(),
     )
-
-
-class TwoViewMethod(nn.Module):
-    """A method without teacher that projects the [CLS] tokens of the two global crops and compares them.
-
-    Subclasses set ``self.cfg``, ``self.loss`` (a module taking the two views' projections ``(z_a, z_b)``)
-    and ``loss_name`` (the logged term), and build the projector in :meth:`build_projector`.
-    """
-
-    uses_teacher = False
-    loss_name: str
-
-    def build_projector(self, embed_dim: int) -> nn.Module:
-        raise NotImplementedError
-
-    def build_networks(self) -> tuple[nn.ModuleDict, None]:
-        # The backbone is built first after the loop's seed, so it is the network "random_init" rebuilds.
-        backbone = build_backbone(self.cfg.model, drop_path_rate=self.cfg.model.drop_path_rate)
-        # No masking in these objectives: the mask token never gets a gradient, so it stays out of the
-        # optimizer (whose checkpointed state must cover every parameter it optimizes). It is still exported.
-        backbone.mask_token.requires_grad_(False)
-        return nn.ModuleDict({"backbone": backbone, "projector": self.build_projector(backbone.embed_dim)}), None
-
-    def build_transform(self):
-        return multicrop_transform(self.cfg.crops, local_crops_number=0)
-
-    def build_collate(self, patch_size: int):
-        return multicrop_collate(self.cfg.crops, patch_size)
-
-    def forward(self, student: nn.ModuleDict, teacher: None, batch: dict, sched: dict):
-        """Returns (loss, {loss_name: loss}); ``teacher`` and ``sched`` are not used."""
-        cls = student["backbone"](batch["global_crops"], is_training=True)["x_norm_clstoken"]
-        # One forward for both views (crop-major: view A of all images, then view B), so batch-norm
-        # statistics in the projector cover both views.
-        z_a, z_b = student["projector"](cls).chunk(2)
-        loss = self.loss(z_a, z_b)
-        return loss, {self.loss_name: loss.detach()}

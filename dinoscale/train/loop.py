@@ -22,7 +22,7 @@ from dinoscale.config import save_config
 from dinoscale.data.augment import photometric_collated
 from dinoscale.data.datasets import derive_seed, open_dataset
 from dinoscale.data.loader import build_pretrain_loader
-from dinoscale.methods import build_method
+from dinoscale.methods.registry import build_method
 from dinoscale.models.factory import build_backbone
 from dinoscale.train.metrics import MetricLogger
 from dinoscale.train.optim import apply_schedule_, build_optimizer, clip_grad_norm_, get_param_groups, step_unless_

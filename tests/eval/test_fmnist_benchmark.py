@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dinoscale.methods import build_method
+from dinoscale.methods.registry import build_method
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 

@@ -86,6 +86,12 @@ class MethodRunner:
 
 
 @pytest.fixture
+def tiny_config():
+    """``tiny_config(method, *overrides)``: the tiny config of ``method`` (no data set needed to build it)."""
+    return lambda method, *extra: load_config("quickstart", TINY + [f"method={method}", *extra])
+
+
+@pytest.fixture
 def runner(tmp_path):
     if not FMNIST.exists():
         pytest.skip("needs Debian's dataset-fashion-mnist")

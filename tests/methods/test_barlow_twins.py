@@ -1,7 +1,7 @@
 import torch
 
 from dinoscale.config import load_config
-from dinoscale.methods import build_method
+from dinoscale.methods.registry import build_method
 
 
 def test_networks_and_views():

@@ -3,7 +3,7 @@ import random
 import torch
 
 from dinoscale.config import load_config
-from dinoscale.methods import build_method
+from dinoscale.methods.registry import build_method
 from dinoscale.methods.dinov2 import DINOv2
 
 

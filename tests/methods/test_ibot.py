@@ -1,5 +1,5 @@
 from dinoscale.config import load_config
-from dinoscale.methods import build_method
+from dinoscale.methods.registry import build_method
 from dinoscale.methods.dinov2 import DINOv2
 
 

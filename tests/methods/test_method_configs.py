@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dinoscale.config import CONFIG_DIR, DEFAULT_CONFIG, load_config
-from dinoscale.methods import METHODS, build_method
+from dinoscale.methods.registry import METHODS, build_method
 
 NEW_METHODS = sorted(set(METHODS) - {"dinov2"})
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dinoscale.config import load_config
-from dinoscale.methods import build_method
+from dinoscale.methods.registry import build_method
 from dinoscale.methods.msn import Prototypes, random_patch_masks
 
 

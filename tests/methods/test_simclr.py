@@ -2,7 +2,7 @@ import torch
 
 from dinoscale import checkpoint
 from dinoscale.config import load_config
-from dinoscale.methods import build_method
+from dinoscale.methods.registry import build_method
 from dinoscale.models.factory import build_backbone
 from dinoscale.models.projector import ProjectionMLP
 

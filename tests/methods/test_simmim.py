@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from dinoscale.config import load_config
-from dinoscale.methods import build_method
+from dinoscale.methods.registry import build_method
 from dinoscale.methods.simmim import RandomResizedCropFlip, collate_masked_views, random_cell_masks
 
 

@@ -9,7 +9,7 @@ import torch
 
 from dinoscale import checkpoint
 from dinoscale.config import load_config
-from dinoscale.methods import METHODS
+from dinoscale.methods.registry import METHODS
 from dinoscale.methods.dinov2 import DINOv2
 from dinoscale.train import loop
 

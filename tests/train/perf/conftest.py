@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dinoscale.config import load_config
-from dinoscale.methods import build_method
+from dinoscale.methods.registry import build_method
 from dinoscale.train.perf import flops
 
 TINY = [

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dinoscale.config import load_config
-from dinoscale.methods import build_method
+from dinoscale.methods.registry import build_method
 from dinoscale.models.factory import build_backbone
 from dinoscale.parallel import parallelize
 from dinoscale.train.perf import flops

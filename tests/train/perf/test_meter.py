@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dinoscale.config import load_config
-from dinoscale.methods import build_method
+from dinoscale.methods.registry import build_method
 from dinoscale.train.perf import peak
 from dinoscale.train.perf.flops import example_batch, step_flops
 from dinoscale.train.perf.meter import ThroughputMeter, throughput_meter

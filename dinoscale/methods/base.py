@@ -1,0 +1,136 @@
+"""The contract between a self-supervised method and the code that trains, checkpoints and measures it.
+
+``Method`` is the interface ``dinoscale.train.loop.train``, ``dinoscale.checkpoint``, ``dinoscale.train.flops``
+and the benchmarks rely on. Methods do not inherit from it: every ``nn.Module`` with these members is a
+``Method`` (``isinstance`` checks that the members exist, ``tests/methods/test_method_protocol.py`` that every
+registered method keeps the whole contract).
+
+One training step, as the loop runs it::
+
+    method = build_method(cfg)                     # dinoscale.methods.registry
+    student, teacher = method.build_networks()     # right after torch.manual_seed(cfg.train.seed)
+    ...                                            # teacher <- student's weights, parallelism, optimizer(student)
+    batch = build_collate(patch_size)([(build_transform()(image), label), ...], rng=step_rng)
+    saved = {k: v.clone() for k, v in method.named_buffers()}
+    loss, terms = method(student, teacher, batch, schedules.at(step))   # under autocast
+    loss.backward(); optimizer step; teacher EMA
+    if the step was skipped: method's buffers <- saved
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping, Protocol, runtime_checkable
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+__all__ = ["Batch", "Collate", "Method"]
+
+Batch = dict[str, Any]
+"""A collated batch: tensors (moved to the device by the loop) and plain values, keyed as the method's collate
+chooses (``global_crops``, ``local_crops``, ``masks``, ... for the multi-crop methods; ``images`` for SimMIM)."""
+
+Collate = Callable[..., Batch]
+"""``collate(samples, *, rng: random.Random) -> Batch``, ``samples`` a list of ``(transform(image), label)``."""
+
+
+@runtime_checkable
+class Method(Protocol):
+    """A training objective: which networks to train, which views to show them, and the loss of a batch.
+
+    A method is an ``nn.Module`` that holds no parameters (the optimizer sees the student's only); its buffers
+    are its whole state (e.g. the DINO and iBOT loss centers, see :meth:`named_buffers`).
+    """
+
+    cfg: DictConfig
+    """The config the method was built from. The FLOP counter keys its cache on it and reads
+    ``teacher.teacher_temp`` from it for the traced step's schedule values."""
+
+    uses_teacher: bool
+    """Whether :meth:`build_networks` returns an EMA teacher (True) or ``None`` (False)."""
+
+    def build_networks(self) -> tuple[nn.ModuleDict, nn.ModuleDict | None]:
+        """``(student, teacher)``, built on the CPU; the loop moves them to the device and shards them.
+
+        ``student["backbone"]`` is a ``DinoVisionTransformer``: the loop reads its ``patch_size`` and
+        ``n_blocks``, loads ``model.pretrained_weights`` into it, and evaluates and exports it when there is no
+        teacher. The student's backbone is the first network built (so the loop's seed fixes it: the
+        benchmarks' "random init" rebuilds it). Every student parameter that requires grad must take part in the
+        loss, since the optimizer's state, which is checkpointed, has to cover every parameter it optimizes: turn
+        off ``requires_grad`` of what the objective never uses (e.g. ``backbone.mask_token`` without masking).
+
+        ``teacher`` is an EMA copy of the student: the same keys and parameter names (the loop copies the
+        student's weights into it, freezes it and updates it as ``m * teacher + (1 - m) * student`` after
+        every step, ``m = sched["momentum"]``); it may differ in what holds no weights (drop path 0). It is
+        what evaluation and export use. ``None`` means the method has no teacher: no EMA, and evaluation and
+        export use the student's backbone.
+        """
+        ...
+
+    def build_transform(self) -> Callable[[Any], Any]:
+        """The per-sample transform: the data loader applies it to each decoded image of the dataset, in its
+        worker processes, with torch's global RNG seeded by the sample's stream position; its outputs are the
+        ``samples`` of :meth:`build_collate`'s function."""
+        ...
+
+    def build_collate(self, patch_size: int) -> Collate:
+        """The collate function for batches of this rank, given the backbone's ``patch_size``.
+
+        It is called as ``collate(samples, rng=random.Random(step_seed))`` with the same ``rng`` on every rank
+        (draw batch-level randomness such as masks from it for the global batch, and keep this rank's share,
+        so that a step's batch does not depend on the number of ranks). With
+        ``crops.photometric_on_device`` its batches hold uint8 ``global_crops`` (2B crop-major) and
+        ``local_crops``, which the loop augments on the device before :meth:`forward`.
+        """
+        ...
+
+    def forward(
+        self, student: nn.ModuleDict, teacher: nn.ModuleDict | None, batch: Batch, sched: Mapping[str, float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one batch (called as ``method(student, teacher, batch, sched)``, under autocast).
+
+        Args:
+            student: the (possibly sharded) student, in train mode.
+            teacher: the teacher in eval mode, ``None`` for methods without one. The method must not change its
+                weights (the EMA update is the loop's).
+            batch: this rank's collated batch, tensors on the device.
+            sched: this step's schedule values ``lr``, ``wd``, ``momentum``, ``teacher_temp`` and
+                ``last_layer_lr`` (``dinoscale.train.schedules``); methods read what they need, e.g.
+                ``teacher_temp``.
+
+        Returns:
+            ``(loss, terms)``: ``loss`` the scalar to backpropagate, this rank's loss (gradients are averaged
+            over ranks); ``terms`` the named parts to log, detached 0-d tensors, the same keys in the same
+            order on every rank and every step (the loop all-reduces them and logs ``loss/<name>``).
+
+        It may update the method's buffers in place (e.g. an EMA center). Collectives are allowed: every rank
+        calls forward on every step. The FLOP counter also runs it once, traced under ``torch.no_grad``
+        with collectives off, restoring the buffers and the RNG state afterwards.
+        """
+        ...
+
+    def __call__(
+        self, student: nn.ModuleDict, teacher: nn.ModuleDict | None, batch: Batch, sched: Mapping[str, float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`forward` (``nn.Module.__call__``): how the loop and the FLOP counter call the method."""
+        ...
+
+    def named_buffers(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        """The method's state, as ``nn.Module`` lists it: every buffer is cloned before each step and copied
+        back when the step is skipped (a non-finite loss or gradient on any rank), so a skipped step leaves no
+        trace. The persistent ones are checkpointed (:meth:`state_dict`)."""
+        ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Saved in every checkpoint under ``"method"`` (the buffers, e.g. ``dino_loss.center``); the names
+        are part of the checkpoint format."""
+        ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Restores :meth:`state_dict` on resume (strict: the same names)."""
+        ...
+
+    def to(self, *args: Any, **kwargs: Any) -> "Method":
+        """Moves the buffers to the training device (``nn.Module.to``), once, before the first step."""
+        ...
