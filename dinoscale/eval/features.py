@@ -24,7 +24,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from dinoscale import distributed
 from dinoscale.device import autocast, inference_autocast_dtype, resolve_device
-from dinoscale.data.datasets import ImageFolderDataset, TransformedDataset, load_rgb
+from dinoscale.data.sources.image_folder import ImageFolderDataset
+from dinoscale.data.sources.transformed import TransformedDataset
+from dinoscale.data.transforms.decode import load_rgb
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dinoscale import distributed
-from dinoscale.data.augment import MultiCropAugmentation
+from dinoscale.data.transforms.multicrop import MultiCropAugmentation
 from dinoscale.data.collate import collate_multicrop
-from dinoscale.data.masking import MaskingGenerator
+from dinoscale.data.transforms.masking import MaskingGenerator
 
 from dinoscale.losses.dino import DINOLoss, dino_cls_loss
 from dinoscale.losses.ibot import iBOTPatchLoss

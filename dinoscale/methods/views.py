@@ -15,9 +15,9 @@ from functools import partial
 from omegaconf import DictConfig
 from torch import nn
 
-from dinoscale.data.augment import MultiCropAugmentation
+from dinoscale.data.transforms.multicrop import MultiCropAugmentation
 from dinoscale.data.collate import collate_multicrop
-from dinoscale.data.masking import MaskingGenerator
+from dinoscale.data.transforms.masking import MaskingGenerator
 from dinoscale.methods.dinov2 import build_backbone
 
 __all__ = ["TwoViewMethod", "multicrop_transform", "multicrop_collate"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dinoscale.data.shards import write_shards
+from dinoscale.data.shard_writer import write_shards
 
 
 def make_folder(root: Path, n: int = 32, classes=("ant", "bee")) -> dict[int, int]:

@@ -12,16 +12,11 @@ from PIL import Image
 from skimage import data as skdata
 from torchvision.transforms.v2 import functional as TF
 
-from dinoscale.data.augment import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    MultiCropAugmentation,
-    _decode_for_boxes,
-    _open_image,
-    photometric_batch,
-    photometric_collated,
-    sample_crop_boxes,
-)
+from dinoscale.data.transforms.decode import decode_for_boxes, open_image
+from dinoscale.data.transforms.geometry import sample_crop_boxes
+from dinoscale.data.transforms.multicrop import MultiCropAugmentation
+from dinoscale.data.transforms.normalize import IMAGENET_MEAN, IMAGENET_STD
+from dinoscale.data.transforms.photometric import photometric_batch, photometric_collated
 
 G, L, NL = 32, 16, 3  # small crops keep the tests fast
 
@@ -199,10 +194,10 @@ def test_draft_decode_keeps_geometry(photo):
     """A large JPEG is decoded at reduced size when all crops shrink anyway; crops barely change."""
     big = np.array(Image.fromarray(photo).resize((1200, 800), Image.BICUBIC))
     data = encode(big)
-    source, height, width = _open_image(data)
+    source, height, width = open_image(data)
     boxes = torch.tensor([[100, 200, 600, 700], [0, 0, 800, 1200], [10, 20, 150, 120]])
     sizes = torch.tensor([G, G, L])
-    chw, scaled = _decode_for_boxes(source, height, width, boxes, sizes, allow_draft=True)
+    chw, scaled = decode_for_boxes(source, height, width, boxes, sizes, allow_draft=True)
     assert chw.shape[1] <= height // 2 and chw.shape[2] <= width // 2  # reduced decode happened
     top, left, h, w = scaled.unbind(1)
     assert (top + h <= chw.shape[1]).all() and (left + w <= chw.shape[2]).all()

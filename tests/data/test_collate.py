@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dinoscale.data.collate import collate_multicrop
-from dinoscale.data.masking import MaskingGenerator
+from dinoscale.data.transforms.masking import MaskingGenerator
 
 KEYS = {
     "global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "n_masked_patches", "upperbound", "labels"

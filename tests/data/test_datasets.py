@@ -7,17 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dinoscale.data import datasets
-from dinoscale.data.datasets import (
-    FASHION_MNIST_CLASSES,
-    FashionMNIST,
-    ImageFolderDataset,
-    collect_skips,
-    read_idx,
-    wrap_with_transform,
-)
+from dinoscale.data.skips import collect_skips
+from dinoscale.data.sources.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, FashionMNIST, read_idx
+from dinoscale.data.sources.image_folder import ImageFolderDataset
+from dinoscale.data.sources.transformed import wrap_with_transform
 
-FMNIST_ROOT = Path(datasets.FASHION_MNIST_ROOT)
+FMNIST_ROOT = Path(FASHION_MNIST_ROOT)
 HAVE_FMNIST = all(
     (FMNIST_ROOT / name).exists() or (FMNIST_ROOT / (name + ".gz")).exists()
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

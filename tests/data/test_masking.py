@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from dinoscale.data.masking import MaskingGenerator
+from dinoscale.data.transforms.masking import MaskingGenerator
 
 
 def test_never_exceeds_request_and_reaches_it_mostly():

@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dinoscale.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, FashionMNIST, open_dataset
 from dinoscale.data.loader import build_pretrain_loader
-from dinoscale.data.shards import ShardDataset, iter_shard, resolve_shards, write_shards
+from dinoscale.data.open import open_dataset
+from dinoscale.data.shard_writer import write_shards
+from dinoscale.data.sources.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, FashionMNIST
+from dinoscale.data.sources.shards import ShardDataset, iter_shard, resolve_shards
 
 REPO = Path(__file__).resolve().parents[2]
 HAVE_FMNIST = (Path(FASHION_MNIST_ROOT) / "train-images-idx3-ubyte.gz").exists() or (

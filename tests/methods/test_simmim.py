@@ -7,7 +7,9 @@ from PIL import Image
 
 from dinoscale.config import load_config
 from dinoscale.methods import build_method
-from dinoscale.methods.simmim import RandomResizedCropFlip, collate_masked_views, random_cell_masks
+from dinoscale.data.collate import collate_masked_views
+from dinoscale.data.transforms.masking import random_cell_masks
+from dinoscale.data.transforms.single_crop import RandomResizedCropFlip
 
 
 def test_cell_masks_cover_whole_cells_at_the_ratio():
