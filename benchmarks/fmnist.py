@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from dinoscale.device import resolve_device  # noqa: E402
 from dinoscale.config import load_config  # noqa: E402
-from dinoscale.data.datasets import open_dataset  # noqa: E402
+from dinoscale.data.open import open_dataset  # noqa: E402
 from dinoscale.eval.transforms import eval_transform  # noqa: E402
 from dinoscale.eval.linear import linear_probe  # noqa: E402
 from dinoscale.models.factory import build_backbone  # noqa: E402

@@ -9,7 +9,7 @@ except the DataLoader one:
 * the reference DINOv2-style PIL pipeline (written below from the DINOv2 recipe, for comparison
   only): decode, then per crop PIL RandomResizedCrop/flip/ColorJitter/grayscale, torchvision
   GaussianBlur, PIL solarize, ToTensor, Normalize;
-* ours: :class:`dinoscale.data.augment.MultiCropAugmentation` on the JPEG bytes, per-sample
+* ours: :class:`dinoscale.data.transforms.multicrop.MultiCropAugmentation` on the JPEG bytes, per-sample
   photometry on the CPU, and with ``photometric_on_device=True`` (geometry only on the CPU,
   photometry timed separately as :func:`photometric_batch` on CPU batches);
 * end-to-end DataLoader throughput with W workers and :func:`collate_multicrop`.
@@ -40,15 +40,12 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from dinoscale.data.augment import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    MultiCropAugmentation,
-    photometric_batch,
-)
 from dinoscale.cpu_malloc import keep_freed_memory
 from dinoscale.data.collate import collate_multicrop
-from dinoscale.data.masking import MaskingGenerator
+from dinoscale.data.transforms.masking import MaskingGenerator
+from dinoscale.data.transforms.multicrop import MultiCropAugmentation
+from dinoscale.data.transforms.normalize import IMAGENET_MEAN, IMAGENET_STD
+from dinoscale.data.transforms.photometric import photometric_batch
 
 
 def load_photos() -> List[tuple]:

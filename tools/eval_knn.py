@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from dinoscale import distributed  # noqa: E402
-from dinoscale.data.datasets import open_dataset  # noqa: E402
+from dinoscale.data.open import open_dataset  # noqa: E402
 from dinoscale.device import resolve_device  # noqa: E402
 from dinoscale.eval.backbones import add_backbone_args, backbone_from_args  # noqa: E402
 from dinoscale.eval.extract import extract_features  # noqa: E402

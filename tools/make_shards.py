@@ -1,4 +1,4 @@
-"""Write a dataset as WebDataset shards with an index.json (see dinoscale/data/shards.py for the layout).
+"""Write a dataset as WebDataset shards with an index.json (see dinoscale/data/sources/shards.py for the layout).
 
 Examples:
     python tools/make_shards.py /data/imagenet/train /data/imagenet-shards --workers 8
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dinoscale.data.shards import write_shards  # noqa: E402
+from dinoscale.data.shard_writer import write_shards  # noqa: E402
 
 _UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 

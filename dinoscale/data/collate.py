@@ -1,4 +1,10 @@
-"""Collate multi-crop samples into a DINOv2/iBOT batch with block masks.
+"""Collates: a rank's transformed samples -> one batch, with the masks drawn for the global batch.
+
+Both collates take ``rng`` seeded by the step alone (the same on every rank, see
+:func:`dinoscale.data.steps.collate_step`), draw the masks of the GLOBAL batch and keep this rank's
+share, so a step's masks do not depend on how the batch is split over ranks.
+
+:func:`collate_multicrop` (DINOv2/iBOT multi-crop samples, block masks):
 
 Crops are stacked crop-major (all samples' crop 0, then all samples' crop 1, ...), so that
 ``global_crops.chunk(2)`` gives the two views of the same B images in the same order.
@@ -23,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from .masking import MaskingGenerator
+from dinoscale.data.transforms.masking import MaskingGenerator, random_cell_masks
 
 
 def _stack_crop_major(samples: Sequence[Tuple[Dict[str, Any], Any]], key: str) -> torch.Tensor:
@@ -150,4 +156,37 @@ def collate_multicrop(
         "n_masked_patches": torch.tensor([mask_indices.numel()], dtype=torch.long),
         "upperbound": upperbound,
         "labels": labels,
+    }
+
+
+def collate_masked_views(
+    samples: Sequence[tuple[torch.Tensor, Any]],
+    *,
+    rng: random.Random,
+    grid: int,
+    cell: int,
+    mask_ratio: float,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """``(view, label)`` samples -> ``{"images": (B,3,S,S), "masks": bool (B, grid*grid), "labels": (B,)}``.
+
+    The masks are drawn for the global batch of ``world_size`` ranks and this rank keeps its share (samples
+    ``rank*B .. (rank+1)*B - 1``): ``rng`` is seeded by the step alone, so it is the same on every rank, and
+    a step's masks do not depend on how the batch is split over ranks.
+    """
+    if len(samples) == 0:
+        raise ValueError("cannot collate an empty list of samples")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    shapes = {tuple(s[0].shape) for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(f"all views must have the same shape, got {sorted(shapes)}")
+    labels = [int(label.item()) if isinstance(label, torch.Tensor) else int(label) for _, label in samples]
+    batch = len(samples)
+    masks = random_cell_masks(batch * world_size, grid, cell, mask_ratio, rng)[rank * batch : (rank + 1) * batch]
+    return {
+        "images": torch.stack([s[0] for s in samples]),
+        "masks": masks,
+        "labels": torch.tensor(labels, dtype=torch.long),
     }

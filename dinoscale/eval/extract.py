@@ -19,7 +19,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from dinoscale import distributed
-from dinoscale.data.datasets import ImageFolderDataset, TransformedDataset, load_rgb
+from dinoscale.data.sources.image_folder import ImageFolderDataset
+from dinoscale.data.sources.transformed import TransformedDataset
+from dinoscale.data.transforms.decode import load_rgb
 from dinoscale.device import autocast, inference_autocast_dtype
 
 logger = logging.getLogger(__name__)

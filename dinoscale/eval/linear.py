@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from dinoscale.data.datasets import derive_seed
+from dinoscale.data.seeding import derive_seed
 from dinoscale.eval.extract import extract_outputs
 
 logger = logging.getLogger(__name__)

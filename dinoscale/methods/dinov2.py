@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from dinoscale.data.augment import MultiCropAugmentation
+from dinoscale.data.transforms.multicrop import MultiCropAugmentation
 from dinoscale.methods.views import multicrop_collate, multicrop_transform
 
 from dinoscale.losses.center import CenteredPrototypeLoss

@@ -1,6 +1,6 @@
 """The multi-crop views of DINOv2, DINO, iBOT, SimCLR, Barlow Twins and MSN: their transform and collate.
 
-The crops come from DINOv2's multi-crop augmentation (``dinoscale.data.augment``): two global crops with the
+The crops come from DINOv2's multi-crop augmentation (``dinoscale.data.transforms.multicrop``): two global crops with the
 asymmetric photometry of BYOL (blur on crop 1, rarely on crop 2, solarisation on crop 2 only; exactly what
 Barlow Twins uses) and ``local_crops_number`` local crops. They are collated crop-major by
 ``dinoscale.data.collate.collate_multicrop``, so ``global_crops.chunk(2)`` gives the two views of the same
@@ -16,9 +16,9 @@ from typing import Sequence
 from omegaconf import DictConfig
 
 from dinoscale import distributed
-from dinoscale.data.augment import MultiCropAugmentation
 from dinoscale.data.collate import collate_multicrop
-from dinoscale.data.masking import MaskingGenerator
+from dinoscale.data.transforms.masking import MaskingGenerator
+from dinoscale.data.transforms.multicrop import MultiCropAugmentation
 
 __all__ = ["multicrop_collate", "multicrop_transform"]
 

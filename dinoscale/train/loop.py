@@ -19,9 +19,10 @@ from dinoscale import checkpoint, distributed
 from dinoscale.cpu_malloc import keep_freed_memory
 from dinoscale.device import autocast as autocast_in, dtype_from_name, resolve_device, training_autocast_dtype
 from dinoscale.config import save_config
-from dinoscale.data.augment import photometric_collated
-from dinoscale.data.datasets import derive_seed, open_dataset
 from dinoscale.data.loader import build_pretrain_loader
+from dinoscale.data.open import open_dataset
+from dinoscale.data.seeding import derive_seed
+from dinoscale.data.transforms.photometric import photometric_collated
 from dinoscale.methods.registry import build_method
 from dinoscale.models.factory import build_backbone
 from dinoscale.train.metrics import MetricLogger
@@ -52,7 +53,7 @@ def ensure_shards(cfg: DictConfig) -> None:
     if not cfg.train.build_shards_from or (target / "index.json").exists():
         return
     if distributed.get_rank() == 0:
-        from dinoscale.data.shards import write_shards
+        from dinoscale.data.shard_writer import write_shards
 
         source = cfg.train.build_shards_from
         # Fashion-MNIST writes both splits, OUT/train and OUT/test: train.dataset names one of them.

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dinoscale.data.shards import write_shards
+from dinoscale.data.shard_writer import write_shards
 
 
 def make_folder(root: Path, n: int = 32, classes=("ant", "bee")) -> dict[int, int]:
@@ -26,6 +26,14 @@ def make_folder(root: Path, n: int = 32, classes=("ant", "bee")) -> dict[int, in
         Image.fromarray(arr).save(path)
         labels[i] = label
     return labels
+
+
+def write_image(path: Path, value: int, fmt: str = "PNG", size: int = 12) -> None:
+    """A ``size`` x ``size`` image of grey ``value`` (one pixel off, so JPEG keeps some structure)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.full((size, size, 3), value, dtype=np.uint8)
+    arr[0, 0] = (value + 1) % 256  # not a flat image, so JPEG keeps some structure
+    Image.fromarray(arr).save(path, format=fmt)
 
 
 def image_id(image) -> int:
@@ -74,6 +82,7 @@ def replace_member(shard: Path, suffix: str, key_index: int, data: bytes) -> str
 def helpers():
     return types.SimpleNamespace(
         make_folder=make_folder,
+        write_image=write_image,
         image_id=image_id,
         write_set=write_set,
         id_transform=id_transform,

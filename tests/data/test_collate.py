@@ -1,4 +1,5 @@
-"""collate_multicrop: keys/shapes, crop-major order, DINOv2 mask allocation, index/weight consistency."""
+"""collate_multicrop: keys/shapes, crop-major order, DINOv2 mask allocation, index/weight consistency;
+collate_masked_views (SimMIM): shapes, labels, masks drawn for the global batch."""
 
 import random
 
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from dinoscale.data.collate import collate_multicrop
-from dinoscale.data.masking import MaskingGenerator
+from dinoscale.data.collate import collate_masked_views, collate_multicrop
+from dinoscale.data.transforms.masking import MaskingGenerator
+from dinoscale.data.transforms.single_crop import RandomResizedCropFlip
 
 KEYS = {
     "global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "n_masked_patches", "upperbound", "labels"
@@ -138,3 +140,17 @@ def test_masks_do_not_depend_on_how_the_global_batch_is_split(world_size):
     assert n_masked == int(single["masks"].any(dim=1).sum()) == int(2 * gb * 0.5)
     with pytest.raises(ValueError, match="rank"):
         collate(samples[:per_rank], rank=world_size, world_size=world_size)
+
+
+def test_masked_views_collate_draws_the_global_batch_masks():
+    torch.manual_seed(0)
+    transform = RandomResizedCropFlip(16, scale=(0.5, 1.0))
+    gray = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
+    batch = collate_masked_views([(transform(gray), 3), (transform(gray), 7)], rng=random.Random(1), grid=4,
+                                 cell=2, mask_ratio=0.5)
+    assert batch["images"].shape == (2, 3, 16, 16) and batch["labels"].tolist() == [3, 7]
+    assert batch["masks"].shape == (2, 16) and batch["masks"].sum().item() == 2 * 8
+    # Two ranks with one sample each get the two masks a single rank draws for both samples.
+    shares = [collate_masked_views([(transform(gray), 3)], rng=random.Random(1), grid=4, cell=2, mask_ratio=0.5,
+                                   rank=r, world_size=2)["masks"] for r in range(2)]
+    assert torch.equal(torch.cat(shares), batch["masks"])

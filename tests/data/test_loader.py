@@ -1,11 +1,17 @@
 import itertools
 import logging
+from functools import partial
 
 import pytest
 import torch
 from torch.utils.data import Dataset
 
+from dinoscale.data.collate import collate_multicrop
 from dinoscale.data.loader import build_pretrain_loader
+from dinoscale.data.open import open_dataset
+from dinoscale.data.sources.image_folder import ImageFolderDataset
+from dinoscale.data.transforms.masking import MaskingGenerator
+from dinoscale.data.transforms.multicrop import MultiCropAugmentation
 
 
 class ToyDataset(Dataset):
@@ -188,8 +194,6 @@ def test_shard_resume_does_not_decode_consumed_samples(tmp_path, helpers):
 
 
 def test_shard_dataset_source_keeps_its_image_format(tmp_path, helpers):
-    from dinoscale.data.datasets import open_dataset
-
     out = helpers.write_set(tmp_path, n=8, per_shard=4)
     received = []
 
@@ -209,12 +213,6 @@ def test_shard_dataset_source_keeps_its_image_format(tmp_path, helpers):
 
 
 def _real_pipeline():
-    from functools import partial
-
-    from dinoscale.data.augment import MultiCropAugmentation
-    from dinoscale.data.collate import collate_multicrop
-    from dinoscale.data.masking import MaskingGenerator
-
     augmentation = MultiCropAugmentation(
         local_crops_number=2, global_crops_size=28, local_crops_size=14, global_crops_scale=(0.5, 1.0)
     )
@@ -243,8 +241,6 @@ def _assert_same_dicts(a, b):
 def test_real_multicrop_pipeline_workers_and_resume(tmp_path, helpers, kind):
     augmentation, collate = _real_pipeline()
     if kind == "map":
-        from dinoscale.data.datasets import ImageFolderDataset
-
         helpers.make_folder(tmp_path / "img", n=10)
         source = ImageFolderDataset(tmp_path / "img", image_format="bytes")
     else:

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from dinoscale import hub
-from dinoscale.data.datasets import FashionMNIST, ImageFolderDataset, open_dataset
+from dinoscale.data.open import open_dataset
+from dinoscale.data.sources.fashion_mnist import FashionMNIST
+from dinoscale.data.sources.image_folder import ImageFolderDataset
 from dinoscale.eval.backbones import load_backbone
 from dinoscale.eval.extract import extract_features
 from dinoscale.eval.transforms import eval_transform

@@ -1,13 +1,15 @@
-"""Block-wise patch masking (BEiT style) for the iBOT / masked-image-modelling objectives.
+"""Patch masks for masked-image modelling: BEiT-style block masks (iBOT/DINOv2) and SimMIM's cell masks.
 
-Masks are built from random rectangles of patches: each rectangle has an area drawn uniformly
-between ``min_num_patches`` and the remaining budget and a log-uniform aspect ratio in
+Block masks (:class:`MaskingGenerator`) are built from random rectangles of patches: each rectangle has
+an area drawn uniformly between ``min_num_patches`` and the remaining budget and a log-uniform aspect ratio in
 ``(min_aspect, max_aspect)``. Rectangles are added until the requested number of patches is
 masked or ten proposals in a row fail to add anything. A rectangle is only accepted when the
 number of *new* patches it masks is positive and fits the remaining budget, so a mask never
 exceeds the request; while the budget is at least ``min_num_patches`` a rectangle must also
 cover at least ``min_num_patches`` patches, so every connected block is that large unless the
 last few (fewer than ``min_num_patches``) patches of the budget had to be placed apart.
+
+Cell masks (:func:`random_cell_masks`, SimMIM) mask whole cells of a coarser grid.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import random
 from typing import Optional, Tuple, Union
 
 import numpy as np
+import torch
 
 
 class MaskingGenerator:
@@ -110,3 +113,25 @@ class MaskingGenerator:
                 break
             count += added
         return mask
+
+
+def random_cell_masks(
+    n_images: int, grid: int, cell: int, mask_ratio: float, rng: random.Random
+) -> torch.Tensor:
+    """Bool ``(n_images, grid*grid)`` masks over a ``grid x grid`` patch grid, True = masked.
+
+    The grid is split into cells of ``cell x cell`` patches; each image masks ``ceil(mask_ratio * n_cells)``
+    cells drawn uniformly without replacement.
+    """
+    if grid % cell != 0:
+        raise ValueError(f"the {grid}x{grid} patch grid cannot be split into cells of {cell}x{cell} patches")
+    side = grid // cell
+    n_cells = side * side
+    n_masked = math.ceil(mask_ratio * n_cells)
+    masks = np.zeros((n_images, n_cells), dtype=bool)
+    for i in range(n_images):
+        masks[i, rng.sample(range(n_cells), n_masked)] = True
+    # Each cell covers cell x cell patches: repeat along both grid axes.
+    masks = masks.reshape(n_images, side, 1, side, 1)
+    masks = np.broadcast_to(masks, (n_images, side, cell, side, cell)).reshape(n_images, grid * grid)
+    return torch.from_numpy(masks.copy())

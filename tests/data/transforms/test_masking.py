@@ -1,4 +1,4 @@
-"""MaskingGenerator: budget, block sizes and shapes, determinism under the passed rng only."""
+"""MaskingGenerator: budget, block sizes and shapes, determinism under the passed rng only; SimMIM's cell masks."""
 
 import math
 import random
@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from dinoscale.data.masking import MaskingGenerator
+from dinoscale.data.transforms.masking import MaskingGenerator, random_cell_masks
 
 
 def test_never_exceeds_request_and_reaches_it_mostly():
@@ -85,3 +85,16 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="max_num_patches"):
         MaskingGenerator((4, 4), min_num_patches=5, max_num_patches=4)
     assert math.isclose(math.exp(MaskingGenerator(4).log_aspect_ratio[1]), 1 / 0.3)
+
+
+def test_cell_masks_cover_whole_cells_at_the_ratio():
+    masks = random_cell_masks(5, grid=8, cell=2, mask_ratio=0.6, rng=random.Random(0))
+    assert masks.shape == (5, 64) and masks.dtype == torch.bool
+    # 16 cells of 2x2 patches, ceil(0.6 * 16) = 10 masked -> 40 patches per image
+    assert masks.sum(dim=1).tolist() == [40] * 5
+    grid = masks.view(5, 4, 2, 4, 2)
+    assert torch.equal(grid.all(dim=(2, 4)), grid.any(dim=(2, 4)))  # every cell is all in or all out
+    assert not torch.equal(masks[0], masks[1])
+    assert torch.equal(masks, random_cell_masks(5, 8, 2, 0.6, random.Random(0)))  # the rng decides
+    with pytest.raises(ValueError, match="cells of 3x3"):
+        random_cell_masks(1, 8, 3, 0.5, random.Random(0))

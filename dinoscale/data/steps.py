@@ -1,0 +1,317 @@
+"""The data position: which samples make global step ``k`` of a rank, and the step sources that build it.
+
+Every batch is a pure function of ``(seed, global step, rank)`` plus the data, so a run
+resumed at ``start_step`` continues with exactly the batches the uninterrupted run would
+have produced, and the number of DataLoader workers never changes a batch. A step source is a
+dataset whose items are whole steps: ``(step, collated batch, skip events)``.
+
+*Map-style datasets* (:class:`MapStyleSteps`). One global sample stream is the concatenation over
+data-epochs ``e = 0, 1, ...`` of a permutation of ``range(len(dataset))`` seeded by ``(seed, e)``.
+Global batch ``b`` is ``stream[b*GB : (b+1)*GB]`` with ``GB = batch_size_per_rank * world_size``, and
+rank ``r`` takes the contiguous chunk ``[b*GB + r*B, b*GB + (r+1)*B)``. So the concatenation
+of the rank batches of a step does not depend on the world size, and resuming under another
+world size continues with the samples the old run would have seen. One DataLoader item is
+one whole step for this rank (:class:`StepCounter` counts steps from ``start_step``); DataLoader
+returns items in order whatever the number of workers.
+
+*Shards* (:class:`ShardSteps`). Each rank reads ``streams_per_rank`` independent, deterministic
+sample streams (:mod:`dinoscale.data.streams`); step ``k`` of rank ``r`` is the next batch of stream
+``k % streams_per_rank``. Resuming under the same world size and ``streams_per_rank`` skips
+the consumed samples of each stream without decoding them. :func:`default_streams_per_rank`
+gives the number of streams when none is configured.
+
+Randomness. The augmentation of the sample at stream position ``p`` runs with torch's global
+RNG seeded from ``(seed, p)`` inside :func:`torch.random.fork_rng` (so the main process RNG is
+untouched when ``num_workers == 0``). The collate gets ``rng=random.Random(seed_k)`` with
+``seed_k`` derived from ``(seed, step)`` (and torch's RNG seeded the same way while it runs), the same
+on every rank: a collate draws batch-level randomness for the GLOBAL batch and derives per-sample
+randomness from the sample's global position (see ``collate_multicrop``'s ``rank``/``world_size``), so
+a step's batch is the same whether it is split over 1 or N ranks.
+
+Bad data. A sample whose loading or transform raises one of
+:data:`dinoscale.data.transforms.decode.DECODE_ERRORS` is replaced by the next dataset index
+(map-style) or by another sample of the same batch (shards), keeping every position intact. The
+skips are collected with the step's batch (:mod:`dinoscale.data.skips`). Only a run of
+``max_consecutive_failures`` failures in a row raises: that is a broken pipeline, not a bad file.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from dinoscale.data.seeding import derive_seed, run_seeded
+from dinoscale.data.skips import SkipEvent, collect_skips, report_skip
+from dinoscale.data.sources.shards import RawSample, ShardDataset, ShardSet, resolve_shards
+from dinoscale.data.streams import ShardStream, StreamLayout
+from dinoscale.data.transforms.decode import DECODE_ERRORS, load_rgb
+
+
+@dataclass(frozen=True)
+class BatchRecipe:
+    """How every step source makes this rank's batches.
+
+    Each sample goes through ``transform`` (seeded per sample; None passes images through), the batch of
+    ``batch_size_per_rank`` samples through ``collate_fn`` (seeded per step); ``rank`` of ``world_size``
+    says which share of the global batch is this rank's. A run of ``max_consecutive_failures`` bad samples
+    raises.
+    """
+
+    transform: Callable | None
+    collate_fn: Callable
+    batch_size_per_rank: int
+    seed: int
+    rank: int
+    world_size: int
+    max_consecutive_failures: int
+
+
+def collate_step(collate_fn: Callable, samples: list, *, seed: int, step: int) -> Any:
+    """Run the collate for global ``step`` with its step-derived ``rng``, the same on every rank.
+
+    Collates draw randomness for the global batch (e.g. which crops get masks) and derive each sample's
+    own from its global position, so batches do not depend on the world size (see collate_multicrop).
+    """
+    step_seed = derive_seed(seed, "collate", step)
+    return run_seeded(step_seed, collate_fn, samples, rng=random.Random(step_seed))
+
+
+def _describe(dataset: Any, index: int) -> str:
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, list) and 0 <= index < len(samples) and isinstance(samples[index], tuple):
+        return str(samples[index][0])
+    return type(dataset).__name__
+
+
+class StepCounter(torch.utils.data.Sampler):
+    """Yields ``start, start + 1, ...`` forever: the global steps, one DataLoader item each."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        step = self.start
+        while True:
+            yield step
+            step += 1
+
+
+class MapStyleSteps(Dataset):
+    """Item ``k`` is ``(k, collated batch of global step k for this rank, skip events)``.
+
+    See the module docstring for the sample stream. The permutation of a data-epoch is
+    computed on first use in each process and cached (at most two epochs at a time: a batch
+    can straddle an epoch boundary).
+    """
+
+    def __init__(self, dataset: Dataset, recipe: BatchRecipe):
+        self.dataset = dataset
+        self.recipe = recipe
+        self.num_samples = len(dataset)
+        if self.num_samples < 1:
+            raise ValueError("the dataset is empty")
+        self._perms: dict[int, np.ndarray] = {}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            rng = np.random.default_rng(derive_seed(self.recipe.seed, "epoch-permutation", epoch))
+            dtype = np.int32 if self.num_samples < 2**31 else np.int64
+            perm = rng.permutation(self.num_samples).astype(dtype)
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = perm
+        return perm
+
+    def index_at(self, position: int) -> int:
+        """Dataset index at global stream ``position``."""
+        epoch, offset = divmod(position, self.num_samples)
+        return int(self.permutation(epoch)[offset])
+
+    def load(self, position: int) -> tuple[Any, int]:
+        """Transformed sample at stream ``position``; a bad index is replaced by the next one."""
+        first = self.index_at(position)
+        aug_seed = derive_seed(self.recipe.seed, "augment", position)
+        transform = self.recipe.transform
+        max_failures = min(self.recipe.max_consecutive_failures, self.num_samples)
+        last_error: BaseException | None = None
+        for attempt in range(max_failures):
+            index = (first + attempt) % self.num_samples
+            try:
+                image, label = self.dataset[index]
+                if transform is not None:
+                    image = run_seeded(aug_seed, transform, image)
+                return image, int(label)
+            except DECODE_ERRORS as exc:
+                last_error = exc
+                reason = f"{type(exc).__name__}: {exc}"
+                report_skip("corrupt_sample", _describe(self.dataset, index), str(index), reason)
+        raise RuntimeError(
+            f"{max_failures} consecutive samples failed to load or "
+            f"transform starting at dataset index {first} (last error: {last_error!r}); this points at a "
+            "broken transform or data source rather than a few corrupt files"
+        ) from last_error
+
+    def __getitem__(self, step: int) -> tuple[int, Any, list[SkipEvent]]:
+        r = self.recipe
+        start = step * r.batch_size_per_rank * r.world_size + r.rank * r.batch_size_per_rank
+        with collect_skips() as events:
+            samples = [self.load(start + i) for i in range(r.batch_size_per_rank)]
+            batch = collate_step(r.collate_fn, samples, seed=r.seed, step=step)
+        return step, batch, list(events)
+
+
+class ShardSteps(IterableDataset):
+    """Yields ``(step, collated batch, skip events)`` for global steps ``start_step, start_step + 1, ...``.
+
+    Step ``k`` is batch number ``k // S`` of stream ``k % S`` (``S = streams_per_rank``), i.e.
+    stream positions ``[(k // S) * B, (k // S + 1) * B)``. DataLoader worker ``w`` of ``n``
+    produces the steps ``start_step + w + j*n``; since ``n`` divides ``S``, every stream lives in
+    exactly one worker, and DataLoader's round-robin returns the steps in order.
+
+    The augmentation of the sample at position ``p`` of stream ``s`` is seeded from
+    ``(seed, rank, s, p)``. A sample that fails to decode/transform is reported and its slot
+    filled with another sample of the same batch, re-augmented with the slot's own seed, so
+    no position moves. If a whole batch fails, the following samples of the stream are used
+    (read ahead, not consumed).
+    """
+
+    def __init__(
+        self, shard_set: ShardSet, recipe: BatchRecipe, layout: StreamLayout, *, image_format: str, start_step: int
+    ):
+        self.shard_set = shard_set
+        self.recipe = recipe
+        self.layout = layout
+        self.image_format = image_format
+        self.start_step = start_step
+        self.samples_per_epoch = shard_set.total
+        # Validates shard counts for epoch mode up front, in the main process.
+        self._stream(0)
+
+    def _stream(self, s: int) -> ShardStream:
+        return ShardStream(self.shard_set, self.layout, s)
+
+    def consumed(self, s: int) -> int:
+        """Samples of stream ``s`` used by steps ``0 .. start_step - 1``."""
+        S = self.layout.streams_per_rank
+        return max(0, (self.start_step - s + S - 1) // S) * self.recipe.batch_size_per_rank
+
+    def _prepare(self, sample: RawSample, aug_seed: int) -> tuple[Any, int]:
+        image: Any = load_rgb(sample.data) if self.image_format == "pil" else sample.data
+        if self.recipe.transform is not None:
+            image = run_seeded(aug_seed, self.recipe.transform, image)
+        return image, sample.label
+
+    def _batch(self, s: int, raws: list[RawSample], first_position: int) -> list:
+        """Prepared ``(image, label)`` per slot; failed slots get a donor sample, own seed."""
+        r = self.recipe
+        seeds = [derive_seed(r.seed, "augment", r.rank, s, first_position + i) for i in range(len(raws))]
+        out: list = [None] * len(raws)
+        failed = []
+        for i, sample in enumerate(raws):
+            try:
+                out[i] = self._prepare(sample, seeds[i])
+            except DECODE_ERRORS as exc:
+                failed.append(i)
+                report_skip("corrupt_sample", sample.url, sample.key, f"{type(exc).__name__}: {exc}")
+        if not failed:
+            return out
+        n = len(raws)
+        good = {i for i in range(n) if i not in failed}
+        for i in failed:
+            if good:
+                # The next good slot after i in batch order (cyclic).
+                donor = raws[next((i + d) % n for d in range(1, n) if (i + d) % n in good)]
+            else:
+                donor = self._donor_ahead(s, first_position + n)
+            out[i] = self._prepare(donor, seeds[i])
+        return out
+
+    def _donor_ahead(self, s: int, position: int) -> RawSample:
+        """First decodable sample of stream ``s`` from ``position`` on (read silently, not consumed)."""
+        last_error: BaseException | None = None
+        ahead = self._stream(s).samples(skip=position, report=False)
+        max_failures = self.recipe.max_consecutive_failures
+        for _, candidate in zip(range(max_failures), ahead):
+            try:
+                self._prepare(candidate, 0)
+                return candidate
+            except DECODE_ERRORS as exc:
+                last_error = exc
+        raise RuntimeError(
+            f"a whole batch and the next {max_failures} samples of {self.shard_set.spec!r} failed "
+            f"to decode or transform (last error: {last_error!r}); this points at a broken transform or data "
+            "source rather than a few corrupt files"
+        ) from last_error
+
+    def __iter__(self) -> Iterator[tuple[int, Any, list]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        r = self.recipe
+        S = self.layout.streams_per_rank
+        if S % workers:
+            raise ValueError(f"streams_per_rank={S} must be a multiple of num_workers={workers}")
+        streams: dict[int, Iterator[RawSample]] = {}
+        step = self.start_step + worker
+        while True:
+            s = step % S
+            first_position = (step // S) * r.batch_size_per_rank
+            with collect_skips() as events:
+                if s not in streams:
+                    streams[s] = self._stream(s).samples(skip=self.consumed(s))
+                raws = [next(streams[s]) for _ in range(r.batch_size_per_rank)]
+                samples = self._batch(s, raws, first_position)
+                batch = collate_step(r.collate_fn, samples, seed=r.seed, step=step)
+            yield step, batch, list(events)
+            step += workers
+
+
+def default_streams_per_rank(num_workers: int) -> int:
+    """Shard streams per rank when none is configured: one per DataLoader worker, at least one.
+
+    The batches depend on the number of streams, so with this default they depend on ``num_workers``.
+    """
+    return max(1, num_workers)
+
+
+def build_shard_steps(
+    source: str | ShardDataset,
+    recipe: BatchRecipe,
+    *,
+    num_workers: int,
+    start_step: int,
+    streams_per_rank: int | None,
+    shuffle_buffer: int,
+    resampled: bool,
+    image_format: str | None = None,
+) -> ShardSteps:
+    """The step source behind ``build_pretrain_loader`` for shards (see :class:`ShardSteps`).
+
+    ``streams_per_rank`` (default :func:`default_streams_per_rank`) must be a multiple of
+    ``num_workers``; the batches depend on it and not on ``num_workers``. ``image_format``
+    defaults to the ShardDataset's, or ``"pil"`` for a spec string.
+    """
+    if isinstance(source, ShardDataset):
+        shard_set, fmt = source.shard_set, source.image_format
+    else:
+        shard_set, fmt = resolve_shards(source), "pil"
+    image_format = image_format or fmt
+    if image_format not in ("pil", "bytes"):
+        raise ValueError(f"image_format must be 'pil' or 'bytes', got {image_format!r}")
+    streams = streams_per_rank if streams_per_rank is not None else default_streams_per_rank(num_workers)
+    if streams < 1 or streams % max(1, num_workers):
+        raise ValueError(
+            f"streams_per_rank={streams} must be a positive multiple of num_workers={num_workers} "
+            "(each worker owns whole streams, which keeps batches independent of num_workers)"
+        )
+    if shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+    layout = StreamLayout(seed=recipe.seed, rank=recipe.rank, world_size=recipe.world_size,
+                          streams_per_rank=streams, shuffle_buffer=shuffle_buffer, resampled=resampled)
+    return ShardSteps(shard_set, recipe, layout, image_format=image_format, start_step=start_step)

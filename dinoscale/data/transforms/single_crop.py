@@ -1,0 +1,52 @@
+"""SimMIM's view: one RandomResizedCrop (bicubic, antialiased) with a horizontal flip, normalised; no colour."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dinoscale.data.transforms.decode import as_uint8_chw
+from dinoscale.data.transforms.geometry import sample_crop_boxes
+from dinoscale.data.transforms.normalize import IMAGENET_MEAN, IMAGENET_STD
+
+
+class RandomResizedCropFlip:
+    """One view: RandomResizedCrop (bicubic, antialiased) to ``size``, horizontal flip with p 0.5, normalisation.
+
+    Returns a float32 ``(3, size, size)`` tensor. Randomness comes from torch's global RNG (the data loader
+    seeds it per sample).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        scale: Sequence[float] = (0.67, 1.0),
+        ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        if size <= 0:
+            raise ValueError(f"crop size must be positive, got {size}")
+        if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+            raise ValueError(f"scale must be (min, max) with 0 < min <= max <= 1, got {tuple(scale)}")
+        self.size = int(size)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        chw = as_uint8_chw(image)
+        top, left, h, w = sample_crop_boxes(chw.shape[1], chw.shape[2], 1, self.scale, self.ratio)[0].tolist()
+        crop = chw[:, top : top + h, left : left + w].unsqueeze(0).float()
+        if (h, w) != (self.size, self.size):
+            crop = F.interpolate(crop, size=(self.size, self.size), mode="bicubic", antialias=True,
+                                 align_corners=False).clamp_(0.0, 255.0)
+        if torch.rand(()) < 0.5:
+            crop = crop.flip(3)
+        return (crop[0] / 255.0 - self.mean) / self.std

@@ -1,0 +1,110 @@
+"""photometric_batch / photometric_collated: parity with torchvision's functional ops, the on-device path,
+generators, CUDA."""
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from dinoscale.data.transforms.normalize import IMAGENET_MEAN, IMAGENET_STD
+from dinoscale.data.transforms.photometric import photometric_batch, photometric_collated
+
+
+def reference_photometry(crop_u8, kind, params, i):
+    """Photometry of one crop from its drawn parameters with torchvision's functional tensor ops."""
+    x = crop_u8.float() / 255
+    if params["jitter"][i]:
+        fns = {0: (TF.adjust_brightness, "brightness"), 1: (TF.adjust_contrast, "contrast"),
+               2: (TF.adjust_saturation, "saturation"), 3: (TF.adjust_hue, "hue")}
+        for op in params["order"][i].tolist():
+            fn, key = fns[op]
+            x = fn(x, float(params[key][i]))
+    if params["grayscale"][i]:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if params["blur"][i]:
+        s = float(params["sigma"][i])
+        x = TF.gaussian_blur(x, [9, 9], [s, s])
+    if params["solarize"][i]:
+        x = torch.where(x >= 128 / 255, 1 - x, x)
+    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_photometry_matches_torchvision_ops_for_the_drawn_parameters(photo, multicrop):
+    """Every flag in the returned parameters is really applied, with torchvision's semantics."""
+    aug = multicrop.small_aug(photometric_on_device=True)
+    torch.manual_seed(0)
+    crops = torch.stack([aug(Image.fromarray(photo))["global_crops"][k % 2] for k in range(48)])
+    kinds = ["global1", "global2", "local"] * 16
+    gen = torch.Generator().manual_seed(5)
+    out, params = photometric_batch(crops, kinds, gen, return_params=True)
+    assert params["blur"].any() and params["solarize"].any() and params["grayscale"].any()
+    for i in range(len(crops)):
+        ref = reference_photometry(crops[i], kinds[i], params, i)
+        # torchvision's luma uses 0.2989 instead of 0.299; the rest agrees to float rounding.
+        assert (out[i] - ref).abs().max() < 2e-3, i
+
+
+def test_photometric_on_device_matches_per_sample_distribution(photo, multicrop):
+    """Same geometry (same seeds), photometry per sample vs batched on the collated crops."""
+    per_sample = multicrop.small_aug()
+    geometry = multicrop.small_aug(photometric_on_device=True)
+    image = torch.from_numpy(photo).permute(2, 0, 1).contiguous()
+    n = 150
+    a_global, a_local, g_crops, l_crops = [], [], [], []
+    for i in range(n):
+        torch.manual_seed(i)
+        out = per_sample(image)
+        a_global.append(torch.stack(out["global_crops"]))
+        a_local.append(torch.stack(out["local_crops"]))
+        torch.manual_seed(i)
+        out = geometry(image)
+        g_crops.append(torch.stack(out["global_crops"]))
+        l_crops.append(torch.stack(out["local_crops"]))
+    batch = {
+        "global_crops": torch.cat([torch.stack([g[0] for g in g_crops]), torch.stack([g[1] for g in g_crops])]),
+        "local_crops": torch.cat(l_crops),
+    }
+    b = photometric_collated(batch, torch.Generator().manual_seed(0))
+    assert b["global_crops"].dtype == torch.float32 and b["global_crops"].shape == (2 * n, 3, multicrop.G, multicrop.G)
+    a_g = torch.cat([torch.stack([x[0] for x in a_global]), torch.stack([x[1] for x in a_global])])
+    a_l = torch.cat(a_local)
+
+    def stats(x):  # per-crop channel means and stds, then their averages and spreads
+        m, s = x.mean(dim=(2, 3)), x.std(dim=(2, 3))
+        return torch.stack([m.mean(0), m.std(0), s.mean(0)])
+
+    for a, bb in [(a_g[:n], b["global_crops"][:n]), (a_g[n:], b["global_crops"][n:]), (a_l, b["local_crops"])]:
+        sa, sb = stats(a), stats(bb)
+        assert (sa - sb).abs().max() < 0.15, (sa, sb)
+    # The per-crop blur shows in the high-frequency energy: global crop 1 (always blurred) is
+    # smoother than global crop 2 (rarely blurred) in both paths.
+    def roughness(x):
+        return (x[..., 1:] - x[..., :-1]).abs().mean().item()
+
+    for glob in (a_g, b["global_crops"]):
+        assert roughness(glob[:n]) < 0.8 * roughness(glob[n:])
+    assert abs(roughness(a_g[:n]) - roughness(b["global_crops"][:n])) < 0.2 * roughness(a_g[:n])
+    assert abs(roughness(a_g[n:]) - roughness(b["global_crops"][n:])) < 0.2 * roughness(a_g[n:])
+
+
+def test_photometric_batch_uses_only_the_given_generator():
+    crops = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
+    torch.manual_seed(0)
+    a = photometric_batch(crops, "local", torch.Generator().manual_seed(1))
+    torch.manual_seed(99)
+    b = photometric_batch(crops, "local", torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_photometric_batch_on_cuda_matches_cpu():
+    crops = torch.randint(0, 256, (16, 3, 48, 48), dtype=torch.uint8)
+    kinds = ["global1", "global2"] * 8
+    cpu = photometric_batch(crops, kinds, torch.Generator().manual_seed(1))
+    gpu = photometric_batch(crops.cuda(), kinds, torch.Generator().manual_seed(1))
+    assert gpu.device.type == "cuda"
+    assert torch.allclose(cpu, gpu.cpu(), atol=1e-4)
+    # A CUDA generator also works (parameters drawn on the GPU, decided on the CPU).
+    out = photometric_batch(crops.cuda(), "local", torch.Generator(device="cuda").manual_seed(1))
+    assert out.shape == crops.shape and torch.isfinite(out).all()
