@@ -15,8 +15,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dinoscale.data.transforms.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 
 def round_to_patch(size: int, patch_size: int) -> int:
