@@ -4,7 +4,7 @@ For each recipe, pretrain with ``tools/train.py``'s loop, then evaluate the expo
 official Fashion-MNIST test split (10,000 images), with the 60,000 training images as the kNN memory and the
 linear probe's training set:
 
-* weighted cosine kNN, k=20, T=0.07 (``dinoscale.train.loop.evaluate_knn``, the code the quickstart ends with);
+* weighted cosine kNN, k=20, T=0.07 (``dinoscale.train.evaluate.evaluate_knn``, the code the quickstart ends with);
 * linear probe as DINOv2 evaluates it (``dinoscale.eval.linear.linear_probe``): frozen features of the last
   1 or 4 blocks' CLS tokens, with or without the average-pooled patch tokens, a grid of learning rates,
   SGD with momentum; the setting is chosen on 10% of the training images held out, then tested.
@@ -39,6 +39,8 @@ from dinoscale.eval.transforms import eval_transform  # noqa: E402
 from dinoscale.eval.linear import linear_probe  # noqa: E402
 from dinoscale.models.factory import build_backbone  # noqa: E402
 from dinoscale.train import loop  # noqa: E402
+from dinoscale.train.build import ensure_shards  # noqa: E402
+from dinoscale.train.evaluate import evaluate_knn  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from fmnist_methods import Pixels, machine_description, random_init_backbone  # noqa: E402
@@ -88,7 +90,7 @@ def probe(cfg, backbone: torch.nn.Module, device: torch.device) -> dict:
 
 def evaluate(cfg, backbone: torch.nn.Module, device: torch.device, *, linear: bool = True) -> dict:
     top1 = f"knn/top1@{cfg.evaluation.knn_k}"
-    out = {"knn": loop.evaluate_knn(cfg, backbone.to(device), device)[top1]}
+    out = {"knn": evaluate_knn(cfg, backbone.to(device), device)[top1]}
     if linear:
         out["linear"] = probe(cfg, backbone, device)
     return out
@@ -100,7 +102,7 @@ def run(args) -> dict:
                "cores": os.cpu_count(), "load_before": os.getloadavg()[0]}
     for name in args.recipes:
         cfg = recipe_config(name, args.out_dir, args.set)
-        loop.ensure_shards(cfg)  # the one-time shard build is not part of the training time
+        ensure_shards(cfg)  # the one-time shard build is not part of the training time
         weights = Path(cfg.train.output_dir) / "export" / "teacher_backbone.pth"
         timed = "measured"
         if args.reuse and weights.exists():

@@ -4,7 +4,7 @@ For each method with a ``configs/methods/<method>_fmnist.yaml`` (the quickstart'
 scale), pretrain for ``--steps`` optimizer steps with the schedules compressed to that budget (5 "epochs" of
 ``steps / 5`` steps: 1 epoch of warmup, cosine decay to the end), then evaluate the exported backbone (the EMA
 teacher's when the method has one, else the student's) with the weighted cosine kNN (k=20) of the trained
-loop (``dinoscale.train.loop.evaluate_knn``) on the Fashion-MNIST test set. The random-init baseline is the
+loop (``dinoscale.train.evaluate.evaluate_knn``) on the Fashion-MNIST test set. The random-init baseline is the
 backbone every method starts from (same seed, same model config), evaluated once.
 
 Writes a markdown table (default ``benchmarks/fmnist_methods.md``) and a JSON file with the raw numbers next
@@ -34,6 +34,7 @@ from dinoscale.device import resolve_device  # noqa: E402
 from dinoscale.config import CONFIG_DIR, load_config  # noqa: E402
 from dinoscale.models.factory import build_backbone  # noqa: E402
 from dinoscale.train import loop  # noqa: E402
+from dinoscale.train.evaluate import evaluate_knn  # noqa: E402
 
 METHODS = ("dino", "ibot", "simclr", "barlow_twins", "simmim", "msn")
 EPOCHS = 5  # the budget is split into this many scheduling "epochs"
@@ -100,12 +101,12 @@ def run(args) -> tuple[list[dict], float | None]:
         # The random-init baseline depends only on the model config and the seed.
         key = json.dumps([dict(cfg.model), cfg.train.seed], sort_keys=True, default=str)
         if key not in baselines:
-            baselines[key] = loop.evaluate_knn(cfg, random_init_backbone(cfg).to(device), device)
+            baselines[key] = evaluate_knn(cfg, random_init_backbone(cfg).to(device), device)
         if pixels is None:
-            pixels = loop.evaluate_knn(cfg, Pixels(cfg.model.patch_size).to(device), device)[
+            pixels = evaluate_knn(cfg, Pixels(cfg.model.patch_size).to(device), device)[
                 f"knn/top1@{cfg.evaluation.knn_k}"]
         backbone, which = trained_backbone(cfg, result)
-        knn = loop.evaluate_knn(cfg, backbone.to(device), device)
+        knn = evaluate_knn(cfg, backbone.to(device), device)
         top1 = f"knn/top1@{cfg.evaluation.knn_k}"
         entry = {
             "method": method,

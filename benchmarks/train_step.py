@@ -8,15 +8,16 @@
     python benchmarks/train_step.py --device cuda --configs vitg14 --variants bf16-eager --fsdp --steps 3
                                                                      # ViT-g/14 recipe, FSDP2 + AC: memory
 
-A step is what ``dinoscale.train.loop`` does between two batches: the method's forward under the configured
-autocast (student on all crops, EMA teacher on the global crops, DINO/iBOT heads and losses), backward,
-gradient clipping, AdamW step and the EMA update. It is built from the loop's own functions
-(``apply_parallelism``, ``build_optimizer``, ``dinoscale.device.autocast``, ``ema_update_``). Data loading is *not*
-timed: batches are made once by the method's own transform and collate (``dinoscale.train.perf.flops.example_batch``)
-and reused, so the figure is the compute ceiling of the step.
+A step is what ``dinoscale.train.step.train_step`` does between two batches, less its skip of non-finite steps:
+the method's forward under the configured autocast (student on all crops, EMA teacher on the global crops,
+DINO/iBOT heads and losses), backward, gradient clipping, AdamW step and the EMA update. It is built from
+training's own functions (``dinoscale.train.build.apply_parallelism``, ``build_optimizer``,
+``dinoscale.device.autocast``, ``ema_update_``). Data loading is *not* timed: batches are made once by the
+method's own transform and collate (``dinoscale.train.perf.flops.example_batch``) and reused, so the figure is the
+compute ceiling of the step.
 
-FLOPs per step come from ``dinoscale.train.perf.flops.step_flops`` (fvcore; 1 multiply-add = 2 FLOPs, backward = 2 x
-forward); MFU is relative to ``dinoscale.train.perf.peak.peak_flops`` for the variant's dtype: the measured matmul
+FLOPs per step come from ``dinoscale.train.flops.step_flops`` (fvcore; 1 multiply-add = 2 FLOPs, backward = 2 x
+forward); MFU is relative to ``dinoscale.train.flops.peak_flops`` for the variant's dtype: the measured matmul
 peak of this CPU (``--refresh-peak`` measures again), or the data-sheet figure of a known GPU. On CUDA the
 timed steps end with a device synchronisation, and the peak allocated memory of the timed steps is reported.
 """
@@ -44,7 +45,7 @@ from dinoscale.device import autocast as autocast_in, training_autocast_dtype  #
 from dinoscale.methods.registry import build_method  # noqa: E402
 from dinoscale.train.perf.flops import example_batch, step_flops  # noqa: E402
 from dinoscale.train.perf.peak import peak_flops  # noqa: E402
-from dinoscale.train.loop import apply_parallelism  # noqa: E402
+from dinoscale.train.build import apply_parallelism  # noqa: E402
 from dinoscale.train.optim import apply_schedule_, build_optimizer, clip_grad_norm_, get_param_groups  # noqa: E402
 from dinoscale.train.teacher import ema_update_, init_teacher_from_student_  # noqa: E402
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from dinoscale.train.cadence import should_log
+
 __all__ = ["MetricLogger", "read_metrics"]
 
 _RESERVED_KEYS = frozenset({"step", "images_per_s", "eta_s", "time", "type"})
@@ -175,7 +177,7 @@ class MetricLogger:
 
     # ------------------------------------------------------------------ logging
     def is_log_step(self, step: int) -> bool:
-        return step % self.log_every == 0 or step == self.total_steps
+        return should_log(step, log_every=self.log_every, max_steps=self.total_steps)
 
     def log(self, step: int, metrics: Mapping[str, Any], n_images: int) -> None:
         """Record the optimizer step that brought the count to ``step`` and processed ``n_images`` images (pass the

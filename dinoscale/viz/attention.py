@@ -26,7 +26,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torchvision.transforms.v2 import functional as TF  # noqa: E402
 
-from dinoscale.eval.transforms import IMAGENET_MEAN, IMAGENET_STD, round_to_patch, to_uint8_or_float_chw  # noqa: E402
+from dinoscale.data.transforms.normalize import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from dinoscale.eval.transforms import round_to_patch, to_uint8_or_float_chw  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

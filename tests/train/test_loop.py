@@ -12,6 +12,8 @@ from dinoscale.config import load_config
 from dinoscale.methods.registry import METHODS
 from dinoscale.methods.dinov2 import DINOv2
 from dinoscale.train import loop
+from dinoscale.train.build import ensure_shards
+from dinoscale.train.step import TooManyBadSteps
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
@@ -145,7 +147,7 @@ def test_too_many_bad_steps_stop_with_clear_error(tmp_path, monkeypatch):
         bad_calls = set(range(1, 100))
 
     monkeypatch.setitem(METHODS, "dinov2", AlwaysNaN)
-    with pytest.raises(loop.TooManyBadSteps, match="3 consecutive steps"):
+    with pytest.raises(TooManyBadSteps, match="3 consecutive steps"):
         run(tmp_path, "train.max_steps=10", "train.max_consecutive_bad_steps=3")
 
 
@@ -208,7 +210,7 @@ def test_shards_are_built_on_first_run_and_damage_is_counted(tmp_path):
             Image.new("RGB", (20, 20), (i * 20, 40, 90 if label == "a" else 200)).save(folder / label / f"{i}.png")
     (folder / "a" / "broken.png").write_bytes(b"\x89PNG not really")
     shards = tmp_path / "shards"
-    loop.ensure_shards(load_config("quickstart", [f"train.dataset={shards}", f"train.build_shards_from={folder}"]))
+    ensure_shards(load_config("quickstart", [f"train.dataset={shards}", f"train.build_shards_from={folder}"]))
     index = json.loads((shards / "index.json").read_text())
     assert index["total"] == 24 and index["skipped"] == 1  # the broken file is refused at write time
 

@@ -1,0 +1,213 @@
+"""Building a training run from its config: the networks, their parallelism, the optimizer, the schedules, the
+throughput meter and the data.
+
+:func:`build_run` does it all in training's order (the seeding and the order matter for the initial weights)
+and returns a :class:`Run`; the loop then resumes it (``dinoscale.train.resume``) and steps it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from dinoscale import distributed
+from dinoscale.config import save_config
+from dinoscale.cpu_malloc import keep_freed_memory
+from dinoscale.data.open import open_dataset
+from dinoscale.data.loader import PretrainLoader, build_pretrain_loader
+from dinoscale.data.shard_writer import write_shards
+from dinoscale.device import autocast as autocast_in, dtype_from_name, resolve_device, training_autocast_dtype
+from dinoscale.hub import load_state_dict_any
+from dinoscale.methods.registry import build_method
+from dinoscale.parallel import build_mesh, parallelize, parallelize_student_teacher
+from dinoscale.train.perf.flops import example_batch
+from dinoscale.train.perf.meter import ThroughputMeter, throughput_meter
+from dinoscale.train.optim import build_optimizer, get_param_groups
+from dinoscale.train.schedules import Schedules, build_schedules, scale_lr
+from dinoscale.train.teacher import init_teacher_from_student_
+
+log = logging.getLogger("dinoscale")
+
+
+@dataclass
+class Run:
+    """Everything a training run steps, built once by :func:`build_run`."""
+
+    cfg: DictConfig
+    device: torch.device
+    output_dir: Path
+    method: nn.Module  # the loss, and its state (e.g. centers)
+    student: nn.ModuleDict
+    teacher: nn.ModuleDict | None  # None for methods without an EMA teacher
+    optimizer: torch.optim.Optimizer
+    schedules: Schedules
+    max_steps: int  # where this run stops: train.max_steps, or the schedules' end
+    global_batch: int  # images per optimizer step, over all ranks
+    autocast_dtype: torch.dtype | None  # the forward's autocast dtype (train.autocast), None for full precision
+    meter: ThroughputMeter | None  # FLOP/s and MFU, when train.log_throughput and the count succeeded
+
+    @property
+    def eval_name(self) -> str:
+        """Which network evaluation and export use: the teacher when there is one."""
+        return "teacher" if self.teacher is not None else "student"
+
+    @property
+    def eval_net(self) -> nn.ModuleDict:
+        return self.teacher if self.teacher is not None else self.student
+
+    def autocast(self):
+        """The autocast context of training's forward (``train.autocast``)."""
+        return autocast_in(self.device, self.autocast_dtype)
+
+
+def build_run(cfg: DictConfig) -> Run:
+    """The run directory (with its config), the networks in training mode (parallelism applied), the
+    optimizer, the schedules and the throughput meter."""
+    device = resolve_device(cfg.train.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # glibc: reuse freed tensor memory instead of faulting in fresh pages each step
+    output_dir = Path(cfg.train.output_dir)
+    if distributed.get_rank() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+
+    method, student, teacher = build_networks(cfg, device)
+    # FLOPs of one step are counted once, on the unsharded networks (fvcore cannot trace FSDP shards)
+    meter = build_throughput_meter(cfg, method, student, teacher, device) if cfg.train.log_throughput else None
+    apply_parallelism(cfg.compute, student, teacher)
+    optimizer = optimizer_from_config(cfg, student)
+    global_batch = cfg.train.batch_size_per_rank * distributed.get_world_size()
+    schedules = schedules_from_config(cfg, global_batch)
+    max_steps = min(schedules.total_steps, cfg.train.max_steps) if cfg.train.max_steps else schedules.total_steps
+
+    student.train()  # drop path on
+    if teacher is not None:
+        teacher.eval()
+    return Run(cfg=cfg, device=device, output_dir=output_dir, method=method, student=student, teacher=teacher,
+               optimizer=optimizer, schedules=schedules, max_steps=max_steps, global_batch=global_batch,
+               autocast_dtype=training_autocast_dtype(cfg.train.autocast, device), meter=meter)
+
+
+def build_networks(cfg: DictConfig, device: torch.device):
+    """``(method, student, teacher)`` on ``device``, with the same initial weights on every rank (seeded): the
+    student from ``model.pretrained_weights`` when set, the teacher (if the method has one) a frozen copy."""
+    torch.manual_seed(cfg.train.seed)
+    method = build_method(cfg)
+    student, teacher = method.build_networks()
+    if cfg.model.pretrained_weights:
+        load_state_dict_any(student["backbone"], cfg.model.pretrained_weights)
+    if teacher is not None:
+        init_teacher_from_student_(teacher, student)
+        teacher.to(device)
+    student.to(device), method.to(device)
+    return method, student, teacher
+
+
+def apply_parallelism(compute: DictConfig, student, teacher) -> None:
+    """FSDP2 sharding (when a process group exists), activation checkpointing and compile, from ``compute:``."""
+    mesh = build_mesh(hybrid_shard=compute.hybrid_shard) if distributed.is_enabled() else None
+    options = dict(
+        mesh=mesh,
+        param_dtype=dtype_from_name(compute.param_dtype, what="compute.param_dtype"),
+        reduce_dtype=dtype_from_name(compute.reduce_dtype, what="compute.reduce_dtype"),
+        reshard_after_forward=compute.reshard_after_forward,
+        activation_checkpointing=compute.activation_checkpointing,
+        compile_blocks=compute.compile,
+    )
+    if teacher is not None:
+        parallelize_student_teacher(student, teacher, **options)
+    else:
+        for key, part in student.items():
+            parallelize(part, **{**options, "activation_checkpointing": options["activation_checkpointing"]
+                                 and key == "backbone"})
+
+
+def optimizer_from_config(cfg: DictConfig, student: nn.ModuleDict) -> torch.optim.Optimizer:
+    """AdamW over the student's parameter groups (layer-wise lr decay, patch-embed lr, no decay on norms/biases)."""
+    groups = get_param_groups(
+        student,
+        lr_decay_rate=cfg.optim.layerwise_decay,
+        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
+        n_blocks=student["backbone"].n_blocks,
+    )
+    return build_optimizer(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+
+
+def schedules_from_config(cfg: DictConfig, global_batch: int) -> Schedules:
+    """lr, weight decay, teacher momentum and temperature per step; the lr scaled with the global batch when
+    ``optim.scale_lr_with_batch``."""
+    base_lr = scale_lr(cfg.optim.base_lr, global_batch) if cfg.optim.scale_lr_with_batch else cfg.optim.base_lr
+    epoch_length = cfg.train.official_epoch_length
+    return build_schedules(
+        total_steps=cfg.optim.epochs * epoch_length,
+        epoch_length=epoch_length,
+        base_lr=base_lr,
+        min_lr=cfg.optim.min_lr,
+        warmup_epochs=cfg.optim.warmup_epochs,
+        weight_decay=cfg.optim.weight_decay,
+        weight_decay_end=cfg.optim.weight_decay_end,
+        momentum_teacher=cfg.teacher.momentum_teacher,
+        final_momentum_teacher=cfg.teacher.final_momentum_teacher,
+        teacher_temp=cfg.teacher.teacher_temp,
+        warmup_teacher_temp=cfg.teacher.warmup_teacher_temp,
+        warmup_teacher_temp_epochs=cfg.teacher.warmup_teacher_temp_epochs,
+        freeze_last_layer_epochs=cfg.optim.freeze_last_layer_epochs,
+    )
+
+
+def compute_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
+    """The dtype the matmuls run in: the autocast dtype, else FSDP's param_dtype when sharded, else fp32."""
+    dtype = training_autocast_dtype(cfg.train.autocast, device)
+    if dtype is not None:
+        return dtype
+    return dtype_from_name(cfg.compute.param_dtype) if distributed.is_enabled() else torch.float32
+
+
+def build_throughput_meter(cfg: DictConfig, method, student, teacher, device: torch.device) -> ThroughputMeter | None:
+    """Count one step's FLOPs on a batch shaped like training's and look up the peak; None if either fails.
+
+    The count traces the full per-rank batch (one forward without gradients, a few seconds for the
+    quickstart); RNG streams and buffers are left as they were, so training is unchanged by it.
+    """
+    batch = example_batch(method, student["backbone"].patch_size, cfg.train.batch_size_per_rank, device=device)
+    return throughput_meter(method, student, teacher, batch, device=device, dtype=compute_dtype(cfg, device),
+                            window=cfg.train.log_every)
+
+
+def ensure_shards(cfg: DictConfig) -> None:
+    """Write ``train.dataset``'s shards from ``train.build_shards_from`` on first use (rank 0; others wait)."""
+    target = Path(cfg.train.dataset)
+    if not cfg.train.build_shards_from or (target / "index.json").exists():
+        return
+    if distributed.get_rank() == 0:
+        source = cfg.train.build_shards_from
+        # Fashion-MNIST writes both splits, OUT/train and OUT/test: train.dataset names one of them.
+        is_fmnist = source.split(":")[0] == "fashion-mnist"
+        out = target.parent if is_fmnist else target
+        if is_fmnist and target.name not in ("train", "test"):
+            raise ValueError(f"train.dataset must end in /train or /test when building Fashion-MNIST shards, "
+                             f"got {target}")
+        log.info("writing shards of %s to %s (first run only)", source, out)
+        write_shards(source, out, max_samples_per_shard=5000, overwrite=True)
+    distributed.barrier()
+
+
+def build_data(cfg: DictConfig, method, *, patch_size: int, start_step: int) -> PretrainLoader:
+    """The infinite iterator of this rank's collated batches, starting at ``start_step``."""
+    ensure_shards(cfg)
+    return build_pretrain_loader(
+        open_dataset(cfg.train.dataset),
+        method.build_transform(),
+        method.build_collate(patch_size),
+        batch_size_per_rank=cfg.train.batch_size_per_rank,
+        num_workers=cfg.train.num_workers,
+        seed=cfg.train.seed,
+        start_step=start_step,
+        rank=distributed.get_rank(),
+        world_size=distributed.get_world_size(),
+    )
