@@ -16,8 +16,8 @@ training's own functions (``dinoscale.train.build.apply_parallelism``, ``build_o
 method's own transform and collate (``dinoscale.train.perf.flops.example_batch``) and reused, so the figure is the
 compute ceiling of the step.
 
-FLOPs per step come from ``dinoscale.train.flops.step_flops`` (fvcore; 1 multiply-add = 2 FLOPs, backward = 2 x
-forward); MFU is relative to ``dinoscale.train.flops.peak_flops`` for the variant's dtype: the measured matmul
+FLOPs per step come from ``dinoscale.train.perf.flops.step_flops`` (fvcore; 1 multiply-add = 2 FLOPs, backward = 2 x
+forward); MFU is relative to ``dinoscale.train.perf.peak.peak_flops`` for the variant's dtype: the measured matmul
 peak of this CPU (``--refresh-peak`` measures again), or the data-sheet figure of a known GPU. On CUDA the
 timed steps end with a device synchronisation, and the peak allocated memory of the timed steps is reported.
 """

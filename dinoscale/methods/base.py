@@ -1,6 +1,6 @@
 """The contract between a self-supervised method and the code that trains, checkpoints and measures it.
 
-``Method`` is the interface ``dinoscale.train.loop.train``, ``dinoscale.checkpoint``, ``dinoscale.train.flops``
+``Method`` is the interface ``dinoscale.train.loop.train``, ``dinoscale.checkpoint``, ``dinoscale.train.perf.flops``
 and the benchmarks rely on. Methods do not inherit from it: every ``nn.Module`` with these members is a
 ``Method`` (``isinstance`` checks that the members exist, ``tests/methods/test_method_protocol.py`` that every
 registered method keeps the whole contract).
