@@ -35,10 +35,10 @@ class MultiCropAugmentation:
     channels) or encoded JPEG/PNG bytes, and returns
     ``{"global_crops": [t1, t2], "local_crops": [t, ...]}`` of normalised float32 (3,S,S)
     tensors. With ``photometric_on_device=True`` the crops are uint8 after geometry only, and
-    the trainer applies :func:`photometric_collated` (or :func:`photometric_batch` per slot) to
-    the collated batch on its device. ``ratio`` is the RandomResizedCrop aspect-ratio range;
-    ``tune_allocator`` calls :func:`dinoscale.cpu_malloc.keep_freed_memory` on the first call in each
-    process.
+    the trainer applies :func:`~dinoscale.data.transforms.photometric.photometric_collated` (or
+    :func:`photometric_batch` per slot) to the collated batch on its device. ``ratio`` is the
+    RandomResizedCrop aspect-ratio range; ``tune_allocator`` calls
+    :func:`dinoscale.cpu_malloc.keep_freed_memory` on the first call in each process.
     """
 
     def __init__(
