@@ -15,8 +15,7 @@ forward (``reshard_after_forward=True``) and gathered again for the backward. Mo
 Naming: the activation-checkpoint wrapper inserts ``_checkpoint_wrapped_module.`` into the
 *parameter* names (``blocks.3._checkpoint_wrapped_module.attn.qkv.weight``), but its state-dict
 hooks strip it again, so ``state_dict()`` keys, checkpoints and the unwrapped teacher keep the plain
-names. Code matching ``named_parameters()`` by name should use
-``dinoscale.train.optim.canonical_param_name`` (or :func:`strip_wrapper_prefixes` here). In-place
+names. Code matching ``named_parameters()`` by name should use :func:`strip_wrapper_prefixes` here. In-place
 ``nn.Module.compile()`` adds no prefix.
 
 Without a process group (single process) or with ``mesh=None`` only steps 1-2 are applied and the
