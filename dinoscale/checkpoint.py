@@ -207,17 +207,20 @@ def _app_state(student: nn.Module, teacher: nn.Module | None, optimizer, method:
     return state
 
 
-def _tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensors this rank holds in a nested state dict (its shard of a sharded tensor)."""
+# DCP writes every state-dict entry as a torch.save record of its own: headers add about this much to each.
+_DCP_BYTES_PER_ENTRY = 1600
+
+
+def _bytes_to_write(obj: Any) -> int:
+    """About what DCP writes for this rank's part of a nested state dict (its shard of a sharded tensor)."""
+    if isinstance(obj, dict):
+        return sum(_bytes_to_write(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_bytes_to_write(v) for v in obj)
     if isinstance(obj, DTensor):
         obj = obj.to_local()
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
+    size = obj.numel() * obj.element_size() if torch.is_tensor(obj) else 0
+    return size + _DCP_BYTES_PER_ENTRY
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -311,7 +314,7 @@ def save_checkpoint(
             except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
                 error = _root_cause(exc)
         if needed is None:  # the first exchange also adds up what every rank is about to write
-            reports = _all_gather((error, _tensor_bytes(state) + len(rank_bytes)))
+            reports = _all_gather((error, _bytes_to_write(state) + len(rank_bytes)))
             needed = sum(n for _, n in reports)
             errors = [e for e, _ in reports]
         else:
