@@ -244,13 +244,14 @@ def _megabytes(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
 
 
-def _write_failure(tmp: Path, errors: list[str | None], needed: int) -> CheckpointError:
+def _write_failure(tmp: Path, errors: list[str | None], *, needed: int) -> CheckpointError:
     """The error every rank raises when saving failed on any rank; rank 0 removes the partial directory."""
     if distributed.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     causes = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)
     root = tmp.parent
-    free = shutil.disk_usage(root).free if root.exists() else 0
+    existing = next(p for p in (root, *root.parents) if p.exists())  # root itself may be what could not be made
+    free = shutil.disk_usage(existing).free
     verdict = " (the disk is full)" if free < needed else ""
     intact = [p.name for p in list_checkpoints(root.parent)]
     return CheckpointError(
@@ -305,22 +306,17 @@ def save_checkpoint(
             shutil.rmtree(final)
         tmp.rename(final)
 
-    needed = None
-    for phase, ranks in ((prepare, (0,)), (write, None), (finish, (0,))):
+    local_bytes = _bytes_to_write(state) + len(rank_bytes)
+    for phase, on_every_rank in ((prepare, False), (write, True), (finish, False)):
         error = None
-        if ranks is None or rank in ranks:
+        if on_every_rank or rank == 0:
             try:
                 phase()
             except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
                 error = _root_cause(exc)
-        if needed is None:  # the first exchange also adds up what every rank is about to write
-            reports = _all_gather((error, _bytes_to_write(state) + len(rank_bytes)))
-            needed = sum(n for _, n in reports)
-            errors = [e for e, _ in reports]
-        else:
-            errors = _all_gather(error)
-        if any(e is not None for e in errors):
-            raise _write_failure(tmp, errors, needed)
+        reports = _all_gather((error, local_bytes))
+        if any(e is not None for e, _ in reports):
+            raise _write_failure(tmp, [e for e, _ in reports], needed=sum(n for _, n in reports))
 
     if rank == 0 and keep > 0:
         # Only checkpoints up to this step count: a damaged newer one (the run resumed before it) is replaced

@@ -7,6 +7,7 @@ import json
 import logging
 import random
 import re
+import time
 
 import numpy as np
 import pytest
@@ -162,3 +163,52 @@ def test_pruning_counts_only_checkpoints_up_to_the_saved_step(tmp_path):
     save(tmp_path, 4, parts, keep=1)  # the run gets there again: the damaged one is replaced
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_000000004"]
     checkpoint.check_checkpoint(tmp_path / "checkpoints" / "step_000000004")
+
+
+def _two_rank_worker(rank, port, out_dir, fail_on_rank):
+    import os
+    from pathlib import Path
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        del os.environ[name]
+    torch.set_num_threads(1)
+    from dinoscale import distributed
+
+    distributed.init_distributed()
+    outcome = {}
+    try:
+        parts = build()
+        save(out_dir, 2, parts)
+        if rank == fail_on_rank:  # only this rank's own file cannot be written (its disk, its permissions)
+            def no_space(self, data):
+                raise OSError(28, "No space left on device", str(self))
+            Path.write_bytes = no_space
+        try:
+            save(out_dir, 4, parts)
+            outcome["saved"] = True
+        except CheckpointError as exc:
+            outcome["error"] = str(exc)
+    finally:
+        Path(out_dir, f"outcome{rank}.json").write_text(json.dumps(outcome))
+        distributed.destroy_distributed()
+
+
+@pytest.mark.distributed
+def test_a_write_failing_on_one_rank_fails_the_save_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    from dinoscale.distributed import find_free_port
+
+    started = time.monotonic()
+    mp.spawn(_two_rank_worker, args=(find_free_port(), str(tmp_path), 1), nprocs=2)
+    assert time.monotonic() - started < 120  # nobody waited for the rank that gave up
+    outcomes = [json.loads((tmp_path / f"outcome{r}.json").read_text()) for r in range(2)]
+    for outcome in outcomes:
+        assert "rank 1: OSError: [Errno 28] No space left on device" in outcome["error"], outcomes
+        assert "rank 0:" not in outcome["error"] and "needs about" in outcome["error"]
+    assert sorted(p.name for p in checkpoint.checkpoint_root(tmp_path).iterdir()) == ["step_000000002"]
+    manifest = json.loads((tmp_path / "checkpoints" / "step_000000002" / checkpoint.MANIFEST).read_text())["files"]
+    assert {"rank_0.pt", "rank_1.pt", "__0_0.distcp", "__1_0.distcp"} <= set(manifest)
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step_000000002"
