@@ -4,9 +4,9 @@ Every way out ends the process within a bounded time:
 
 * Stop request (SIGTERM, SIGUSR1, SIGUSR2: ``scancel``, SLURM's pre-timeout and preemption signals,
   ``timeout``). :class:`StopRequest` only records it; the training loop reads it at the next step
-  boundary, saves a checkpoint and returns. A second signal ends the process at once. A request the loop
-  does not read within ``DINOSCALE_STOP_TIMEOUT`` seconds (a data read or a collective that never returns)
-  ends the process too.
+  boundary, saves a checkpoint and returns. A SIGTERM or SIGINT after that ends the process at once. A
+  request the loop does not read within ``DINOSCALE_STOP_TIMEOUT`` seconds (a data read or a collective that
+  never returns) ends the process too.
 * Fatal error. :func:`fatal_error` prints the traceback and one line naming the cause, tears the run down
   (:func:`teardown`) and returns the exit code; if the process still has not exited a minute later (a thread
   or a process group that does not let go), the watchdog ends it.
@@ -42,6 +42,9 @@ log = logging.getLogger("dinoscale")
 #: Signals that mean "save and stop at the next step boundary": SLURM's pre-timeout/preemption signals
 #: (sbatch --signal=USR1@90, submitit's USR2) and the SIGTERM that scancel/preemption/timeout send first.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+# After a stop request, these end the process at once ("stop now"); a repeated USR1/USR2 is only a notice.
+_EXIT_AT_ONCE_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 #: Environment variable: seconds a stop request may wait for the loop to reach a step boundary.
 STOP_TIMEOUT_ENV = "DINOSCALE_STOP_TIMEOUT"
@@ -116,8 +119,8 @@ class StopRequest:
 
     The handler only records the signal (and arms the watchdog), which is safe at any point of the
     interrupted code; agreeing across ranks and saving happen at the next step boundary, when the loop
-    calls this object. A second signal ends the process at once, without a checkpoint. SIGINT keeps its
-    usual meaning (KeyboardInterrupt) the first time.
+    calls this object. A SIGTERM or SIGINT after the first signal ends the process at once, without a
+    checkpoint. SIGINT keeps its usual meaning (KeyboardInterrupt) the first time.
     """
 
     def __init__(self, timeout_s: float | None = None) -> None:
@@ -136,18 +139,20 @@ class StopRequest:
     def handler(self, signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.signum is not None:
-            exit_now(f"received {name} while stopping on {signal.Signals(self.signum).name}: exiting at once, "
-                     "without a checkpoint", 128 + signum)
+            if signum in _EXIT_AT_ONCE_SIGNALS:
+                exit_now(f"received {name} while stopping on {signal.Signals(self.signum).name}: exiting at once, "
+                         "without a checkpoint", 128 + signum)
+            return  # a repeated checkpoint notice (USR1/USR2): already stopping
         self.signum = signum
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        log.warning("received %s: will checkpoint and stop at the next step boundary (a second signal exits at "
-                    "once; without a step boundary within %g s the process exits)", name, self.timeout_s)
+        log.warning("received %s: will checkpoint and stop at the next step boundary (SIGTERM or SIGINT now exits "
+                    "at once; without a step boundary within %g s the process exits)", name, self.timeout_s)
         _WATCHDOG.arm(self.timeout_s, f"received {name} {self.timeout_s:g} s ago but the training loop did not reach "
                       "a step boundary (a data read or collective that does not return?); exiting without a "
                       f"checkpoint ({STOP_TIMEOUT_ENV} sets this bound)", 128 + signum)
 
-    def install(self, signum: int) -> signal.Handlers | object:
+    def install(self, signum: int) -> object:
         """Route ``signum`` to this request; returns the handler it replaces."""
         _WATCHDOG.start()
         previous = signal.getsignal(signum)
@@ -156,7 +161,7 @@ class StopRequest:
 
 
 def install_stop_handler() -> StopRequest:
-    """A :class:`StopRequest` receiving STOP_SIGNALS and SIGINT (a second Ctrl-C exits at once)."""
+    """A :class:`StopRequest` receiving STOP_SIGNALS and SIGINT."""
     stop = StopRequest()
     for signum in (*STOP_SIGNALS, signal.SIGINT):
         stop.install(signum)
