@@ -1,20 +1,31 @@
-"""Checkpoints: one place for what a run saves, where, and how it comes back.
+"""Checkpoints: one place for what a run saves, where, how it is checked, and how it comes back.
 
 Layout of ``OUTPUT_DIR/checkpoints/step_000001250/``:
   ``.metadata`` + ``__*.distcp``  torch.distributed.checkpoint (DCP) of ``student``, ``teacher``, ``optimizer`` and
                                   ``method`` (the loss centers); sharded parameters are saved as shards and
                                   resharded on load, so a run may resume on a different number of ranks.
-  ``rank_K.pt``                   per-rank RNG states (torch, numpy, python, CUDA) and the loader state of rank K.
+  ``rank_K.pt``                   per-rank RNG states (torch, numpy, python, CUDA) and the loader state of rank K,
+                                  as tensors and plain Python values (loaded with ``weights_only=True``).
   ``trainer.json``                step, world size, consecutive bad steps, data position (the global step the
                                   data stream resumes at), written by rank 0.
+  ``manifest.json``               every other file of the checkpoint with its size in bytes, written last.
 
-Saving is atomic: everything is written to ``step_X.tmp`` and renamed to ``step_X`` only when complete, so
-a crash while saving never damages the last good checkpoint. The last ``keep`` checkpoints are kept.
+Saving is atomic: everything is written to ``step_X.tmp``, checked (every extent DCP's ``.metadata`` refers to
+is on disk, every rank's file is there, the manifest is written) and only then renamed to ``step_X``, so a
+crash while saving never damages an earlier checkpoint. A failed save (disk full, no permission) removes its
+partial directory on every rank and raises :class:`CheckpointError` saying how much space it needed. The last
+``keep`` checkpoints are kept.
+
+Loading checks first (:func:`check_checkpoint`): :func:`latest_checkpoint` reports a damaged checkpoint (which
+file, what is wrong) and returns the newest intact one. Checkpoints written before manifests existed are
+checked against DCP's ``.metadata`` alone, and their numpy RNG state still loads.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import random
 import re
 import shutil
@@ -24,8 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -34,51 +47,153 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from dinoscale import distributed
 
+log = logging.getLogger("dinoscale.checkpoint")
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+
+# What a rank file written before RNG states were stored as tensors holds besides tensors and plain values:
+# numpy's legacy RNG state tuple (a uint32 array). Allowed explicitly so that old checkpoints load weights-only.
+_OLD_RANK_FILE_GLOBALS = [np.zeros(1).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the model."""
+    """A checkpoint is missing, incomplete, damaged, does not fit the model, or cannot be written."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (renamed from .tmp, with DCP metadata and trainer.json), oldest first."""
+    """Complete checkpoints (renamed from .tmp, with DCP metadata and trainer.json), oldest first.
+
+    Complete is not intact: :func:`check_checkpoint` looks at the files themselves.
+    """
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = []
-    for path in root.iterdir():
-        m = _STEP_DIR.match(path.name)
-        if m and (path / ".metadata").exists() and (path / "trainer.json").exists():
-            found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
+    found = [path for path in root.iterdir()
+             if _STEP_DIR.match(path.name) and (path / ".metadata").exists() and (path / "trainer.json").exists()]
+    return sorted(found, key=_step_of)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest intact checkpoint; damaged newer ones are reported (logged) and passed over.
+
+    None when there is no checkpoint; :class:`CheckpointError` when there are some but none is intact, so a
+    run never silently starts from scratch over its own checkpoints.
+    """
     ckpts = list_checkpoints(output_dir)
-    return ckpts[-1] if ckpts else None
+    problems = []
+    for path in reversed(ckpts):
+        try:
+            check_checkpoint(path)
+            return path
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            if distributed.get_rank() == 0:
+                log.warning("%s; trying the checkpoint before it", exc)
+    if problems:
+        raise CheckpointError(f"none of the {len(ckpts)} checkpoints in {checkpoint_root(output_dir)} is intact:\n"
+                              + "\n".join(problems)
+                              + "\nMove them away to start afresh (or pass --no-resume / train.resume=false).")
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path.parent} is damaged: {path.name} is missing") from None
+    except (OSError, ValueError) as exc:  # ValueError: invalid JSON or undecodable bytes
+        raise CheckpointError(f"checkpoint {path.parent} is damaged: {path.name} cannot be read ({exc})") from exc
+
+
+def _file_sizes(path: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file() and f.name != MANIFEST}
+
+
+def check_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Raise :class:`CheckpointError` naming the damaged file and what is wrong with it; else return
+    ``trainer.json``'s content.
+
+    Checks, without reading the tensors: the manifest's files are there with their recorded sizes (checkpoints
+    written before manifests have none), DCP's ``.metadata`` reads and every extent it refers to lies inside its
+    file, and the per-rank file of every rank that wrote the checkpoint is there.
+    """
+    path = Path(path)
+    meta = _read_json(path / "trainer.json")
+    if (path / MANIFEST).exists():
+        recorded = _read_json(path / MANIFEST)["files"]
+        for name, size in recorded.items():
+            file = path / name
+            if not file.exists():
+                raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
+            if file.stat().st_size != size:
+                raise CheckpointError(f"checkpoint {path} is damaged: {name} has {file.stat().st_size} bytes, "
+                                      f"{size} were written (truncated or overwritten)")
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is damaged: .metadata is missing") from None
+    except Exception as exc:  # pickle raises many kinds on a damaged file
+        raise CheckpointError(f"checkpoint {path} is damaged: .metadata cannot be read "
+                              f"({type(exc).__name__}: {exc})") from exc
+    needed: dict[str, int] = {}  # file -> end of the last extent .metadata places in it
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(needed.items()):
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} (referenced by .metadata) is missing")
+        if file.stat().st_size < end:
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} has {file.stat().st_size} bytes but "
+                                  f".metadata places data up to byte {end} (truncated)")
+    for rank in range(int(meta.get("world_size", 1))):
+        if not (path / f"rank_{rank}.pt").exists():
+            raise CheckpointError(f"checkpoint {path} is damaged: rank_{rank}.pt is missing")
+    return meta
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as tensors and plain Python values (so they load weights-only)."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`'s output, or the numpy-tuple form older checkpoints hold."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        key = numpy_state["state"]["key"]
+        numpy_state = {**numpy_state, "state": {**numpy_state["state"], "key": np.asarray(key, dtype=np.uint32)}}
+    np.random.set_state(numpy_state)
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_rank_file(path: Path) -> dict[str, Any]:
+    with torch.serialization.safe_globals(_OLD_RANK_FILE_GLOBALS):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged zip raises RuntimeError, a foreign pickle UnpicklingError
+            raise CheckpointError(f"checkpoint {path.parent} is damaged: {path.name} cannot be loaded "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
 
 
 def _app_state(student: nn.Module, teacher: nn.Module | None, optimizer, method: nn.Module) -> dict[str, Any]:
@@ -94,6 +209,60 @@ def _app_state(student: nn.Module, teacher: nn.Module | None, optimizer, method:
     return state
 
 
+# DCP writes every state-dict entry as a torch.save record of its own: headers add about this much to each.
+_DCP_BYTES_PER_ENTRY = 1600
+
+
+def _bytes_to_write(obj: Any) -> int:
+    """About what DCP writes for this rank's part of a nested state dict (its shard of a sharded tensor)."""
+    if isinstance(obj, dict):
+        return sum(_bytes_to_write(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_bytes_to_write(v) for v in obj)
+    if isinstance(obj, DTensor):
+        obj = obj.to_local()
+    size = obj.numel() * obj.element_size() if torch.is_tensor(obj) else 0
+    return size + _DCP_BYTES_PER_ENTRY
+
+
+def _root_cause(exc: BaseException) -> str:
+    """One line: the error DCP wrapped (it reports each rank's as a traceback), else the error itself."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        exc = next(iter(exc.failures.values()))[0]
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _all_gather(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order; also a barrier."""
+    if not distributed.is_enabled() or distributed.get_world_size() == 1:
+        return [value]
+    gathered = [None] * distributed.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _write_failure(tmp: Path, errors: list[str | None], *, needed: int) -> CheckpointError:
+    """The error every rank raises when saving failed on any rank; rank 0 removes the partial directory."""
+    if distributed.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    causes = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)
+    root = tmp.parent
+    existing = next(p for p in (root, *root.parents) if p.exists())  # root itself may be what could not be made
+    free = shutil.disk_usage(existing).free
+    verdict = " (the disk is full)" if free < needed else ""
+    intact = [p.name for p in list_checkpoints(root.parent)]
+    return CheckpointError(
+        f"cannot write checkpoint {tmp.name[:-len('.tmp')]} to {root}: {causes}. It needs about "
+        f"{_megabytes(needed)}; {_megabytes(free)} are free there{verdict}. The partial checkpoint was removed; "
+        f"earlier checkpoints are untouched ({', '.join(intact) if intact else 'none yet'})."
+    )
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -106,28 +275,56 @@ def save_checkpoint(
     rank_state: dict[str, Any] | None = None,
     keep: int = 3,
 ) -> Path:
-    """Write checkpoint ``step`` atomically on all ranks; returns its directory."""
+    """Write checkpoint ``step`` atomically on all ranks; returns its directory.
+
+    Three phases, each ending with all ranks exchanging their errors, so that a failure on any rank makes
+    every rank raise the same :class:`CheckpointError` (nobody waits at a barrier for a rank that gave up):
+    rank 0 makes the ``.tmp`` directory; every rank writes its DCP shards and its rank file; rank 0 writes
+    ``trainer.json``, checks the whole directory, writes the manifest and renames it.
+    """
     rank = distributed.get_rank()
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:09d}"
     tmp = root / f"step_{step:09d}.tmp"
-    if rank == 0:
+    state = _app_state(student, teacher, optimizer, method)
+    buffer = io.BytesIO()
+    torch.save({"rng": rng_state(), **(rank_state or {})}, buffer)
+    rank_bytes = buffer.getvalue()
+
+    def prepare() -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash during an earlier save
         tmp.mkdir(parents=True)
-    distributed.barrier()
 
-    dcp.save(_app_state(student, teacher, optimizer, method), checkpoint_id=str(tmp))
-    per_rank = {"rng": rng_state(), **(rank_state or {})}
-    torch.save(per_rank, tmp / f"rank_{rank}.pt")
-    distributed.barrier()
+    def write() -> None:
+        dcp.save(state, checkpoint_id=str(tmp))
+        (tmp / f"rank_{rank}.pt").write_bytes(rank_bytes)
 
-    if rank == 0:
+    def finish() -> None:
         meta = {"step": step, "world_size": distributed.get_world_size(), **trainer_state}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():  # re-saving the same step (e.g. a final save right after a periodic one)
+        check_checkpoint(tmp)
+        (tmp / MANIFEST).write_text(json.dumps({"files": _file_sizes(tmp)}, indent=1))
+        if final.exists():  # re-saving the same step (a final save right after a periodic one, or a damaged one)
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+
+    local_bytes = _bytes_to_write(state) + len(rank_bytes)
+    for phase, on_every_rank in ((prepare, False), (write, True), (finish, False)):
+        error = None
+        if on_every_rank or rank == 0:
+            try:
+                phase()
+            except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+                error = _root_cause(exc)
+        reports = _all_gather((error, local_bytes))
+        if any(e is not None for e, _ in reports):
+            raise _write_failure(tmp, [e for e, _ in reports], needed=sum(n for _, n in reports))
+
+    if rank == 0 and keep > 0:
+        # Only checkpoints up to this step count: a damaged newer one (the run resumed before it) is replaced
+        # when the run gets there again, and must not push out the intact ones.
+        earlier = [p for p in list_checkpoints(output_dir) if _step_of(p) <= step]
+        for old in earlier[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
@@ -145,23 +342,16 @@ def load_checkpoint(
 
     Returns ``trainer.json``'s content, with ``rank_state`` (this rank's RNG and loader state) added when the
     checkpoint was written by the same world size (otherwise RNG streams cannot be matched rank to rank and
-    the caller re-seeds).
+    the caller re-seeds). Raises :class:`CheckpointError` naming the damaged file when it is damaged.
     """
     path = Path(path)
-    meta_file = path / "trainer.json"
-    if not (path / ".metadata").exists() or not meta_file.exists():
-        raise CheckpointError(f"{path} is not a complete dinoscale checkpoint (.metadata or trainer.json missing)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {meta_file}: {exc}") from exc
-
+    meta = check_checkpoint(path)
     state = _app_state(student, teacher, optimizer, method)
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as exc:  # DCP raises several kinds (CheckpointException, RuntimeError, OSError)
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
         raise CheckpointError(
-            f"cannot load checkpoint {path}: {type(exc).__name__}: {str(exc)[:2000]}\n"
+            f"cannot load checkpoint {path}: {_root_cause(exc)}\n"
             "The checkpoint is damaged or was written by a different model/config. Delete it to resume from "
             "the previous one, or start a new output_dir."
         ) from exc
@@ -171,9 +361,8 @@ def load_checkpoint(
     set_optimizer_state_dict(student, optimizer, state["optimizer"])
     method.load_state_dict(state["method"])
 
-    rank_file = path / f"rank_{distributed.get_rank()}.pt"
-    if meta.get("world_size") == distributed.get_world_size() and rank_file.exists():
-        meta["rank_state"] = torch.load(rank_file, weights_only=False)
+    if meta.get("world_size") == distributed.get_world_size():
+        meta["rank_state"] = _load_rank_file(path / f"rank_{distributed.get_rank()}.pt")
     return meta
 
 

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import sys
 from typing import Any, Sequence
 
 import submitit
+
+from dinoscale import lifecycle
 
 log = logging.getLogger("dinoscale.launch")
 
@@ -66,32 +67,6 @@ def export_torch_distributed_env(env: submitit.JobEnvironment) -> dict[str, str]
     }
     os.environ.update(values)
     return values
-
-
-class StopFlag:
-    """Set by a signal handler; read by the training loop once per step.
-
-    The handler only flips a boolean, which is safe at any point of the interrupted code; all the
-    real work (agreeing across ranks, saving) happens at the next step boundary.
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __call__(self) -> bool:
-        return self.signum is not None
-
-    def handler(self, signum: int, _frame: Any) -> None:
-        if self.signum is None:
-            log.warning("received %s: will checkpoint at the next step boundary and requeue",
-                        signal.Signals(signum).name)
-        self.signum = signum
-
-    def install(self, signum: int) -> Any:
-        """Route ``signum`` to this flag; returns the handler it replaces."""
-        previous = signal.getsignal(signum)
-        signal.signal(signum, self.handler)
-        return previous
 
 
 def _node_name() -> str:
@@ -148,7 +123,7 @@ class TrainingJob:
         _configure_logging(env.global_rank)
         # Install the flag first: a signal that arrives while the data and model are being built is
         # honoured at the first step boundary.
-        stop = StopFlag()
+        stop = lifecycle.StopRequest()
         usr_sig = env._usr_sig()  # submitit's preemption/timeout signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL)
         submitit_handler = stop.install(usr_sig)
 
@@ -171,6 +146,9 @@ class TrainingJob:
 
         try:
             result = train(cfg, stop_requested=stop)
+        except BaseException as exc:  # submitit records it as the job's result; the process must still exit
+            lifecycle.teardown(exc)
+            raise
         finally:
             distributed.destroy_distributed()
 

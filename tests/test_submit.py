@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dinoscale.distributed import dist_info_from_env, master_port_for_job
-from dinoscale.launch import StopFlag, TrainingJob, export_torch_distributed_env
+from dinoscale.launch import TrainingJob, export_torch_distributed_env
 
 REPO = Path(__file__).resolve().parents[1]
 SUBMIT = REPO / "tools" / "submit.py"
@@ -174,21 +174,6 @@ def test_training_job_pickles_and_checkpoint_counts_requeues():
     assert second.function.checkpoint() is None
     with pytest.raises(ValueError, match="max_requeues"):
         TrainingJob(None, [], max_requeues=-1)
-
-
-def test_stop_flag_is_set_by_the_signal_and_nothing_else():
-    flag = StopFlag()
-    previous = flag.install(signal.SIGUSR2)
-    try:
-        assert flag() is False
-        os.kill(os.getpid(), signal.SIGUSR2)
-        for _ in range(100):  # Python runs the handler at the next bytecode boundary
-            if flag():
-                break
-            time.sleep(0.01)
-        assert flag() is True and flag.signum == signal.SIGUSR2
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
 
 
 def test_distributed_env_from_submitit_environment(monkeypatch):

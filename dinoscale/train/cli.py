@@ -4,30 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 
-from dinoscale import distributed
+from dinoscale import distributed, lifecycle
 from dinoscale.config import ConfigError, load_config
-
-# Signals that mean "save and stop at the next step boundary": SLURM's pre-timeout/preemption signals
-# (sbatch --signal=USR1@90, submitit's USR2) and the SIGTERM that scancel/preemption sends first.
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-
-
-def install_stop_handler() -> threading.Event:
-    """An event set by any of STOP_SIGNALS; the loop checks it once per step (never saves inside a handler)."""
-    event = threading.Event()
-
-    def handler(signum, _frame):
-        logging.getLogger("dinoscale").warning("received %s: will checkpoint and stop after this step",
-                                               signal.Signals(signum).name)
-        event.set()
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, handler)
-    return event
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,9 +42,11 @@ def main(argv=None) -> int:
     )
     from dinoscale.train.loop import train
 
-    stop = install_stop_handler()
+    stop = lifecycle.install_stop_handler()
     try:
-        result = train(cfg, stop_requested=stop.is_set)
+        result = train(cfg, stop_requested=stop)
+    except BaseException as exc:  # every way out of a failed run tears it down, so that the process exits
+        return lifecycle.fatal_error(exc)
     finally:
         distributed.destroy_distributed()
     if result.knn and info.rank == 0:
