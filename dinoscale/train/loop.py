@@ -51,38 +51,42 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
     step, status = start_step, "finished"
     if run.meter is not None:
         run.meter.restart()  # building, resuming and starting the loader are not step time
-    while step < run.max_steps:
-        seed = derive_seed(cfg.train.seed, "photometric", step, rank) if cfg.crops.photometric_on_device else None
-        batch = device_batch(next(batches), run.device, photometric_seed=seed)
-        sched = run.schedules.at(step)
-        out = train_step(run.method, run.student, run.teacher, run.optimizer, batch, sched, bad_run,
-                         clip_grad=cfg.optim.clip_grad, autocast=run.autocast)
-        step, bad_run = step + 1, out.bad_run
-        skipped.add(step, out)
-        if run.meter is not None:
-            run.meter.update()
+    try:  # a failed run still flushes its metrics and stops its loader workers (no hang at exit)
+        while step < run.max_steps:
+            on_device = cfg.crops.photometric_on_device
+            seed = derive_seed(cfg.train.seed, "photometric", step, rank) if on_device else None
+            batch = device_batch(next(batches), run.device, photometric_seed=seed)
+            sched = run.schedules.at(step)
+            out = train_step(run.method, run.student, run.teacher, run.optimizer, batch, sched, bad_run,
+                             clip_grad=cfg.optim.clip_grad, autocast=run.autocast)
+            step, bad_run = step + 1, out.bad_run
+            skipped.add(step, out)
+            if run.meter is not None:
+                run.meter.update()
 
-        is_log_step = should_log(step, log_every=cfg.train.log_every, max_steps=run.max_steps)
-        if is_log_step:
-            skipped.review()
-        log_step(metrics, run, step, out, sched, batches, is_log_step=is_log_step)
+            is_log_step = should_log(step, log_every=cfg.train.log_every, max_steps=run.max_steps)
+            if is_log_step:
+                skipped.review()
+            log_step(metrics, run, step, out, sched, batches, is_log_step=is_log_step)
 
-        stop = stop_agreed(stop_requested, log_step=is_log_step, device=run.device)
-        saved = stop or should_checkpoint(step, checkpoint_every=cfg.train.checkpoint_every, max_steps=run.max_steps)
-        if saved:
-            skipped.review()  # a run of bad steps too long stops here, before it reaches a checkpoint
-            save_run(run, step, bad_steps=skipped.bad_steps)
-        if stop:
-            status = "preempted"
-            log.warning("stop requested: checkpoint saved at step %d", step)
-            break
-        evaluated = should_evaluate(step, period=cfg.evaluation.period, max_steps=run.max_steps)
-        if evaluated:
-            evaluate_during_training(run, step, metrics)
-        if (saved or evaluated) and run.meter is not None:
-            run.meter.restart()  # a checkpoint or an evaluation is not step time
-
-    metrics.close()
+            stop = stop_agreed(stop_requested, log_step=is_log_step, device=run.device)
+            saved = stop or should_checkpoint(step, checkpoint_every=cfg.train.checkpoint_every,
+                                              max_steps=run.max_steps)
+            if saved:
+                skipped.review()  # a run of bad steps too long stops here, before it reaches a checkpoint
+                save_run(run, step, bad_steps=skipped.bad_steps)
+            if stop:
+                status = "preempted"
+                log.warning("stop requested: checkpoint saved at step %d", step)
+                break
+            evaluated = should_evaluate(step, period=cfg.evaluation.period, max_steps=run.max_steps)
+            if evaluated:
+                evaluate_during_training(run, step, metrics)
+            if (saved or evaluated) and run.meter is not None:
+                run.meter.restart()  # a checkpoint or an evaluation is not step time
+    finally:
+        metrics.close()
+        batches.close()
     result = TrainResult(status=status, step=step, output_dir=str(run.output_dir))
     if status == "finished":
         export_network(run.eval_net, run.output_dir / "export", run.eval_name)
