@@ -200,8 +200,8 @@ class ShardSteps(IterableDataset):
         if per_group % world_size:
             raise ValueError(
                 f"the data position reads {per_group} shard stream(s) per step, each rank whole streams, so the "
-                f"world size must divide {per_group}; got {world_size}. Resume with a world size dividing "
-                f"{per_group} at the same global batch, or start a new run (train.shard_streams_per_group sets the "
+                f"world size must divide {per_group}; got {world_size}. Use a world size dividing {per_group} (a "
+                "resume: at the same global batch), or start a new run (train.shard_streams_per_group sets the "
                 "number at a run's first start)"
             )
         if global_batch % per_group:
@@ -265,7 +265,7 @@ class ShardSteps(IterableDataset):
             except DECODE_ERRORS as exc:
                 last_error = exc
         raise RuntimeError(
-            f"a whole batch and the next {max_failures} samples of {self.shard_set.spec!r} failed "
+            f"all the samples a stream gave a step and its next {max_failures} of {self.shard_set.spec!r} failed "
             f"to decode or transform (last error: {last_error!r}); this points at a broken transform or data "
             "source rather than a few corrupt files"
         ) from last_error

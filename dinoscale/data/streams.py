@@ -23,8 +23,8 @@ samples: a missing, truncated or stale shard is reported, and the shortfall is f
 repeating the segment's first samples (reported as ``padded_samples``). That keeps resume
 exact with damaged data too: resuming skips whole segments from the counts without opening
 them, and reads (never decodes) the rest of the partly consumed segment. Without counts
-(``pipe:`` and URL specs), the consumed samples are read and dropped: exact as long as the
-shards read the same as before.
+(``pipe:`` and URL specs), a resume reads and drops every sample the stream gave before: exact as
+long as the shards read as they did, and slower the longer the run.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from tests.chaos.conftest import FMNIST, run_to_end
 
 pytestmark = [pytest.mark.chaos, pytest.mark.skipif(not FMNIST.exists(), reason="needs dataset-fashion-mnist")]
 
-RUN_BOUND_S = 120  # the whole run, start-up included (six steps of a tiny ViT, ~10 s): generous, the machine may be loaded
+RUN_BOUND_S = 120  # the whole run, start-up included (six steps of a tiny ViT take ~10 s): generous
 STEPS = 6
 
 
