@@ -18,6 +18,7 @@ from dinoscale.data.seeding import derive_seed
 from dinoscale.data.skips import SkipTally
 from dinoscale.data.sources.shards import ShardDataset
 from dinoscale.data.steps import BatchRecipe, MapStyleSteps, StepCounter, build_shard_steps
+from dinoscale.data.streams import StreamGroups
 
 
 def _no_collate(item: Any) -> Any:
@@ -135,7 +136,7 @@ def build_pretrain_loader(
     persistent_workers: bool = True,
     prefetch_factor: int | None = None,
     max_consecutive_failures: int = 64,
-    streams_per_rank: int | None = None,
+    streams: StreamGroups | None = None,
     shuffle_buffer: int = 1000,
     resampled: bool = True,
 ) -> PretrainLoader:
@@ -153,10 +154,11 @@ def build_pretrain_loader(
         persistent_workers: keep workers alive (only with num_workers > 0).
         prefetch_factor: batches prefetched per worker (DataLoader default when None).
         max_consecutive_failures: consecutive bad samples tolerated before raising.
-        streams_per_rank, shuffle_buffer, resampled: shard sources only, see
-            :func:`dinoscale.data.steps.build_shard_steps`. ``streams_per_rank`` defaults to
-            :func:`dinoscale.data.steps.default_streams_per_rank` and must be a multiple of
-            ``num_workers``; batches depend on it (not on ``num_workers``), so keep it fixed across resumes.
+        streams, shuffle_buffer, resampled: shard sources only, see
+            :func:`dinoscale.data.steps.build_shard_steps`. ``streams`` (the stream groups) defaults to
+            :func:`dinoscale.data.steps.default_stream_groups`; ``num_workers`` must divide its groups and
+            ``world_size`` its streams per group. Batches depend on it (not on ``num_workers`` nor, at the same
+            global batch, on ``world_size``), so keep it fixed across resumes.
     """
     if batch_size_per_rank < 1:
         raise ValueError(f"batch_size_per_rank must be >= 1, got {batch_size_per_rank}")
@@ -176,7 +178,7 @@ def build_pretrain_loader(
                 "dataset (exact resume needs random access) or WebDataset shards"
             )
         steps: Dataset | IterableDataset = build_shard_steps(
-            source, recipe, num_workers=num_workers, start_step=start_step, streams_per_rank=streams_per_rank,
+            source, recipe, num_workers=num_workers, start_step=start_step, streams=streams,
             shuffle_buffer=shuffle_buffer, resampled=resampled
         )
         samples_per_epoch = steps.samples_per_epoch

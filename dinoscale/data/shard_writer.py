@@ -29,7 +29,7 @@ from dinoscale.data.sources.fashion_mnist import (
     is_fashion_mnist_spec,
 )
 from dinoscale.data.sources.image_folder import ImageFolderDataset
-from dinoscale.data.sources.shards import IMAGE_EXTS, INDEX_FORMAT, INDEX_NAME, load_index
+from dinoscale.data.sources.shards import IMAGE_EXTS, INDEX_FORMAT, INDEX_NAME, is_shard_name, load_index
 from dinoscale.data.transforms.decode import DECODE_ERRORS, load_rgb
 
 _EXT_ALIASES = {"jpeg": "jpg", "tif": "tiff"}  # one member name per format
@@ -253,7 +253,7 @@ def write_shards(
         limit: keep only the first ``limit`` samples (after shuffling) of each split.
         overwrite: allow writing into a folder that already holds an index.
     """
-    if "%" not in pattern or os.sep in pattern:
+    if "%" not in pattern or not is_shard_name(pattern):
         raise ValueError(f"pattern must be a file name with a printf field such as 'shard-%06d.tar', got {pattern!r}")
     if max_samples_per_shard < 1 or max_bytes_per_shard <= 0:
         raise ValueError("max_samples_per_shard and max_bytes_per_shard must be positive")
@@ -276,7 +276,8 @@ def write_shards(
         if old_index.exists():
             if not overwrite:
                 raise FileExistsError(f"{old_index} exists; pass overwrite=True (--overwrite) to replace it")
-            # Remove the old set's shards so a brace pattern cannot pick up stale files.
+            # Remove the old set's shards so a brace pattern cannot pick up stale files (load_index has checked
+            # that every name is a file of this folder).
             for shard in load_index(old_index)["shards"]:
                 (out_dir / shard["name"]).unlink(missing_ok=True)
             old_index.unlink()

@@ -1,9 +1,10 @@
 """The data position: which samples make global step ``k`` of a rank, and the step sources that build it.
 
-Every batch is a pure function of ``(seed, global step, rank)`` plus the data, so a run
-resumed at ``start_step`` continues with exactly the batches the uninterrupted run would
-have produced, and the number of DataLoader workers never changes a batch. A step source is a
-dataset whose items are whole steps: ``(step, collated batch, skip events)``.
+Every global batch is a pure function of ``(seed, global step, global batch size)`` plus the data (and, for
+shards, the stream groups fixed at the run's start), so a run resumed at ``start_step`` continues with
+exactly the batches the uninterrupted run would have produced, whatever the number of DataLoader workers
+and however the global batch is split over ranks. A step source is a dataset whose items are whole steps:
+``(step, collated batch, skip events)``.
 
 *Map-style datasets* (:class:`MapStyleSteps`). One global sample stream is the concatenation over
 data-epochs ``e = 0, 1, ...`` of a permutation of ``range(len(dataset))`` seeded by ``(seed, e)``.
@@ -14,11 +15,14 @@ world size continues with the samples the old run would have seen. One DataLoade
 one whole step for this rank (:class:`StepCounter` counts steps from ``start_step``); DataLoader
 returns items in order whatever the number of workers.
 
-*Shards* (:class:`ShardSteps`). Each rank reads ``streams_per_rank`` independent, deterministic
-sample streams (:mod:`dinoscale.data.streams`); step ``k`` of rank ``r`` is the next batch of stream
-``k % streams_per_rank``. Resuming under the same world size and ``streams_per_rank`` skips
-the consumed samples of each stream without decoding them. :func:`default_streams_per_rank`
-gives the number of streams when none is configured.
+*Shards* (:class:`ShardSteps`). The shard set is read as ``G`` groups of ``M`` independent, deterministic
+sample streams (:mod:`dinoscale.data.streams`, :class:`StreamGroups`). Global step ``k`` reads group
+``k % G``: ``GB / M`` samples from each of its streams, in stream order. Rank ``r`` of ``W`` reads whole
+streams, the ``M / W`` of each group from ``r * M / W`` on, so the concatenation of the rank batches of a
+step does not depend on the world size (any ``W`` dividing ``M``); a DataLoader worker reads whole groups,
+so batches do not depend on ``num_workers`` either (any divisor of ``G``). ``G`` and ``M`` are fixed when a
+run starts (:func:`default_stream_groups`: one group per worker, one stream per rank) and kept on resume,
+which skips the consumed samples of each stream without decoding them.
 
 Randomness. The augmentation of the sample at stream position ``p`` runs with torch's global
 RNG seeded from ``(seed, p)`` inside :func:`torch.random.fork_rng` (so the main process RNG is
@@ -26,12 +30,13 @@ untouched when ``num_workers == 0``). The collate gets ``rng=random.Random(seed_
 ``seed_k`` derived from ``(seed, step)`` (and torch's RNG seeded the same way while it runs), the same
 on every rank: a collate draws batch-level randomness for the GLOBAL batch and derives per-sample
 randomness from the sample's global position (see ``collate_multicrop``'s ``rank``/``world_size``), so
-a step's batch is the same whether it is split over 1 or N ranks.
+a step's batch is the same whether it is split over 1 or N ranks. A shard sample is augmented with a seed
+from its stream and position in it, the same on whichever rank reads it.
 
 Bad data. A sample whose loading or transform raises one of
 :data:`dinoscale.data.transforms.decode.DECODE_ERRORS` is replaced by the next dataset index
-(map-style) or by another sample of the same batch (shards), keeping every position intact. The
-skips are collected with the step's batch (:mod:`dinoscale.data.skips`). Only a run of
+(map-style) or by another sample that the same stream gives the same step (shards), keeping every
+position intact. The skips are collected with the step's batch (:mod:`dinoscale.data.skips`). Only a run of
 ``max_consecutive_failures`` failures in a row raises: that is a broken pipeline, not a bad file.
 """
 
@@ -49,7 +54,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from dinoscale.data.seeding import derive_seed, run_seeded
 from dinoscale.data.skips import SkipEvent, collect_skips, report_skip
 from dinoscale.data.sources.shards import RawSample, ShardDataset, ShardSet, resolve_shards
-from dinoscale.data.streams import ShardStream, StreamLayout
+from dinoscale.data.streams import ShardStream, StreamGroups, StreamLayout
 from dinoscale.data.transforms.decode import DECODE_ERRORS, load_rgb
 
 
@@ -170,16 +175,15 @@ class MapStyleSteps(Dataset):
 class ShardSteps(IterableDataset):
     """Yields ``(step, collated batch, skip events)`` for global steps ``start_step, start_step + 1, ...``.
 
-    Step ``k`` is batch number ``k // S`` of stream ``k % S`` (``S = streams_per_rank``), i.e.
-    stream positions ``[(k // S) * B, (k // S + 1) * B)``. DataLoader worker ``w`` of ``n``
-    produces the steps ``start_step + w + j*n``; since ``n`` divides ``S``, every stream lives in
-    exactly one worker, and DataLoader's round-robin returns the steps in order.
+    Step ``k`` reads group ``g = k % G`` (``G`` groups of ``M`` streams): ``c = GB / M`` samples of each of
+    this rank's streams ``(g, m)``, positions ``[(k // G) * c, (k // G + 1) * c)``, concatenated in stream
+    order. DataLoader worker ``w`` of ``n`` produces the steps ``start_step + w + j*n``; since ``n`` divides
+    ``G``, every group lives in exactly one worker, and DataLoader's round-robin returns the steps in order.
 
-    The augmentation of the sample at position ``p`` of stream ``s`` is seeded from
-    ``(seed, rank, s, p)``. A sample that fails to decode/transform is reported and its slot
-    filled with another sample of the same batch, re-augmented with the slot's own seed, so
-    no position moves. If a whole batch fails, the following samples of the stream are used
-    (read ahead, not consumed).
+    The augmentation of the sample at position ``p`` of stream ``(g, m)`` is seeded from ``(seed, m, g, p)``.
+    A sample that fails to decode/transform is reported and its slot filled with another sample of the same
+    stream and step, re-augmented with the slot's own seed, so no position moves. If all of them fail, the
+    following samples of the stream are used (read ahead, not consumed).
     """
 
     def __init__(
@@ -191,16 +195,31 @@ class ShardSteps(IterableDataset):
         self.image_format = image_format
         self.start_step = start_step
         self.samples_per_epoch = shard_set.total
+        per_group, world_size = layout.streams.streams_per_group, recipe.world_size
+        global_batch = recipe.batch_size_per_rank * world_size
+        if per_group % world_size:
+            raise ValueError(
+                f"the data position reads {per_group} shard stream(s) per step, each rank whole streams, so the "
+                f"world size must divide {per_group}; got {world_size}. Use a world size dividing {per_group} (a "
+                "resume: at the same global batch), or start a new run (train.shard_streams_per_group sets the "
+                "number at a run's first start)"
+            )
+        if global_batch % per_group:
+            raise ValueError(f"the global batch ({global_batch}) must be a multiple of the shard streams per step "
+                             f"({per_group}): each stream gives an equal share of it")
+        self.chunk = global_batch // per_group  # samples each stream gives a step
+        mine = per_group // world_size
+        self.members = range(recipe.rank * mine, (recipe.rank + 1) * mine)
         # Validates shard counts for epoch mode up front, in the main process.
-        self._stream(0)
+        self._stream(0, 0)
 
-    def _stream(self, s: int) -> ShardStream:
-        return ShardStream(self.shard_set, self.layout, s)
+    def _stream(self, group: int, member: int) -> ShardStream:
+        return ShardStream(self.shard_set, self.layout, group, member)
 
-    def consumed(self, s: int) -> int:
-        """Samples of stream ``s`` used by steps ``0 .. start_step - 1``."""
-        S = self.layout.streams_per_rank
-        return max(0, (self.start_step - s + S - 1) // S) * self.recipe.batch_size_per_rank
+    def consumed(self, group: int) -> int:
+        """Samples of each stream of ``group`` used by steps ``0 .. start_step - 1``."""
+        G = self.layout.streams.groups
+        return max(0, (self.start_step - group + G - 1) // G) * self.chunk
 
     def _prepare(self, sample: RawSample, aug_seed: int) -> tuple[Any, int]:
         image: Any = load_rgb(sample.data) if self.image_format == "pil" else sample.data
@@ -208,10 +227,10 @@ class ShardSteps(IterableDataset):
             image = run_seeded(aug_seed, self.recipe.transform, image)
         return image, sample.label
 
-    def _batch(self, s: int, raws: list[RawSample], first_position: int) -> list:
+    def _chunk(self, group: int, member: int, raws: list[RawSample], first_position: int) -> list:
         """Prepared ``(image, label)`` per slot; failed slots get a donor sample, own seed."""
         r = self.recipe
-        seeds = [derive_seed(r.seed, "augment", r.rank, s, first_position + i) for i in range(len(raws))]
+        seeds = [derive_seed(r.seed, "augment", member, group, first_position + i) for i in range(len(raws))]
         out: list = [None] * len(raws)
         failed = []
         for i, sample in enumerate(raws):
@@ -226,17 +245,18 @@ class ShardSteps(IterableDataset):
         good = {i for i in range(n) if i not in failed}
         for i in failed:
             if good:
-                # The next good slot after i in batch order (cyclic).
+                # The next good slot after i in chunk order (cyclic).
                 donor = raws[next((i + d) % n for d in range(1, n) if (i + d) % n in good)]
             else:
-                donor = self._donor_ahead(s, first_position + n)
+                donor = self._donor_ahead(group, member, first_position + n)
             out[i] = self._prepare(donor, seeds[i])
         return out
 
-    def _donor_ahead(self, s: int, position: int) -> RawSample:
-        """First decodable sample of stream ``s`` from ``position`` on (read silently, not consumed)."""
+    def _donor_ahead(self, group: int, member: int, position: int) -> RawSample:
+        """First decodable sample of stream ``(group, member)`` from ``position`` on (read silently, not
+        consumed)."""
         last_error: BaseException | None = None
-        ahead = self._stream(s).samples(skip=position, report=False)
+        ahead = self._stream(group, member).samples(skip=position, report=False)
         max_failures = self.recipe.max_consecutive_failures
         for _, candidate in zip(range(max_failures), ahead):
             try:
@@ -245,7 +265,7 @@ class ShardSteps(IterableDataset):
             except DECODE_ERRORS as exc:
                 last_error = exc
         raise RuntimeError(
-            f"a whole batch and the next {max_failures} samples of {self.shard_set.spec!r} failed "
+            f"all the samples a stream gave a step and its next {max_failures} of {self.shard_set.spec!r} failed "
             f"to decode or transform (last error: {last_error!r}); this points at a broken transform or data "
             "source rather than a few corrupt files"
         ) from last_error
@@ -254,30 +274,37 @@ class ShardSteps(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         r = self.recipe
-        S = self.layout.streams_per_rank
-        if S % workers:
-            raise ValueError(f"streams_per_rank={S} must be a multiple of num_workers={workers}")
-        streams: dict[int, Iterator[RawSample]] = {}
+        G = self.layout.streams.groups
+        if G % workers:
+            raise ValueError(f"the {G} shard stream groups must be a multiple of num_workers={workers}")
+        streams: dict[tuple[int, int], Iterator[RawSample]] = {}
         step = self.start_step + worker
         while True:
-            s = step % S
-            first_position = (step // S) * r.batch_size_per_rank
+            group = step % G
+            first_position = (step // G) * self.chunk
             with collect_skips() as events:
-                if s not in streams:
-                    streams[s] = self._stream(s).samples(skip=self.consumed(s))
-                raws = [next(streams[s]) for _ in range(r.batch_size_per_rank)]
-                samples = self._batch(s, raws, first_position)
+                samples = []
+                for member in self.members:
+                    if (group, member) not in streams:
+                        streams[group, member] = self._stream(group, member).samples(skip=self.consumed(group))
+                    raws = [next(streams[group, member]) for _ in range(self.chunk)]
+                    samples += self._chunk(group, member, raws, first_position)
                 batch = collate_step(r.collate_fn, samples, seed=r.seed, step=step)
             yield step, batch, list(events)
             step += workers
 
 
-def default_streams_per_rank(num_workers: int) -> int:
-    """Shard streams per rank when none is configured: one per DataLoader worker, at least one.
+def default_stream_groups(num_workers: int, world_size: int) -> StreamGroups:
+    """The stream groups of a run that sets none: one group per DataLoader worker (at least one), one stream
+    per rank in each. A resume keeps them, so later worker counts should divide the first one and later world
+    sizes the first world size."""
+    return StreamGroups(groups=max(1, num_workers), streams_per_group=world_size)
 
-    The batches depend on the number of streams, so with this default they depend on ``num_workers``.
-    """
-    return max(1, num_workers)
+
+def usable_workers(streams: StreamGroups, num_workers: int) -> int:
+    """The most DataLoader workers, at most ``num_workers``, that can read ``streams``: a divisor of the groups
+    (each worker reads whole groups), 0 for 0."""
+    return max((n for n in range(1, num_workers + 1) if streams.groups % n == 0), default=0)
 
 
 def build_shard_steps(
@@ -286,16 +313,16 @@ def build_shard_steps(
     *,
     num_workers: int,
     start_step: int,
-    streams_per_rank: int | None,
+    streams: StreamGroups | None,
     shuffle_buffer: int,
     resampled: bool,
     image_format: str | None = None,
 ) -> ShardSteps:
     """The step source behind ``build_pretrain_loader`` for shards (see :class:`ShardSteps`).
 
-    ``streams_per_rank`` (default :func:`default_streams_per_rank`) must be a multiple of
-    ``num_workers``; the batches depend on it and not on ``num_workers``. ``image_format``
-    defaults to the ShardDataset's, or ``"pil"`` for a spec string.
+    ``streams`` (default :func:`default_stream_groups`) is part of the data position: keep it across resumes.
+    ``num_workers`` must divide its groups and the world size its streams per group; within these, batches do
+    not depend on either. ``image_format`` defaults to the ShardDataset's, or ``"pil"`` for a spec string.
     """
     if isinstance(source, ShardDataset):
         shard_set, fmt = source.shard_set, source.image_format
@@ -304,14 +331,13 @@ def build_shard_steps(
     image_format = image_format or fmt
     if image_format not in ("pil", "bytes"):
         raise ValueError(f"image_format must be 'pil' or 'bytes', got {image_format!r}")
-    streams = streams_per_rank if streams_per_rank is not None else default_streams_per_rank(num_workers)
-    if streams < 1 or streams % max(1, num_workers):
+    streams = streams or default_stream_groups(num_workers, recipe.world_size)
+    if streams.groups % max(1, num_workers):
         raise ValueError(
-            f"streams_per_rank={streams} must be a positive multiple of num_workers={num_workers} "
-            "(each worker owns whole streams, which keeps batches independent of num_workers)"
+            f"the {streams.groups} shard stream groups must be a multiple of num_workers={num_workers} "
+            "(each worker owns whole groups, which keeps batches independent of num_workers)"
         )
     if shuffle_buffer < 0:
         raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
-    layout = StreamLayout(seed=recipe.seed, rank=recipe.rank, world_size=recipe.world_size,
-                          streams_per_rank=streams, shuffle_buffer=shuffle_buffer, resampled=resampled)
+    layout = StreamLayout(seed=recipe.seed, streams=streams, shuffle_buffer=shuffle_buffer, resampled=resampled)
     return ShardSteps(shard_set, recipe, layout, image_format=image_format, start_step=start_step)

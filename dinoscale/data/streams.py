@@ -1,27 +1,30 @@
-"""Deterministic shard streams: the per-rank sample sequences that pretraining reads from shards.
+"""Deterministic shard streams: the sample sequences that pretraining reads from shards.
 
-Each rank reads ``S = streams_per_rank`` independent streams; global stream id
-``g = rank * S + s`` of ``T = world_size * S``. A stream is a sequence of *segments*, each at
-most :data:`SEGMENT_SHARDS` shards, read in order through a shuffle buffer that is seeded per
-segment and drained at its end (so a segment's output depends on that segment alone):
+A shard set is read as ``T = groups * streams_per_group`` independent streams. Stream ``(group, member)``
+has the global id ``t = member * groups + group``; which steps read it, and which rank, is decided in
+:mod:`dinoscale.data.steps`. A stream is a sequence of *segments*, each at most :data:`SEGMENT_SHARDS`
+shards, read in order through a shuffle buffer that is seeded per segment and drained at its end (so a
+segment's output depends on that segment alone):
 
 * epoch mode (``resampled=False``): in data-epoch ``e`` the shard list is permuted with
   ``(seed, e)``; the last ``K mod T`` shards of the permutation are left out of that epoch
   (the documented remainder: different shards each epoch, so none is left out for long) and
-  stream ``g`` takes every ``T``-th of the rest, so within an epoch every sample is seen
-  exactly once across all ranks and workers. Needs ``K >= T``.
-* resampled mode (``resampled=True``, the pretraining default): segment ``t`` of a stream
+  stream ``t`` takes every ``T``-th of the rest, so within an epoch every sample is seen
+  exactly once across all streams. Needs ``K >= T``.
+* resampled mode (``resampled=True``, the pretraining default): segment ``i`` of a stream
   draws :data:`SEGMENT_SHARDS` shards uniformly with replacement, seeded by
-  ``(seed, rank, s, t)``. Infinite, no epochs.
+  ``(seed, member, group, i)``. Infinite, no epochs.
+
+A stream depends on the layout, the seed and the data only: not on the world size nor on the number of
+DataLoader workers that read it.
 
 When the index gives the counts, a segment always yields exactly its planned number of
 samples: a missing, truncated or stale shard is reported, and the shortfall is filled by
 repeating the segment's first samples (reported as ``padded_samples``). That keeps resume
 exact with damaged data too: resuming skips whole segments from the counts without opening
-them, and reads (never decodes) the rest of the partly consumed segment. Without counts,
-the consumed samples are read and dropped.
-
-Which step reads which stream is decided in :mod:`dinoscale.data.steps`.
+them, and reads (never decodes) the rest of the partly consumed segment. Without counts
+(``pipe:`` and URL specs), a resume reads and drops every sample the stream gave before: exact as
+long as the shards read as they did, and slower the longer the run.
 """
 
 from __future__ import annotations
@@ -41,18 +44,35 @@ SEGMENT_SHARDS = 4  # shards per shuffle segment; bounds what a resume has to re
 
 
 @dataclass(frozen=True)
-class StreamLayout:
-    """How one rank's share of a shard set is split into streams (see the module docstring).
+class StreamGroups:
+    """How many streams a shard set is read as: ``groups`` groups of ``streams_per_group`` streams.
 
-    ``streams_per_rank`` streams on each of ``world_size`` ranks, each shuffled through a buffer of
-    ``shuffle_buffer`` samples, drawn with replacement (``resampled``) or in data-epochs; all seeded by
-    ``seed``.
+    Part of a run's data position (:mod:`dinoscale.data.steps` says which step reads which stream): fixed at
+    the run's first start, recorded in its checkpoints and kept on resume.
+    """
+
+    groups: int
+    streams_per_group: int
+
+    def __post_init__(self):
+        if self.groups < 1 or self.streams_per_group < 1:
+            raise ValueError(f"shard stream groups and streams per group must be >= 1, got {self}")
+
+    @property
+    def num_streams(self) -> int:
+        return self.groups * self.streams_per_group
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """How a shard set is split into streams (see the module docstring).
+
+    ``streams``: the groups of streams, each shuffled through a buffer of ``shuffle_buffer`` samples, drawn with
+    replacement (``resampled``) or in data-epochs; all seeded by ``seed``.
     """
 
     seed: int
-    rank: int
-    world_size: int
-    streams_per_rank: int
+    streams: StreamGroups
     shuffle_buffer: int
     resampled: bool
 
@@ -82,28 +102,30 @@ class Segment:
 
 
 class ShardStream:
-    """Stream ``s`` of ``rank``: an infinite, deterministic sequence of :class:`RawSample`.
+    """Stream ``(group, member)``: an infinite, deterministic sequence of :class:`RawSample`.
 
     ``samples(skip)`` starts after the first ``skip`` samples (whole segments skipped from the
     index counts without opening them, the rest read but not decoded); ``report=False`` reads
     without reporting damage (for look-ahead reads of data that will be reported when reached).
     """
 
-    def __init__(self, shard_set: ShardSet, layout: StreamLayout, stream: int, max_empty_segments: int = 64):
+    def __init__(self, shard_set: ShardSet, layout: StreamLayout, group: int, member: int,
+                 max_empty_segments: int = 64):
         self.shard_set = shard_set
         self.seed = layout.seed
-        self.rank = layout.rank
-        self.stream = stream
-        self.num_streams = layout.world_size * layout.streams_per_rank
-        self.global_stream = layout.rank * layout.streams_per_rank + stream
+        self.group = group
+        self.member = member
+        self.num_streams = layout.streams.num_streams
+        self.global_stream = member * layout.streams.groups + group
         self.buffer_size = layout.shuffle_buffer
         self.resampled = layout.resampled
         self.max_empty_segments = max_empty_segments
         num_shards = len(shard_set.urls)
         if not self.resampled and num_shards < self.num_streams:
             raise ValueError(
-                f"epoch mode needs at least world_size * streams_per_rank = {self.num_streams} shards, "
-                f"{shard_set.spec!r} has {num_shards}; write smaller shards or use resampled=True"
+                f"epoch mode needs at least as many shards as streams (groups * streams_per_group = "
+                f"{self.num_streams}), {shard_set.spec!r} has {num_shards}; write smaller shards or use "
+                "resampled=True"
             )
 
     def segments(self) -> Iterator[Segment]:
@@ -111,7 +133,7 @@ class ShardStream:
         num_shards = len(self.shard_set.urls)
         for epoch in range(2**62):
             if self.resampled:
-                rng = np.random.default_rng(derive_seed(self.seed, "resample", self.rank, self.stream, epoch))
+                rng = np.random.default_rng(derive_seed(self.seed, "resample", self.member, self.group, epoch))
                 chunks = [rng.integers(0, num_shards, size=SEGMENT_SHARDS).tolist()]
             else:
                 order = np.random.default_rng(derive_seed(self.seed, "shard-order", epoch)).permutation(num_shards)
@@ -123,7 +145,7 @@ class ShardStream:
                 yield Segment((epoch, c), shards, planned)
 
     def _read_segment(self, segment: Segment, report: bool) -> Iterator[RawSample]:
-        rng = random.Random(derive_seed(self.seed, "buffer", self.rank, self.stream, *segment.seed_id))
+        rng = random.Random(derive_seed(self.seed, "buffer", self.member, self.group, *segment.seed_id))
         counts = self.shard_set.counts
 
         def raw() -> Iterator[RawSample]:

@@ -21,6 +21,9 @@ from dinoscale.cpu_malloc import keep_freed_memory
 from dinoscale.data.open import open_dataset
 from dinoscale.data.loader import PretrainLoader, build_pretrain_loader
 from dinoscale.data.shard_writer import write_shards
+from dinoscale.data.sources.shards import ShardDataset
+from dinoscale.data.steps import usable_workers
+from dinoscale.data.streams import StreamGroups
 from dinoscale.device import autocast as autocast_in, dtype_from_name, resolve_device, training_autocast_dtype
 from dinoscale.hub import load_state_dict_any
 from dinoscale.methods.registry import build_method
@@ -197,17 +200,29 @@ def ensure_shards(cfg: DictConfig) -> None:
     distributed.barrier()
 
 
-def build_data(cfg: DictConfig, method, *, patch_size: int, start_step: int) -> PretrainLoader:
-    """The infinite iterator of this rank's collated batches, starting at ``start_step``."""
+def build_data(cfg: DictConfig, method, *, patch_size: int, start_step: int, streams: StreamGroups) -> PretrainLoader:
+    """The infinite iterator of this rank's collated batches, starting at ``start_step``; shards are read as
+    ``streams`` (the run's stream groups, ``dinoscale.train.resume``), with as many DataLoader workers as divide
+    its groups, at most ``train.num_workers``."""
     ensure_shards(cfg)
+    dataset = open_dataset(cfg.train.dataset)
+    num_workers = cfg.train.num_workers
+    if isinstance(dataset, ShardDataset):
+        num_workers = usable_workers(streams, num_workers)
+        if num_workers != cfg.train.num_workers and distributed.get_rank() == 0:
+            log.warning("train.num_workers=%d does not divide the run's %d shard stream groups (fixed at its first "
+                        "start, they keep its batches exact): reading with %d DataLoader worker(s). Set num_workers "
+                        "to a divisor of %d, or train.shard_stream_groups when starting a new run",
+                        cfg.train.num_workers, streams.groups, num_workers, streams.groups)
     return build_pretrain_loader(
-        open_dataset(cfg.train.dataset),
+        dataset,
         method.build_transform(),
         method.build_collate(patch_size),
         batch_size_per_rank=cfg.train.batch_size_per_rank,
-        num_workers=cfg.train.num_workers,
+        num_workers=num_workers,
         seed=cfg.train.seed,
         start_step=start_step,
         rank=distributed.get_rank(),
         world_size=distributed.get_world_size(),
+        streams=streams,
     )

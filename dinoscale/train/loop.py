@@ -40,10 +40,11 @@ class TrainResult:
 def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
     rank = distributed.get_rank()
     run = build_run(cfg)
-    start_step, bad_steps = resume_run(run)
+    start_step, bad_steps, streams = resume_run(run)
     metrics = MetricLogger(run.output_dir, total_steps=run.max_steps, log_every=cfg.train.log_every,
                            tensorboard=cfg.train.tensorboard, enabled=rank == 0, start_step=start_step)
-    batches = iter(build_data(cfg, run.method, patch_size=run.student["backbone"].patch_size, start_step=start_step))
+    batches = iter(build_data(cfg, run.method, patch_size=run.student["backbone"].patch_size, start_step=start_step,
+                              streams=streams))
     skipped = SkippedStepReview(metrics, max_in_a_row=cfg.train.max_consecutive_bad_steps, bad_steps=bad_steps,
                                 checkpoint_dir=checkpoint.checkpoint_root(run.output_dir))
     bad_run = torch.tensor(float(bad_steps), device=run.device)  # consecutive skipped steps, on the device
@@ -74,7 +75,7 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
                                               max_steps=run.max_steps)
             if saved:
                 skipped.review()  # a run of bad steps too long stops here, before it reaches a checkpoint
-                save_run(run, step, bad_steps=skipped.bad_steps)
+                save_run(run, step, bad_steps=skipped.bad_steps, streams=streams)
             if stop:
                 status = "preempted"
                 log.warning("stop requested: checkpoint saved at step %d", step)

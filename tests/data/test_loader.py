@@ -10,6 +10,8 @@ from dinoscale.data.collate import collate_multicrop
 from dinoscale.data.loader import build_pretrain_loader
 from dinoscale.data.open import open_dataset
 from dinoscale.data.sources.image_folder import ImageFolderDataset
+from dinoscale.data.steps import usable_workers
+from dinoscale.data.streams import StreamGroups
 from dinoscale.data.transforms.masking import MaskingGenerator
 from dinoscale.data.transforms.multicrop import MultiCropAugmentation
 
@@ -149,12 +151,11 @@ def test_bad_arguments():
 # --------------------------------------------------------------------------- shards
 
 
-def make_shards_loader(spec, helpers, transform=None, **kw):
-    args = dict(
-        batch_size_per_rank=3, num_workers=0, seed=7, start_step=0, rank=0, world_size=1,
-        streams_per_rank=2, shuffle_buffer=5,
-    )  # fmt: skip
+def make_shards_loader(spec, helpers, transform=None, groups=2, **kw):
+    """Shard batches read as ``groups`` groups of one stream per rank (unless ``streams`` is given)."""
+    args = dict(batch_size_per_rank=3, num_workers=0, seed=7, start_step=0, rank=0, world_size=1, shuffle_buffer=5)
     args.update(kw)
+    args.setdefault("streams", StreamGroups(groups, args["world_size"]))
     return build_pretrain_loader(str(spec), transform or helpers.id_transform, helpers.id_collate, **args)
 
 
@@ -165,7 +166,7 @@ def test_shard_batches_identical_for_0_and_2_workers(tmp_path, helpers):
     assert_same(serial, parallel)
     assert len({i for b in serial for i in b["id"].tolist()}) > 15  # really reads many samples
     with pytest.raises(ValueError, match="multiple of num_workers"):
-        make_shards_loader(out, helpers, num_workers=2, streams_per_rank=3)
+        make_shards_loader(out, helpers, num_workers=2, groups=3)
 
 
 @pytest.mark.parametrize("resampled", [False, True])
@@ -245,9 +246,9 @@ def test_real_multicrop_pipeline_workers_and_resume(tmp_path, helpers, kind):
         source = ImageFolderDataset(tmp_path / "img", image_format="bytes")
     else:
         source = str(helpers.write_set(tmp_path, n=16, per_shard=4))
-    kw = dict(batch_size_per_rank=4, seed=11, rank=0, world_size=1, streams_per_rank=2)
+    kw = dict(batch_size_per_rank=4, seed=11, rank=0, world_size=1, streams=StreamGroups(2, 1))
     if kind == "map":
-        kw.pop("streams_per_rank")
+        kw.pop("streams")
 
     def run(num_workers, start_step, n):
         loader = build_pretrain_loader(
@@ -260,3 +261,68 @@ def test_real_multicrop_pipeline_workers_and_resume(tmp_path, helpers, kind):
     assert serial[0]["masks"].shape == (8, 16)
     _assert_same_dicts(serial, run(2, 0, 4))
     _assert_same_dicts(serial[2:], run(0, 2, 2))
+
+
+# --------------------------------------------------------------------------- shard resumes under another setup
+
+
+def test_shard_resume_with_other_num_workers_continues_exactly(tmp_path, helpers):
+    out = helpers.write_set(tmp_path, n=30, per_shard=4)
+    streams = StreamGroups(4, 1)  # what a first run with 4 workers fixes
+    full = take(make_shards_loader(out, helpers, streams=streams, num_workers=2), 16)
+    for workers in (0, 1):
+        assert_same(take(make_shards_loader(out, helpers, streams=streams, num_workers=workers, start_step=9), 7),
+                    full[9:])
+
+
+def test_usable_workers_divide_the_groups():
+    assert [usable_workers(StreamGroups(8, 1), n) for n in (0, 1, 3, 4, 6, 8, 16)] == [0, 1, 2, 4, 4, 8, 8]
+    assert usable_workers(StreamGroups(1, 2), 4) == 1
+
+
+def test_shard_global_batch_same_over_1_2_and_4_ranks_and_resumes_across(tmp_path, helpers):
+    out = helpers.write_set(tmp_path, n=40, per_shard=4)
+    streams = StreamGroups(2, 4)  # 4 streams per group: world sizes 1, 2 and 4 read the same global batches
+    runs = {}
+    for world_size in (1, 2, 4):
+        runs[world_size] = [take(make_shards_loader(out, helpers, streams=streams, batch_size_per_rank=8 // world_size,
+                                                    world_size=world_size, rank=rank), 6)
+                            for rank in range(world_size)]
+    single = runs[1][0]
+    for world_size in (2, 4):
+        for step in range(6):
+            for key in ("id", "noise", "labels"):
+                merged = torch.cat([runs[world_size][rank][step][key] for rank in range(world_size)])
+                assert torch.equal(merged, single[step][key]), (world_size, step, key)
+    assert len({i for b in single for i in b["id"].tolist()}) > 20  # really reads many samples
+    # A run of 4 ranks resumed on 2 (and on 1) continues with the samples it would have read.
+    resumed = take(make_shards_loader(out, helpers, streams=streams, batch_size_per_rank=4, world_size=2, rank=1,
+                                      start_step=3, num_workers=2), 3)
+    assert_same(resumed, runs[2][1][3:])
+    assert_same(take(make_shards_loader(out, helpers, streams=streams, batch_size_per_rank=8, start_step=4), 2),
+                single[4:])
+
+
+def test_shard_world_size_that_does_not_divide_the_streams_is_refused(tmp_path, helpers):
+    out = helpers.write_set(tmp_path, n=16, per_shard=4)
+    with pytest.raises(ValueError, match="world size must divide 2; got 4. Use a world size dividing 2"):
+        make_shards_loader(out, helpers, streams=StreamGroups(1, 2), batch_size_per_rank=2, world_size=4, rank=0)
+    with pytest.raises(ValueError, match="global batch \\(6\\) must be a multiple of the shard streams per step"):
+        make_shards_loader(out, helpers, streams=StreamGroups(1, 4), batch_size_per_rank=6, world_size=1)
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_pipe_shards_resume_exactly_and_read_like_files(tmp_path, helpers, resampled):
+    out = helpers.write_set(tmp_path, n=30, per_shard=4)  # 8 shards
+    piped = f"pipe:cat {out}/shard-{{000000..000007}}.tar"
+    kw = dict(resampled=resampled, groups=2)
+    full = take(make_shards_loader(piped, helpers, **kw), 14)
+    assert_same(full, take(make_shards_loader(out, helpers, **kw), 14))  # intact data: as read from the files
+    for start, workers in ((5, 2), (11, 0)):
+        assert_same(take(make_shards_loader(piped, helpers, start_step=start, num_workers=workers, **kw), 14 - start),
+                    full[start:])
+    # Without an index, a damaged shard is not padded, but reads the same on resume.
+    data = (out / "shard-000002.tar").read_bytes()
+    (out / "shard-000002.tar").write_bytes(data[: len(data) // 2])
+    damaged = take(make_shards_loader(piped, helpers, **kw), 14)
+    assert_same(take(make_shards_loader(piped, helpers, start_step=6, num_workers=2, **kw), 8), damaged[6:])

@@ -80,6 +80,29 @@ def test_write_flat_folder_jpeg_and_limits(tmp_path, helpers):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["index.json", "shard-000000.tar"]
 
 
+@pytest.mark.parametrize("name", ["../victim.txt", "VICTIM_ABS"])
+def test_overwrite_refuses_an_index_naming_files_outside_its_folder(tmp_path, helpers, name):
+    helpers.make_folder(tmp_path / "src", n=4)
+    out = tmp_path / "shards"
+    write_shards(str(tmp_path / "src"), out, max_samples_per_shard=2)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][0]["name"] = str(victim) if name == "VICTIM_ABS" else name
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="shard names must be plain file names"):
+        write_shards(str(tmp_path / "src"), out, max_samples_per_shard=2, overwrite=True)
+    assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("pattern", ["../shard-%06d.tar", "sub/shard-%06d.tar", "..\\shard-%06d.tar", "shard.tar"])
+def test_shard_name_pattern_must_be_a_file_name(tmp_path, helpers, pattern):
+    helpers.make_folder(tmp_path / "src", n=2)
+    with pytest.raises(ValueError, match="pattern must be a file name"):
+        write_shards(str(tmp_path / "src"), tmp_path / "out", pattern=pattern)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("shard-*"))
+
+
 def test_write_from_list_file(tmp_path, helpers):
     helpers.make_folder(tmp_path / "img", n=4)
     lines = ["# comment", "img/ant/img000.png\tcat", "img/bee/img001.png\tdog", "", "img/ant/img002.png\tcat"]

@@ -8,6 +8,7 @@ import torch
 
 from dinoscale.data.loader import build_pretrain_loader
 from dinoscale.data.sources.shards import ShardDataset
+from dinoscale.data.streams import StreamGroups
 
 
 @pytest.mark.parametrize("resampled", [False, True])
@@ -35,14 +36,14 @@ def test_epoch_mode_drops_remainder_shards_and_needs_enough_shards(tmp_path, hel
     loader = build_pretrain_loader(
         str(out), helpers.id_transform, helpers.id_collate,
         batch_size_per_rank=4, num_workers=0, seed=2, start_step=0, rank=0, world_size=1,
-        streams_per_rank=2, resampled=False, shuffle_buffer=0,
+        streams=StreamGroups(2, 1), resampled=False, shuffle_buffer=0,
     )  # fmt: skip
     epoch = torch.cat([b["id"] for b in itertools.islice(loader, 4)]).tolist()
     assert len(set(epoch)) == 16  # 4 of the 5 shards, each sample once
-    with pytest.raises(ValueError, match="at least world_size \\* streams_per_rank = 8 shards"):
+    with pytest.raises(ValueError, match="as many shards as streams \\(groups \\* streams_per_group = 8\\)"):
         build_pretrain_loader(
             str(out), None, helpers.id_collate, batch_size_per_rank=4, num_workers=0, seed=0,
-            start_step=0, rank=0, world_size=4, streams_per_rank=2, resampled=False,
+            start_step=0, rank=0, world_size=4, streams=StreamGroups(2, 4), resampled=False,
         )  # fmt: skip
 
 

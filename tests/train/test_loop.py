@@ -12,7 +12,10 @@ from dinoscale.config import load_config
 from dinoscale.methods.registry import METHODS
 from dinoscale.methods.dinov2 import DINOv2
 from dinoscale.train import loop
+from dinoscale.data.shard_writer import write_shards
+from dinoscale.data.streams import StreamGroups
 from dinoscale.train.build import ensure_shards
+from dinoscale.train.resume import ResumeError, recorded_stream_groups
 from dinoscale.train.step import TooManyBadSteps
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -77,20 +80,71 @@ def test_loss_decreases_over_a_few_steps(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
 
 
+def assert_same_run(full, resumed, steps):
+    """The resumed run logged the uninterrupted run's steps, losses and gradients, and ended with its teacher."""
+    a, b = rows(full), rows(resumed)
+    assert [r["step"] for r in b] == list(range(1, steps + 1))  # no duplicated rows after resume
+    for ra, rb in zip(a, b):
+        for key in ("loss", "loss/dino_global", "loss/dino_local", "loss/koleo", "loss/ibot", "grad_norm", "lr"):
+            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    ta = torch.load(full / "export" / "teacher_backbone.pth")
+    tb = torch.load(resumed / "export" / "teacher_backbone.pth")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def test_resume_is_exact(tmp_path):
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     run(full, "train.max_steps=6", "train.checkpoint_every=3")
     run(stopped, "train.max_steps=3", "train.checkpoint_every=3")
     _, result = run(stopped, "train.max_steps=6", "train.checkpoint_every=3")
     assert result.step == 6
-    a, b = rows(full), rows(stopped)
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # no duplicated rows after resume
-    for ra, rb in zip(a, b):
-        for key in ("loss", "loss/dino_global", "loss/dino_local", "loss/koleo", "loss/ibot", "grad_norm", "lr"):
-            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
-    ta = torch.load(full / "export" / "teacher_backbone.pth")
-    tb = torch.load(stopped / "export" / "teacher_backbone.pth")
-    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert_same_run(full, stopped, 6)
+
+
+@pytest.fixture(scope="module")
+def fmnist_shards(tmp_path_factory):
+    """96 Fashion-MNIST training images in 6 shards."""
+    out = tmp_path_factory.mktemp("fmnist-shards")
+    write_shards("fashion-mnist", out, max_samples_per_shard=16, limit=96)
+    return out / "train"
+
+
+@pytest.mark.parametrize("kind", ["map", "shards"])
+def test_resume_with_another_num_workers_is_exact(tmp_path, fmnist_shards, kind):
+    # Shards: the first run fixes 2 stream groups (one per worker); the resume reads them in the main process.
+    data, (first, later) = ([], (0, 2)) if kind == "map" else ([f"train.dataset={fmnist_shards}"], (2, 0))
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    run(full, *data, f"train.num_workers={first}", "train.max_steps=6", "train.checkpoint_every=3")
+    run(stopped, *data, f"train.num_workers={first}", "train.max_steps=3", "train.checkpoint_every=3")
+    saved = json.loads((checkpoint.latest_checkpoint(stopped) / "trainer.json").read_text())
+    assert (saved["shard_stream_groups"], saved["shard_streams_per_group"]) == (max(1, first), 1)
+    _, result = run(stopped, *data, f"train.num_workers={later}", "train.max_steps=6", "train.checkpoint_every=3")
+    assert result.step == 6
+    assert_same_run(full, stopped, 6)
+
+
+def test_resume_refuses_another_global_batch_or_stream_groups_unless_allowed(tmp_path):
+    run(tmp_path, "train.max_steps=2", "train.checkpoint_every=2")
+    with pytest.raises(ResumeError, match="global batch of 8 images per step, this run has 4 .* Resume with "
+                                          "train.batch_size_per_rank=8, or set train.allow_global_batch_change=true"):
+        run(tmp_path, "train.max_steps=3", "train.batch_size_per_rank=4")
+    with pytest.raises(ResumeError, match="train.shard_stream_groups=3, but the checkpoint's data position reads 1"):
+        run(tmp_path, "train.max_steps=3", "train.shard_stream_groups=3")
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step_000000002"  # refused before any step
+    _, result = run(tmp_path, "train.max_steps=3", "train.batch_size_per_rank=4",
+                    "train.allow_global_batch_change=true")
+    assert result.step == 3 and rows(tmp_path)[-1]["images_per_s"] > 0
+
+
+def test_checkpoint_without_recorded_stream_groups_resumes_with_the_old_default():
+    cfg = load_config("quickstart", TINY + ["train.num_workers=3"])
+    assert recorded_stream_groups(cfg, {"step": 5, "world_size": 2}) == StreamGroups(3, 2)
+    assert recorded_stream_groups(cfg, {"world_size": 1, "shard_stream_groups": 4,
+                                        "shard_streams_per_group": 2}) == StreamGroups(4, 2)
+    cfg = load_config("quickstart", TINY + ["train.shard_streams_per_group=8"])
+    with pytest.raises(ResumeError, match="shard_streams_per_group=8, but .* reads 2: .* fixed at a run's first "
+                                          "start. Set train.shard_streams_per_group=0"):
+        recorded_stream_groups(cfg, {"world_size": 1, "shard_stream_groups": 4, "shard_streams_per_group": 2})
 
 
 def test_preemption_stop_saves_and_resumes(tmp_path):

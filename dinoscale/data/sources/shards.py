@@ -16,6 +16,10 @@ its own index (``"split"`` names it), so a split is selected by its directory.
      "shards": [{"name": "shard-000000.tar", "count": 1000, "bytes": 123456}, ...],
      "options": {...}}
 
+A shard ``name`` is a plain file name in the index's directory: never a path (no separator, not ``.`` or
+``..``). :func:`load_index` refuses an index that names anything else, so neither a reader nor an overwrite
+touches a file outside the shard directory.
+
 Shard specs accepted by the readers: a directory holding ``index.json``, the index file
 itself, a brace pattern (``/data/shard-{000000..000127}.tar``; ``::`` joins several), single
 ``.tar`` paths, or ``pipe:``/``http(s)://`` URLs (opened by webdataset's ``gopen``). Sample
@@ -71,7 +75,15 @@ class ShardSet:
         return list((self.index or {}).get("classes") or [])
 
 
+def is_shard_name(name: Any) -> bool:
+    """Whether ``name`` is a plain file name that stays inside its directory (no separator, not ``.``/``..``)."""
+    separators = {"/", "\\", os.sep, os.altsep} - {None}
+    return (isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name
+            and not any(sep in name for sep in separators))
+
+
 def load_index(path: str | os.PathLike) -> dict[str, Any]:
+    """A shard index, checked: its format, and every shard a plain file name with a sample count."""
     path = Path(path)
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
@@ -79,6 +91,14 @@ def load_index(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"cannot read shard index {path}: {exc}") from exc
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), list):
         raise ValueError(f"{path} is not a dinoscale shard index (format {INDEX_FORMAT!r} with a 'shards' list)")
+    for shard in index["shards"]:
+        name = shard.get("name") if isinstance(shard, dict) else None
+        if not is_shard_name(name):
+            raise ValueError(f"{path} names a shard {name!r}: shard names must be plain file names in the index's "
+                             "directory (no path separator, not '.' or '..')")
+        count = shard.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"{path}: shard {name!r} has no valid sample count (got {count!r})")
     return index
 
 

@@ -1,5 +1,6 @@
 """Reading shards: spec resolution, raw records, and the one-pass ShardDataset over ranks and workers."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,24 @@ def test_one_pass_reads_every_sample_once_over_ranks_and_workers(tmp_path, helpe
         seen.extend(helpers.image_id(b) for b, _ in loader)
     assert sorted(seen) == list(range(24))
     assert len(list(ShardDataset(str(out), max_samples=7))) == 7
+
+
+@pytest.mark.parametrize("name", ["../outside.tar", "/etc/passwd", "sub/shard.tar", "..", ".", "", "a\\b.tar",
+                                  "nul\0.tar", None, 7])
+def test_index_naming_anything_but_a_file_of_its_directory_is_refused(tmp_path, helpers, name):
+    out = helpers.write_set(tmp_path, n=8, per_shard=4)
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][1]["name"] = name
+    (out / "index.json").write_text(json.dumps(index))
+    for spec in (out, out / "index.json", out / "shard-{000000..000001}.tar"):
+        with pytest.raises(ValueError, match="shard names must be plain file names"):
+            resolve_shards(str(spec))
+
+
+def test_index_without_valid_counts_is_refused(tmp_path, helpers):
+    out = helpers.write_set(tmp_path, n=8, per_shard=4)
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][0]["count"] = -3
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="shard 'shard-000000.tar' has no valid sample count"):
+        resolve_shards(str(out))
