@@ -6,8 +6,8 @@ otherwise, naming the command that starts the dev cluster, slurm/dev-cluster/sta
 The time-out notices are sent the way SLURM sends them: USR2 to every task for the submitit job
 (``#SBATCH --signal=USR2@90``), USR1 to the batch shell for the sbatch job (``--signal=B:USR1@90``). Both
 must checkpoint, requeue and finish with exactly the losses of an uninterrupted run. Preemption's SIGTERM
-is in tests/chaos/test_slurm_preemption.py. A requeued job is held about two minutes by SLURM (BeginTime);
-the tests release it at once with ``scontrol update StartTime=now``.
+is in tests/chaos/test_slurm_preemption.py. A requeued job is held a few minutes by SLURM (BeginTime); the tests
+release it a few seconds after its old incarnation is gone (``wait_for_job``).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def checkout(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# jobs
 # ---------------------------------------------------------------------------------------------
 
 
@@ -72,13 +73,35 @@ def job_info(job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
 
 
+# SLURM holds a requeued job (Reason=BeginTime) for the lifetime of its launch credential, two minutes and more:
+# a credential issued in the same second as the revocation of the old one is refused (slurmd: "Job N already
+# killed, do not launch batch job") and the job ends FAILED, and the old incarnation must be cleared out first.
+# The tests release it sooner: once it has been held RELEASE_AFTER_S and no process of it is left on this host
+# (the dev cluster's nodes). Releasing it at once failed a requeued job on a loaded machine.
+RELEASE_AFTER_S = 3
+
+
+def job_processes(job_id: str) -> list[int]:
+    """Processes on this host that belong to the job (tasks, srun, batch shell: SLURM_JOB_ID in their environment)."""
+    needle = f"\0SLURM_JOB_ID={job_id}\0".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and needle in b"\0" + (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+    return pids
+
+
 def wait_for_job(job_id: str, *, until=None, logs: list[Path] = (), timeout_s: float = JOB_WAIT_S) -> dict[str, str]:
     """Poll until ``until()`` is true (None: until the job ended); returns the last job info.
 
-    A requeued job waits ~2 min for its BeginTime: it is released at once to keep tests short.
+    A requeued job is released from SLURM's hold early (see RELEASE_AFTER_S) to keep tests short.
     """
     deadline = time.monotonic() + timeout_s
     info: dict[str, str] = {}
+    held_since = None
     while time.monotonic() < deadline:
         info = job_info(job_id)
         state = info.get("JobState", "UNKNOWN")
@@ -89,7 +112,12 @@ def wait_for_job(job_id: str, *, until=None, logs: list[Path] = (), timeout_s: f
         if until is not None and info and state not in RUNNING_STATES:
             pytest.fail(f"job {job_id} ended ({state}) before the awaited condition\n{_tails(logs)}")
         if state == "PENDING" and info.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=30)
+            held_since = held_since or time.monotonic()
+            if time.monotonic() - held_since >= RELEASE_AFTER_S and not job_processes(job_id):
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True,
+                               timeout=30)
+        else:
+            held_since = None
         time.sleep(1)
     subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
     pytest.fail(f"job {job_id} still {info.get('JobState')} after {timeout_s} s (cancelled)\n{_tails(logs)}")
