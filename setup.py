@@ -32,7 +32,6 @@ setup(
         "xformers": ["xformers"],
         "dev": [
             "pytest",
-            "pytest-rerunfailures",  # one rerun for the end-to-end SLURM jobs (tests/test_slurm.py)
             "timm>=1.0",  # parity checks only
             "transformers>=4.40",  # parity checks only (Dinov2Model)
             "scikit-image",  # sample photos for tests and benchmarks

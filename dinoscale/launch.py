@@ -9,27 +9,45 @@
    end up in the same code path;
 2. loads the config (``%j`` in ``train.output_dir`` becomes the job id, which SLURM keeps across
    requeues, so a requeued job finds its own checkpoints);
-3. replaces submitit's preemption/timeout signal handler with one that only sets a flag, and runs
-   :func:`dinoscale.train.loop.train` with ``stop_requested`` reading that flag.
+3. replaces submitit's signal handlers with one that only records the signal, and runs
+   :func:`dinoscale.train.loop.train` with ``stop_requested`` reading it.
+
+The signals that stop a run (:data:`dinoscale.lifecycle.STOP_SIGNALS`) and what they mean here:
+
+* USR2 (``submitit.JobEnvironment.USR_SIG``: ``#SBATCH --signal=USR2@<--signal-delay>`` before the time
+  limit) and USR1: a checkpoint-and-requeue notice.
+* SIGTERM: SLURM's preemption. With a ``GraceTime``, SLURM sends SIGCONT and SIGTERM to every task of
+  every step of the job (not to the batch shell) while the job is still RUNNING, and SIGKILL when the
+  grace time is over. submitit itself only logs a SIGTERM ("Bypassing signal SIGTERM"), so a preempted
+  job would run on until it is killed, and never requeue. Here it checkpoints and requeues like USR2.
+  SLURM also sends SIGTERM when the job *ends*: ``scancel``, the time limit, a requeue by SLURM itself;
+  then the job is no longer RUNNING (it is COMPLETING) when the signal arrives. Requeueing then would
+  bring back a job its owner cancelled (``scontrol requeue`` accepts a completing job), so after a
+  SIGTERM the job is requeued only while SLURM still reports it RUNNING (:func:`slurm_job_state`).
 
 Why not let submitit's handler do the work: submitit calls ``checkpoint()``, requeues and
 ``sys.exit``\\ s *inside the signal handler*, i.e. in the middle of whatever step rank 0 is running,
 while the other ranks carry on. Here the handler only records the signal; the training loop makes
-all ranks agree at the next step boundary, saves a checkpoint and returns ``"preempted"``. Only then
-does rank 0 call submitit's original handler, synchronously, which calls :meth:`TrainingJob.checkpoint`,
-pickles the returned :class:`submitit.helpers.DelayedSubmission`, runs ``scontrol requeue`` and
-exits. The requeued job builds a fresh process group and the loop auto-resumes from the checkpoint.
+all ranks agree at the next step boundary (a log step), saves a checkpoint and returns
+``"preempted"``. Only then does rank 0 call submitit's handler for its signal, synchronously, which
+calls :meth:`TrainingJob.checkpoint`, pickles the returned :class:`submitit.helpers.DelayedSubmission`,
+runs ``scontrol requeue`` and exits. The requeued job builds a fresh process group and the loop
+auto-resumes from the checkpoint. The whole hand-off must fit in ``--signal-delay`` (time-out) or
+the cluster's ``GraceTime`` (preemption): ``train.log_every`` steps plus one checkpoint.
 
 Failures are never requeued: an exception propagates, submitit records it as the job's result and
-the job ends FAILED. Requeueing happens only on the preemption/timeout signal, and at most
-``max_requeues`` times (submitit additionally caps time-outs with ``max_num_timeout``).
+the job ends FAILED. Requeueing happens only on a stop signal, and at most ``max_requeues`` times
+(submitit additionally caps time-outs with ``max_num_timeout``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import signal
 import socket
+import subprocess
 import sys
 from typing import Any, Sequence
 
@@ -67,6 +85,40 @@ def export_torch_distributed_env(env: submitit.JobEnvironment) -> dict[str, str]
     }
     os.environ.update(values)
     return values
+
+
+def requeue_signal() -> signal.Signals:
+    """submitit's checkpoint-and-requeue signal: USR2, or ``$SUBMITIT_PREEMPT_SIGNAL``."""
+    return signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
+
+
+def slurm_job_state(job_id: str) -> str | None:
+    """SLURM's state of the job (``RUNNING``, ``COMPLETING``, ...); None when ``scontrol`` cannot tell."""
+    try:
+        proc = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"\bJobState=(\S+)", proc.stdout)
+    return match.group(1) if proc.returncode == 0 and match else None
+
+
+def should_requeue(signum: int | None, env: submitit.JobEnvironment) -> bool:
+    """Whether a run stopped by ``signum`` requeues its job.
+
+    A requeue notice (USR1/USR2), or a stop this rank did not receive itself, always does. A SIGTERM
+    under SLURM does only while the job is still RUNNING (preemption's grace time): SLURM also sends
+    SIGTERM when the job ends (scancel, time limit, a requeue of its own), and requeueing then would
+    bring back a cancelled job. Unknown state: requeue (``scontrol requeue`` fails too if SLURM is gone).
+    """
+    if signum != signal.SIGTERM or env.name() != "slurm":
+        return True
+    state = slurm_job_state(env.job_id)
+    if state not in (None, "RUNNING"):
+        log.warning("not requeueing: SIGTERM while SLURM reports job %s as %s (cancelled, timed out or "
+                    "requeued by SLURM), not as RUNNING (preemption)", env.job_id, state)
+        return False
+    return True
 
 
 def _node_name() -> str:
@@ -122,10 +174,10 @@ class TrainingJob:
         env = submitit.JobEnvironment()
         _configure_logging(env.global_rank)
         # Install the flag first: a signal that arrives while the data and model are being built is
-        # honoured at the first step boundary.
+        # honoured at the first step boundary. submitit's own handlers are kept to requeue with.
         stop = lifecycle.StopRequest()
-        usr_sig = env._usr_sig()  # submitit's preemption/timeout signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL)
-        submitit_handler = stop.install(usr_sig)
+        submitit_handlers = {signum: stop.install(signum)
+                             for signum in dict.fromkeys((*lifecycle.STOP_SIGNALS, requeue_signal()))}
 
         cfg = load_config(self.config_path, self.overrides)
         cfg.train.output_dir = str(cfg.train.output_dir).replace("%j", env.job_id)
@@ -160,11 +212,14 @@ class TrainingJob:
             # by submitit) and with status 0, so that `srun --kill-on-bad-exit` does not tear rank 0
             # down before it has requeued.
             sys.exit(0)
-        if callable(submitit_handler):
-            # submitit's SignalHandler.checkpoint_and_try_requeue: decides time-out vs preemption,
-            # calls self.checkpoint(), pickles it, `scontrol requeue`s and exits. It raises
-            # UncompletedJobError (recorded as the job's result) when it will not requeue.
-            submitit_handler(usr_sig, None)
+        if not should_requeue(stop.signum, env):
+            return result
+        # submitit's handler of its requeue signal (SignalHandler.checkpoint_and_try_requeue): decides
+        # time-out vs preemption, calls self.checkpoint(), pickles it, `scontrol requeue`s and exits.
+        # It raises UncompletedJobError (recorded as the job's result) when it will not requeue.
+        submitit_requeue = submitit_handlers[requeue_signal()]
+        if callable(submitit_requeue):
+            submitit_requeue(stop.signum or requeue_signal(), None)
         # Only reached when submitit had no handler installed (not a submitit job environment).
         raise RuntimeError(
             f"training was preempted at step {result.step} but no submitit signal handler was installed "

@@ -251,17 +251,28 @@ def test_local_run_finishes_with_job_id_expanded(checkout, tmp_path):
     assert not (tmp_path / "%j").exists()
 
 
-@pytest.mark.slow
-def test_local_preemption_checkpoints_requeues_and_matches_uninterrupted_run(checkout, tmp_path):
-    # Long enough that the signal, sent once 3 steps are logged, lands before the run ends even when the
-    # tiny steps race ahead while this process polls (14 steps was once too few on a loaded machine).
-    steps = 60
-    reference = subprocess.run(_local_cmd(checkout, tmp_path / "reference", steps), cwd=checkout, capture_output=True,
-                               text=True, timeout=300)
-    assert reference.returncode == 0, reference.stdout + reference.stderr
+# Long enough that the signal, sent once 3 steps are logged, lands before the run ends even when the tiny steps
+# race ahead while this process polls (14 steps was once too few on a loaded machine).
+LOCAL_STEPS = 60
 
+
+@pytest.fixture(scope="module")
+def local_reference(checkout, tmp_path_factory) -> Path:
+    """An uninterrupted local run: the losses a preempted one must end with."""
+    out = tmp_path_factory.mktemp("local_reference")
+    proc = subprocess.run(_local_cmd(checkout, out, LOCAL_STEPS), cwd=checkout, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM], ids=["USR2", "TERM"])
+def test_local_preemption_checkpoints_requeues_and_matches_uninterrupted_run(checkout, tmp_path, local_reference,
+                                                                             signum):
+    """USR2 is submitit's time-out notice; SIGTERM is how SLURM preempts (submitit itself only logs it)."""
     run_dir = tmp_path / "preempted"
-    proc = subprocess.Popen(_local_cmd(checkout, run_dir, steps), cwd=checkout, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_local_cmd(checkout, run_dir, LOCAL_STEPS), cwd=checkout, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         # Signal the training task itself (as SLURM signals every task) once a few steps are done.
@@ -277,21 +288,73 @@ def test_local_preemption_checkpoints_requeues_and_matches_uninterrupted_run(che
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.2)
         assert pid is not None, "the task never reported its pid"
-        os.kill(pid, signal.SIGUSR2)
+        os.kill(pid, signum)
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out
-    assert f"finished at step {steps}" in out
+    assert f"finished at step {LOCAL_STEPS}" in out
     log = next(log_dir.glob("*_0_log.out")).read_text()
-    assert "received SIGUSR2" in log and "requeueing (1 of at most" in log
+    assert f"received {signum.name}" in log and "requeueing (1 of at most" in log, log[-3000:]
     assert "(requeued 1 times)" in log, "the requeued job did not start"
     stopped = int(log.split("checkpoint saved at step ", 1)[1].split()[0])
-    assert 3 <= stopped < steps
+    assert 3 <= stopped < LOCAL_STEPS
     assert "resumed from" in log.split("(requeued 1 times)", 1)[1]
 
-    got, want = metrics_rows(run_dir), metrics_rows(tmp_path / "reference")
-    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    got, want = metrics_rows(run_dir), metrics_rows(local_reference)
+    assert [r["step"] for r in got] == list(range(1, LOCAL_STEPS + 1))
     for a, b in zip(got, want):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
+        assert a["loss"] == b["loss"], (a["step"], a["loss"], b["loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# which stop signal requeues
+# ---------------------------------------------------------------------------------------------
+
+
+class _Env:
+    job_id = "77"
+
+    def __init__(self, name):
+        self._name = name
+
+    def name(self):
+        return self._name
+
+
+@pytest.mark.parametrize(
+    "signum, executor, state, requeues",
+    [
+        (signal.SIGUSR2, "slurm", "COMPLETING", True),  # the time-out notice always requeues
+        (signal.SIGUSR1, "slurm", "COMPLETING", True),
+        (None, "slurm", "COMPLETING", True),  # another rank got the signal: rank 0 requeues the job
+        (signal.SIGTERM, "slurm", "RUNNING", True),  # preemption: the job runs on through the grace time
+        (signal.SIGTERM, "slurm", "COMPLETING", False),  # scancel, time limit, a requeue by SLURM: the job ends
+        (signal.SIGTERM, "slurm", "CANCELLED", False),
+        (signal.SIGTERM, "slurm", None, True),  # scontrol does not answer: requeue (it fails too if SLURM is gone)
+        (signal.SIGTERM, "local", None, True),  # the local executor has no scheduler to ask
+    ],
+)
+def test_which_stop_requeues(monkeypatch, signum, executor, state, requeues):
+    from dinoscale import launch
+
+    asked = []
+    monkeypatch.setattr(launch, "slurm_job_state", lambda job_id: asked.append(job_id) or state)
+    assert launch.should_requeue(signum, _Env(executor)) is requeues
+    # only a SIGTERM under SLURM asks for the job's state
+    assert asked == (["77"] if signum == signal.SIGTERM and executor == "slurm" else [])
+
+
+def test_slurm_job_state_reads_scontrol(tmp_path, monkeypatch):
+    from dinoscale.launch import slurm_job_state
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    scontrol = bindir / "scontrol"
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    scontrol.write_text('#!/bin/sh\necho "JobId=$4 JobName=x UserId=root(0) JobState=COMPLETING Reason=None Restarts=0"\n')
+    scontrol.chmod(0o755)
+    assert slurm_job_state("123") == "COMPLETING"
+    scontrol.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n")
+    assert slurm_job_state("123") is None

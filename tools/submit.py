@@ -13,8 +13,10 @@ Every task runs :class:`dinoscale.launch.TrainingJob`: one process per GPU (``--
 ``%j`` in ``--output-dir`` becomes the SLURM job id (stable across requeues); the directory is
 passed to training as ``train.output_dir`` and holds the checkpoints and metrics. submitit's
 pickles and the task logs go to ``--log-dir`` (default: ``submitit_logs`` beside the ``%j``
-folder). SLURM sends the preemption/time-out signal (USR2) ``--signal-delay`` seconds before the
-end; the run then checkpoints at the next step boundary and requeues itself.
+folder). SLURM sends the time-out notice (USR2) ``--signal-delay`` seconds before the time limit, and
+SIGTERM at the start of a preemption's ``GraceTime``; either way the ranks checkpoint at the next log
+step and the job requeues itself (a SIGTERM that ends the job, from ``scancel`` or the time limit, does
+not requeue): ``train.log_every`` steps and a checkpoint must fit in ``--signal-delay`` and the grace time.
 
 ``--dry-run`` prints the sbatch script that would be submitted and the config overrides, and
 submits nothing (no SLURM needed).

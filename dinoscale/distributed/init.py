@@ -182,9 +182,13 @@ def init_distributed(
     _wait_for_all_ranks(store, info, arrival_s)
     # The arrival phase is over: from now on store operations may take as long as collectives.
     store.set_timeout(timedelta(seconds=timeout_s))
+    # Under torchrun every restart of the worker group meets in the agent's one store (its port stays): the
+    # process group's keys need the attempt in their name, like the arrival keys, or a restarted group may read
+    # the addresses of the processes it replaces (gloo: "connectFullMesh failed ... Connection refused").
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(
         backend=backend,
-        store=store,
+        store=dist.PrefixStore(f"dinoscale/attempt/{attempt}/", store),
         rank=info.rank,
         world_size=info.world_size,
         timeout=timedelta(seconds=timeout_s),

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from dinoscale import distributed, lifecycle
+from dinoscale import checkpoint, distributed, lifecycle
 from dinoscale.config import ConfigError, load_config
+from dinoscale.train.step import TooManyBadSteps
+
+log = logging.getLogger("dinoscale")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -21,6 +25,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start from scratch")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.output_dir=DIR")
     return parser.parse_args(argv)
+
+
+def last_good_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest intact checkpoint written after a finite step (none of the steps before it skipped)."""
+    for path in reversed(checkpoint.list_checkpoints(output_dir)):
+        try:
+            if checkpoint.check_checkpoint(path).get("consecutive_bad_steps", 0) == 0:
+                return path
+        except checkpoint.CheckpointError:
+            continue
+    return None
 
 
 def main(argv=None) -> int:
@@ -46,7 +61,11 @@ def main(argv=None) -> int:
     try:
         result = train(cfg, stop_requested=stop)
     except BaseException as exc:  # every way out of a failed run tears it down, so that the process exits
-        return lifecycle.fatal_error(exc)
+        code = lifecycle.fatal_error(exc)
+        if isinstance(exc, TooManyBadSteps) and info.rank == 0:
+            log.error("last good checkpoint: %s", last_good_checkpoint(cfg.train.output_dir)
+                      or "none (no checkpoint was written after a finite step)")
+        return code
     finally:
         distributed.destroy_distributed()
     if result.knn and info.rank == 0:
