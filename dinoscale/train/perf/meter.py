@@ -47,6 +47,7 @@ class ThroughputMeter:
             raise ValueError(f"window must be >= 1, got {window}")
         self.flops_per_step = float(flops_per_step)
         self.peak_flops_per_s = float(peak_flops_per_s)
+        self._warned_above_peak = False
         # Times of the last window + 1 step ends; the first entry is the meter's creation.
         self._times: deque[float] = deque([time.perf_counter()], maxlen=window + 1)
 
@@ -66,7 +67,12 @@ class ThroughputMeter:
         if steps == 0 or elapsed <= 0:
             return {"tflops_per_s": 0.0, "mfu": 0.0}
         achieved = self.flops_per_step * steps / elapsed
-        return {"tflops_per_s": achieved / 1e12, "mfu": achieved / self.peak_flops_per_s}
+        mfu = achieved / self.peak_flops_per_s
+        if mfu > 1.0 and not self._warned_above_peak:
+            self._warned_above_peak = True
+            log.warning("mfu %.2f is above 1: the peak %.4g FLOP/s is too low (measured on a busy machine?); it is "
+                        "probed again at the next start and the best figure kept", mfu, self.peak_flops_per_s)
+        return {"tflops_per_s": achieved / 1e12, "mfu": mfu}
 
 
 def throughput_meter(
@@ -84,7 +90,9 @@ def throughput_meter(
     """
     try:
         flops = step_flops(method, student, teacher, batch)
-        peak, source = peak_flops(device, dtype)
+        # CPUs are probed at every start (milliseconds): the cache keeps the best figure, so a probe taken on a
+        # busy machine once does not stay the denominator for good.
+        peak, source = peak_flops(device, dtype, refresh=torch.device(device).type == "cpu")
     except (RuntimeError, ValueError, OSError) as exc:
         log.warning("no tflops_per_s / mfu in the logs: %s", exc)
         return None

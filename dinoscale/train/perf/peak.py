@@ -1,8 +1,10 @@
 """The hardware's peak dense matmul FLOP/s, the denominator of MFU.
 
 Known GPUs come from a table of data-sheet figures (``GPU_PEAK_FLOPS``); anything else, CPUs included, is
-measured once with a square matmul and the result cached in a JSON file per machine (CPU model or GPU name,
-thread count, dtype), so later runs and other ranks read it instead of probing again.
+measured with a square matmul and cached in a JSON file per machine (CPU model or GPU name, thread count,
+dtype). The cache keeps the best figure ever measured: a probe on a busy machine only ever comes out too low (a
+2-thread bf16 probe taken under load once read 0.25 TFLOP/s on a machine whose idle peak is 2.4, and every
+later MFU was ten times too high), so a new probe may raise the figure but never lowers it.
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ def peak_flops(
     Known GPUs (by ``torch.cuda.get_device_name``) come from ``GPU_PEAK_FLOPS``. Anything else -- CPUs
     included -- is measured once with a square matmul (2048 on CPU, 8192 on GPU; best of 10) and cached in
     ``cache_path`` (default ``~/.cache/dinoscale/peak_flops.json``) under the CPU model (or GPU name), the
-    thread count and the dtype. ``refresh=True`` measures again.
+    thread count and the dtype. ``refresh=True`` measures again; the larger of that probe and the cached figure
+    is returned and kept.
     """
     device = torch.device(device)
     try:
@@ -135,8 +138,14 @@ def peak_flops(
     if not refresh and isinstance(cache.get(key), (int, float)) and cache[key] > 0:
         return float(cache[key]), f"measured (cached in {path}): {key}"
     n = _PROBE_SIZE[device.type]
-    value = _measure_matmul(device, dtype, n, _PROBE_REPEATS)
+    measured = _measure_matmul(device, dtype, n, _PROBE_REPEATS)
     cache = _read_cache(path)  # another process may have written meanwhile
-    cache[key] = value
-    _write_cache(path, cache)
-    return value, f"measured now ({n}^3 matmul, best of {_PROBE_REPEATS}; cached in {path}): {key}"
+    before = cache.get(key)
+    best = max(measured, float(before)) if isinstance(before, (int, float)) and before > 0 else measured
+    if best != before:
+        cache[key] = best
+        _write_cache(path, cache)
+    return best, (
+        f"measured now ({n}^3 matmul, best of {_PROBE_REPEATS}: {measured:.4g}; the best on this machine is kept "
+        f"in {path}): {key}"
+    )

@@ -185,3 +185,15 @@ def test_gpu_script_parses_and_dry_runs(tmp_path):
     assert "test_xformers_matches_sdpa_on_cuda" in plan and "test_bf16_fsdp_step_on_gpu" in plan
     bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
+
+
+def test_throughput_meter_warns_once_when_above_the_peak(monkeypatch, caplog):
+    clock = iter([0.0, 1.0, 2.0])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    meter = ThroughputMeter(2e12, 1e12, window=1)  # 2 TFLOP per step, 1 s per step, a 1 TFLOP/s "peak"
+    with caplog.at_level("WARNING", logger="dinoscale"):
+        meter.update()
+        assert meter.stats()["mfu"] == pytest.approx(2.0)
+        meter.update()
+        meter.stats()
+    assert len(caplog.records) == 1 and "above 1" in caplog.records[0].message

@@ -69,3 +69,15 @@ def test_peak_rejects_bad_arguments():
         peak.peak_flops("cpu", torch.int8)
     with pytest.raises(ValueError, match="device type"):
         peak.peak_flops("meta", torch.float32)
+
+
+def test_a_lower_probe_never_lowers_the_cached_peak(tmp_path, monkeypatch):
+    """A probe on a busy machine reads low; the cache keeps the best figure, a faster probe raises it."""
+    cache = tmp_path / "peak.json"
+    probes = iter([4e11, 1e11, 9e11])
+    monkeypatch.setattr(peak, "_measure_matmul", lambda *args, **kwargs: next(probes))
+    first, _ = peak.peak_flops("cpu", torch.bfloat16, cache_path=cache)
+    busy, source = peak.peak_flops("cpu", torch.bfloat16, cache_path=cache, refresh=True)
+    assert (first, busy) == (4e11, 4e11) and "1e+11" in source
+    idle, _ = peak.peak_flops("cpu", torch.bfloat16, cache_path=cache, refresh=True)
+    assert idle == 9e11 and list(json.loads(cache.read_text()).values()) == [9e11]
