@@ -1,17 +1,38 @@
-"""torch.hub entry points: ``torch.hub.load(<repo>, "dinov2_vits14", weights=<path, URL or "official">)``.
+"""torch.hub entry points, with the names and signatures of upstream facebookresearch/dinov2's hub.
 
-Without ``weights`` the backbone is randomly initialised (nothing is downloaded).
+    torch.hub.load(REPO, "dinov2_vits14")                     # the released weights (downloaded once)
+    torch.hub.load(REPO, "dinov2_vits14", pretrained=False)   # random weights
+    torch.hub.load(REPO, "dinov2_vitb14", weights="hf-dinov2-base/")  # a path, URL or folder in any layout
+    torch.hub.load(REPO, "dinov2_vits14_reg_lc", layers=1)    # released backbone + ImageNet-1k linear head
+
+Backbones: ``dinov2_vit{s,b,l,g}14`` and ``dinov2_vit{s,b,l,g}14_reg``, ``(*, pretrained=True,
+weights="LVD142M", **kwargs)``; linear classifiers: the same names + ``_lc``, ``(*, layers=4, pretrained=True,
+weights="IMAGENET1K", **kwargs)`` returning logits over the 1000 ImageNet classes. ``weights`` also takes
+``"official"`` or a path / URL / state dict (official, timm, Hugging Face or dinoscale layout); ``kwargs``
+override the release's DinoVisionTransformer arguments (see ``dinoscale.hub.zoo`` and
+``dinoscale.hub.classifiers``).
+
+Released files are cached in ``torch.hub.get_dir()/checkpoints/`` (the same files upstream's hub downloads):
+without network, put the file there; the error raised offline names the URL and the exact path.
 """
 
-dependencies = ["torch"]
+dependencies = ["torch", "safetensors"]
 
 from dinoscale.hub import (  # noqa: E402,F401  (torch.hub reads the names defined in this module)
     dinov2_vitb14,
+    dinov2_vitb14_lc,
     dinov2_vitb14_reg,
+    dinov2_vitb14_reg_lc,
     dinov2_vitg14,
+    dinov2_vitg14_lc,
     dinov2_vitg14_reg,
+    dinov2_vitg14_reg_lc,
     dinov2_vitl14,
+    dinov2_vitl14_lc,
     dinov2_vitl14_reg,
+    dinov2_vitl14_reg_lc,
     dinov2_vits14,
+    dinov2_vits14_lc,
     dinov2_vits14_reg,
+    dinov2_vits14_reg_lc,
 )

@@ -4,7 +4,7 @@ The official layout is that of :class:`~dinoscale.models.vit.DinoVisionTransform
 
 * the official DINOv2 ``.pth`` (also with the training code's chunked ``blocks.<chunk>.<i>.`` names);
 * a timm ``vit_*_dinov2`` state dict (``reg_token``, patch-only ``pos_embed``, packed SwiGLU ``fc1/fc2``,
-  optionally split ``q/k/v`` projections);
+  optionally split ``q/k/v`` projections; the plain models have the official names but no ``mask_token``);
 * a Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` state dict (saved or in-memory names);
 * a dinoscale (or DINOv2) training checkpoint: wrapper keys ``model``/``teacher``/``state_dict``, prefixes
   such as ``module.``, ``_orig_mod.``, ``backbone.``, ``teacher.backbone.`` (the teacher is preferred when a
@@ -86,6 +86,8 @@ def is_square(n: int) -> bool:
     return n > 0 and math.isqrt(n) ** 2 == n
 
 
+# DINOv2's training code with block_chunks > 0 names blocks ``blocks.<chunk>.<global index>.``.
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 _TIMM_SPLIT_QKV = re.compile(r"(blocks\.\d+\.attn)\.(q|k|v)(?:_proj)?\.(weight|bias)")
 _TIMM_QV_BIAS = re.compile(r"(blocks\.\d+\.attn)\.(q|v)_bias")
 
@@ -97,7 +99,11 @@ def _is_packed_swiglu(state_dict: Mapping[str, torch.Tensor], mlp: str) -> bool:
 
 
 def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """``"huggingface"``, ``"timm"`` or ``"dinov2"`` (the official layout), from key names and shapes."""
+    """``"huggingface"``, ``"timm"`` or ``"dinov2"`` (the official layout), from key names and shapes.
+
+    The official names without ``mask_token`` (and without the training code's chunked block names) are timm's:
+    the layout also decides the position-embedding interpolation (``dinoscale.hub.loading``).
+    """
     keys = state_dict.keys()
     if any(k.startswith(("embeddings.", "encoder.layer.", "layernorm.")) for k in keys):
         return "huggingface"
@@ -112,13 +118,17 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
         m = re.fullmatch(r"(blocks\.\d+\.mlp)\.fc1\.weight", key)
         if m and _is_packed_swiglu(state_dict, m.group(1)):
             return "timm"
+    if pos_embed is not None and "mask_token" not in keys and not any(_CHUNKED_BLOCK.match(k) for k in keys):
+        # The official names without a mask token: timm's vit_*_dinov2 (timm's ViT has no masked-image
+        # training). The official release, DINOv2's training checkpoints and dinoscale's all hold the mask token.
+        return "timm"
     return "dinov2"
 
 
 def dinov2_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official layout: flatten the training code's chunked ``blocks.<chunk>.<i>.`` names to ``blocks.<i>.``."""
     # In a chunked model the inner index is already the global block index (chunks are padded with Identity).
-    return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state_dict.items()}
+    return {_CHUNKED_BLOCK.sub(r"blocks.\1.", k): v for k, v in state_dict.items()}
 
 
 def _fuse_qkv(parts: dict[str, torch.Tensor], where: str) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Every ``torch.load`` here runs with ``weights_only=True``: tensors and plain containers only, no arbitrary
 objects are unpickled. Safetensors files are read with ``safetensors``; a DCP directory with
-:func:`dinoscale.checkpoint.read_dcp_checkpoint` (tensors only). What comes back is the raw object (usually a
-possibly nested dict of tensors); finding and converting the backbone in it is ``dinoscale.hub.convert``'s job.
+:func:`dinoscale.checkpoint.read_dcp_checkpoint` (tensors only). A URL (any file type) is downloaded once into
+torch.hub's cache (:func:`url_cache_path`) and read from there; a cached file is read without network. What
+comes back is the raw object (usually a possibly nested dict of tensors); finding and converting the backbone
+in it is ``dinoscale.hub.convert``'s job. Every failure is a :class:`WeightsLoadError` naming the file or URL.
 """
 
 from __future__ import annotations
@@ -107,18 +109,49 @@ def _read_hf_directory(path: Path) -> dict | None:
     return None
 
 
+def url_cache_path(url: str) -> Path:
+    """Where a URL's file is cached: torch.hub's ``get_dir()/checkpoints/<file name of the URL>``.
+
+    The same file ``torch.hub.load_state_dict_from_url`` (and upstream DINOv2's hub) uses, so a file it already
+    downloaded is reused; ``$TORCH_HOME`` moves the cache (``$TORCH_HOME/hub/checkpoints``).
+    """
+    name = os.path.basename(urlparse(url).path)
+    if not name:
+        raise WeightsLoadError(f"could not load weights from {url}: the URL names no file")
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
 def _read_url(url: str):
-    if urlparse(url).path.endswith(".safetensors"):
-        # load_state_dict_from_url only unpickles; download into the same torch hub cache and read here.
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-        if not cached.is_file():
+    """Read a URL's file from torch.hub's cache, downloading it there first if absent.
+
+    A cached file is read without touching the network. Every failure is one :class:`WeightsLoadError` naming
+    the URL and its cause (the download's traceback is not chained: the message carries it); a failed download
+    names the path to put the file at by hand.
+    """
+    cached = url_cache_path(url)
+    downloaded = False
+    if not cached.is_file():
+        try:
             cached.parent.mkdir(parents=True, exist_ok=True)
+            # Written to a temporary file and renamed when complete: a broken download leaves no cached file.
             torch.hub.download_url_to_file(url, str(cached), progress=True)
-        return _read_file(cached)
+        except Exception as e:
+            raise WeightsLoadError(
+                f"could not download {url}: {type(e).__name__}: {e}\n"
+                f"  without network: download it elsewhere and put it at {cached} "
+                "(torch.hub's cache, torch.hub.get_dir()/checkpoints; $TORCH_HOME moves it); it is then read "
+                "from there"
+            ) from None
+        downloaded = True
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsLoadError(f"could not load weights from {url}: {type(e).__name__}: {e}") from e
+        return _read_file(cached)
+    except WeightsLoadError as e:
+        if downloaded:
+            cached.unlink(missing_ok=True)  # a bad download must not be found in the cache next time
+            advice = "the downloaded file was removed from the cache"
+        else:
+            advice = f"delete the cached file {cached} to download it again"
+        raise WeightsLoadError(f"could not load weights from {url}: {e}\n  {advice}") from None
 
 
 def read_checkpoint(path_or_url: str | os.PathLike):

@@ -4,6 +4,13 @@ A checkpoint (file, directory, URL or in-memory dict) is read (``dinoscale.hub.i
 converted to the official layout (``dinoscale.hub.convert``), fitted to the model (position embedding of
 another grid size, absent mask token) and loaded with ``strict=True``. On any mismatch nothing is loaded and
 :class:`~dinoscale.hub.io.WeightsLoadError` lists the missing and unexpected keys and the shape mismatches.
+
+The position-embedding interpolation follows the source of the weights (``interpolation="source"``, the
+default): weights in timm's or Hugging Face's layout switch the model to what that library does at other image
+sizes (:func:`source_interpolation`), so the model's features equal the library's at every size; the official
+layout keeps the model's own setting. ``interpolation="model"`` always keeps the model's (training does: its
+config decides, for the student and the teacher alike). The setting is the model's ``interpolate_offset`` /
+``interpolate_antialias``; it is not part of the state dict.
 """
 
 from __future__ import annotations
@@ -28,46 +35,81 @@ def _listing(items: list[str]) -> str:
     return f"({len(items)}): {shown}{more}"
 
 
-def _fit_to_model(state_dict: dict[str, torch.Tensor], model: DinoVisionTransformer) -> dict[str, torch.Tensor]:
-    """Interpolate a position embedding of another grid size; supply the mask token if absent."""
+# ``interpolation=`` values of load_state_dict_any
+INTERPOLATION_CHOICES = ("source", "model")
+_LOGGED_SWITCHES: set[tuple] = set()  # interpolation switches already logged by this process
+
+
+def source_interpolation(layout: str, state_dict: Mapping[str, torch.Tensor]) -> tuple[float, bool] | None:
+    """``(interpolate_offset, interpolate_antialias)`` of the library weights of ``layout`` come from.
+
+    Both libraries resize the position grid bicubically to the exact target grid (offset 0): timm
+    (``resample_abs_pos_embed``) with antialiasing, register models or not; Hugging Face ``Dinov2Model``
+    without, ``Dinov2WithRegistersModel`` (recognised by its ``register_tokens``, present even when empty)
+    with. None for the official layout: the model's own setting stays (the named models carry the release's).
+    ``state_dict`` is the converted (official-layout) one.
+    """
+    if layout == "timm":
+        return 0.0, True
+    if layout == "huggingface":
+        return 0.0, "register_tokens" in state_dict
+    return None
+
+
+def _fit_to_model(
+    state_dict: dict[str, torch.Tensor], model: DinoVisionTransformer, offset: float, antialias: bool
+) -> dict[str, torch.Tensor]:
+    """Interpolate a position embedding of another grid size; supply the mask token if absent.
+
+    ``offset`` / ``antialias``: the interpolation the loaded model will use.
+    """
     target = model.state_dict()
     pos_embed = state_dict.get("pos_embed")
     want = target["pos_embed"].shape
     if pos_embed is not None and pos_embed.ndim == 3 and pos_embed.shape != want and pos_embed.shape[2] == want[2]:
         if is_square(pos_embed.shape[1] - 1) and is_square(want[1] - 1):
             side = math.isqrt(want[1] - 1)
-            # Resample the way the model itself would for an image of its img_size, so the loaded model at
-            # img_size reproduces the checkpoint's model at that input size.
+            # Resample the way the loaded model itself would for an image of its img_size, so it reproduces
+            # the checkpoint's model at that input size.
             state_dict["pos_embed"] = resample_pos_embed(
-                pos_embed,
-                (side, side),
-                interpolate_offset=model.interpolate_offset,
-                interpolate_antialias=model.interpolate_antialias,
+                pos_embed, (side, side), interpolate_offset=offset, interpolate_antialias=antialias
             )
     if "mask_token" not in state_dict:
-        # Released inference checkpoints may omit it; it only matters for masked-image training.
+        # timm checkpoints have none; it only matters for masked-image training.
         state_dict["mask_token"] = target["mask_token"].detach().clone()
+    registers = state_dict.get("register_tokens")
+    if registers is not None and registers.numel() == 0 and "register_tokens" not in target:
+        del state_dict["register_tokens"]  # Dinov2WithRegistersModel with 0 registers keeps an empty tensor
     return state_dict
 
 
-def _describe(model: torch.nn.Module) -> str:
+def _follow_interpolation(model: DinoVisionTransformer, layout: str, offset: float, antialias: bool) -> None:
+    """Set the model's position-embedding interpolation; the first switch of each kind is logged."""
+    before = (model.interpolate_offset, model.interpolate_antialias)
+    model.interpolate_offset, model.interpolate_antialias = offset, antialias
+    if before != (offset, antialias) and (layout, before) not in _LOGGED_SWITCHES:
+        _LOGGED_SWITCHES.add((layout, before))
+        logger.info(
+            "position-embedding interpolation follows the %s weights: bicubic to the exact grid, antialias=%s "
+            "(was interpolate_offset=%s, interpolate_antialias=%s); load with interpolation='model' to keep it",
+            layout, antialias, *before,
+        )
+
+
+def describe_model(model: torch.nn.Module) -> str:
+    """The sizes that decide which weights fit a backbone, for error messages."""
     if isinstance(model, DinoVisionTransformer):
         return (
             f"DinoVisionTransformer(embed_dim={model.embed_dim}, depth={model.n_blocks}, "
             f"num_heads={model.num_heads}, patch_size={model.patch_size}, "
-            f"num_register_tokens={model.num_register_tokens})"
+            f"num_register_tokens={model.num_register_tokens}, ffn={type(model.blocks[0].mlp).__name__})"
         )
     return type(model).__name__
 
 
-def load_state_dict_any(model: torch.nn.Module, obj_or_path: Mapping | str | os.PathLike) -> str:
-    """Load backbone weights of any supported layout into ``model`` strictly; returns the detected layout.
-
-    ``obj_or_path``: a state dict or checkpoint dict, a file (``.pth``/``.pt``/``.bin``/``.safetensors``), a
-    directory (``save_pretrained`` or torch.distributed.checkpoint) or an ``http(s)://`` URL.
-    Raises :class:`WeightsLoadError` listing missing keys, unexpected keys and shape mismatches; on error the
-    model is left untouched.
-    """
+def read_tensors(obj_or_path: Mapping | str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a state dict, file, directory or URL as one flat dict without wrapper prefixes, and a
+    description of the source for messages. WeightsLoadError if it holds no tensors."""
     if isinstance(obj_or_path, Mapping):
         raw, source = obj_or_path, "the given state dict"
     else:
@@ -77,9 +119,29 @@ def load_state_dict_any(model: torch.nn.Module, obj_or_path: Mapping | str | os.
     flat = strip_wrapper_keys(flatten_state_dict(raw))
     if not flat:
         raise WeightsLoadError(f"{source} contains no tensors")
+    return flat, source
+
+
+def load_state_dict_any(
+    model: torch.nn.Module, obj_or_path: Mapping | str | os.PathLike, *, interpolation: str = "source"
+) -> str:
+    """Load backbone weights of any supported layout into ``model`` strictly; returns the detected layout.
+
+    ``obj_or_path``: a state dict or checkpoint dict, a file (``.pth``/``.pt``/``.bin``/``.safetensors``), a
+    directory (``save_pretrained`` or torch.distributed.checkpoint) or an ``http(s)://`` URL (cached by
+    torch.hub). ``interpolation``: ``"source"`` sets the model's position-embedding interpolation to that of
+    the library the weights come from (:func:`source_interpolation`; the official layout keeps the model's),
+    ``"model"`` keeps the model's. Raises :class:`WeightsLoadError` listing missing keys, unexpected keys and
+    shape mismatches; on error the model is left untouched.
+    """
+    if interpolation not in INTERPOLATION_CHOICES:
+        raise ValueError(f"interpolation must be one of {INTERPOLATION_CHOICES}, got {interpolation!r}")
+    flat, source = read_tensors(obj_or_path)
     backbone, prefix = select_backbone(flat)
     converted, layout = convert_to_dinov2(backbone)
-    converted = _fit_to_model(converted, model)
+    follow = source_interpolation(layout, converted) if interpolation == "source" else None
+    offset, antialias = follow or (model.interpolate_offset, model.interpolate_antialias)
+    converted = _fit_to_model(converted, model, offset, antialias)
 
     expected = model.state_dict()
     # Listed in model (resp. checkpoint) order, which reads better than an alphabetical blocks.1, blocks.10, ...
@@ -92,7 +154,7 @@ def load_state_dict_any(model: torch.nn.Module, obj_or_path: Mapping | str | os.
     ]
     if missing or unexpected or mismatched:
         lines = [
-            f"cannot load {source} into {_describe(model)}: detected layout {layout!r}"
+            f"cannot load {source} into {describe_model(model)}: detected layout {layout!r}"
             + (f" under prefix {prefix!r}" if prefix else "")
         ]
         if missing:
@@ -103,5 +165,7 @@ def load_state_dict_any(model: torch.nn.Module, obj_or_path: Mapping | str | os.
             lines.append(f"  shape mismatches {_listing(mismatched)}")
         raise WeightsLoadError("\n".join(lines))
     model.load_state_dict(converted, strict=True)
+    if follow is not None:
+        _follow_interpolation(model, layout, offset, antialias)
     logger.info("loaded %s (layout %s%s)", source, layout, f", prefix {prefix!r}" if prefix else "")
     return layout

@@ -1,34 +1,77 @@
 """The named backbones: one table of the released DINOv2 models, their release hyper-parameters and weights.
 
-``load(name, weights=None, **kwargs)`` builds a named backbone (``kwargs`` override the release's arguments)
-and loads ``weights`` into it: a path, URL, state dict, ``"official"`` (the released weights) or None
-(random initialisation, nothing is downloaded). ``dinov2_vits14(...)`` and its siblings are the same as
-``load("dinov2_vits14", ...)``; ``hubconf.py`` exposes them to ``torch.hub.load``.
+Two ways to build one:
+
+* ``load(name, weights=None, **kwargs)``, dinoscale's: ``weights`` is a path, URL, state dict (any layout
+  ``load_state_dict_any`` reads), ``"official"`` (or upstream's tag ``"LVD142M"``) for the released weights,
+  or None: random initialisation, nothing downloaded, and a warning (once per process) saying how to get the
+  released weights.
+* ``dinov2_vits14(*, pretrained=True, weights="LVD142M", **kwargs)`` and siblings, with the signature of
+  upstream facebookresearch/dinov2's hub: the released weights unless ``pretrained=False`` (random
+  initialisation); ``weights`` also takes everything ``load`` takes. ``hubconf.py`` exposes them to torch.hub.
+
+``kwargs`` override the release's arguments. The released weights fit the release architecture only: with
+other architecture arguments (depth, embed_dim, ...) they are refused before anything is downloaded; img_size
+and the interpolation arguments may change (the position embedding is resampled).
+
+Released weights are downloaded once into torch.hub's cache, ``torch.hub.get_dir()/checkpoints/<file>``
+(``dinoscale.hub.io.url_cache_path``); a file found there is used without network. Without network and
+without the file, one ``WeightsLoadError`` names the URL and the path to put the file at.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
 from typing import Any
 
-from dinoscale.hub.loading import load_state_dict_any
+import torch
+
+from dinoscale.hub.io import url_cache_path
+from dinoscale.hub.loading import describe_model, load_state_dict_any
 from dinoscale.models.factory import build_backbone
 from dinoscale.models.vit import DinoVisionTransformer
 
+logger = logging.getLogger(__name__)
+
 DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
+OFFICIAL = "official"  # dinoscale's name for "the released weights", whatever the model
+LINEAR_HEAD_LAYERS = (1, 4)  # the released linear heads read the CLS tokens of the last 1 or 4 blocks
+
+
+class Weights(Enum):
+    """Upstream's name of the released backbone weights (the pretraining data): ``weights="LVD142M"``."""
+
+    LVD142M = "LVD142M"
+
+
+WeightsArg = str | os.PathLike | Mapping | Enum | None
 
 
 @dataclass(frozen=True)
 class NamedModel:
     """A released backbone: its architecture (``dinoscale.models.factory.ARCHS``), the arguments it was
-    released with, where its weights are, and a one-line description."""
+    released with, the common start of its files' URLs and a one-line description."""
 
     arch: str
     kwargs: dict[str, Any]
-    weights_url: str
+    url_stem: str  # e.g. https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_reg4
     description: str
+
+    @property
+    def weights_url(self) -> str:
+        """The released backbone weights."""
+        return f"{self.url_stem}_pretrain.pth"
+
+    def linear_head_url(self, layers: int) -> str:
+        """The released ImageNet-1k linear head reading the last ``layers`` blocks (1 or 4)."""
+        if layers not in LINEAR_HEAD_LAYERS:
+            raise ValueError(f"the released linear heads read {LINEAR_HEAD_LAYERS} blocks, not layers={layers}")
+        return f"{self.url_stem}_linear{'4' if layers == 4 else ''}_head.pth"
 
 
 def _dinov2_release(size: str, arch: str, title: str, registers: bool) -> NamedModel:
@@ -45,7 +88,7 @@ def _dinov2_release(size: str, arch: str, title: str, registers: bool) -> NamedM
             interpolate_antialias=registers,
             interpolate_offset=0.0 if registers else 0.1,
         ),
-        weights_url=f"{DINOV2_BASE_URL}/{base}/{base}{'_reg4' if registers else ''}_pretrain.pth",
+        url_stem=f"{DINOV2_BASE_URL}/{base}/{base}{'_reg4' if registers else ''}",
         description=f"DINOv2 {title}" + (" with 4 registers" if registers else ""),
     )
 
@@ -66,6 +109,13 @@ MODELS: dict[str, NamedModel] = {
 }
 
 
+def named_model(name: str) -> NamedModel:
+    """The entry of ``MODELS`` called ``name``; ValueError listing the names otherwise."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+    return MODELS[name]
+
+
 def official_weights_url(name: str) -> str:
     """Download URL of the released DINOv2 backbone ``name`` (e.g. ``dinov2_vits14_reg``)."""
     if name not in MODELS:
@@ -73,28 +123,127 @@ def official_weights_url(name: str) -> str:
     return MODELS[name].weights_url
 
 
-def load(name: str, weights: str | os.PathLike | Mapping | None = None, **kwargs) -> DinoVisionTransformer:
-    """Build the named backbone (see ``MODELS``) and optionally load ``weights`` into it.
+def _tag(weights: WeightsArg) -> str | None:
+    """The release tag ``weights`` spells (a string or an Enum member, upstream's included), else None."""
+    if isinstance(weights, Enum):
+        return weights.name
+    return weights if isinstance(weights, str) else None
 
-    ``weights``: path, URL, state dict, ``"official"`` or None; ``kwargs`` override the release's arguments.
+
+def weights_source(
+    name: str, weights: WeightsArg, *, pretrained: bool, tags: tuple[str, ...], release_url: str
+) -> str | os.PathLike | Mapping | None:
+    """What a named model loads: ``release_url``, the given path / URL / state dict, or None (random weights).
+
+    ``weights`` naming the release (``"official"`` or one of ``tags``, as a string or Enum member) means
+    ``release_url`` when ``pretrained``, random weights otherwise. None means random weights. Anything else
+    is loaded as given, and contradicts ``pretrained=False`` (ValueError). A string that is neither a URL nor
+    an existing path is refused first, before a model is built (FileNotFoundError naming the accepted tags).
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+    accepted = (*tags, OFFICIAL)
+    tag = _tag(weights)
+    if tag in accepted:
+        return release_url if pretrained else None
+    if weights is None:
+        return None
+    if isinstance(weights, Enum):
+        raise ValueError(f"{name}: weights={weights} is not one of {accepted}")
+    if isinstance(weights, (str, os.PathLike)):
+        text = str(weights)
+        if not text.startswith(("http://", "https://")) and not Path(text).expanduser().exists():
+            raise FileNotFoundError(
+                f"{name}: weights={text!r} is not an existing file or directory, an http(s) URL, nor one of "
+                f"{accepted} (the released weights)"
+            )
+    if not pretrained:
+        raise ValueError(
+            f"{name}: pretrained=False asks for random weights but weights={weights!r:.200} was given; "
+            "drop pretrained=False to load them"
+        )
+    return weights
+
+
+_RANDOM_WEIGHTS_SAID: set[str] = set()  # not empty once this process said that a named model has random weights
+
+
+def warn_random_weights(name: str, how: str) -> None:
+    """Say, once per process, that the named model ``name`` has random weights and ``how`` to get the released."""
+    if _RANDOM_WEIGHTS_SAID:
+        return
+    _RANDOM_WEIGHTS_SAID.add(name)
+    logger.warning("%s has random weights (no weights were loaded). %s (Said once per process.)", name, how)
+
+
+def _how_to_get_released(name: str) -> str:
+    url = MODELS[name].weights_url
+    return (
+        f"For the released weights: dinoscale.hub.{name}() or torch.hub.load(<repo>, {name!r}) "
+        f"(pretrained=True), or dinoscale.hub.load({name!r}, weights='official'); they are downloaded from "
+        f"{url} to {url_cache_path(url)}."
+    )
+
+
+def check_fits_release(name: str, **kwargs) -> None:
+    """ValueError unless the release ``name`` built with ``kwargs`` has the release's parameter shapes (the
+    position embedding aside: it is resampled to any img_size). Checked before the released weights are
+    downloaded, on the meta device (nothing allocated)."""
     spec = MODELS[name]
+    with torch.device("meta"):
+        release = build_backbone(spec.arch, **spec.kwargs)
+        requested = build_backbone(spec.arch, **{**spec.kwargs, **kwargs})
+    want = {k: tuple(v.shape) for k, v in release.state_dict().items() if k != "pos_embed"}
+    have = {k: tuple(v.shape) for k, v in requested.state_dict().items() if k != "pos_embed"}
+    if want != have:
+        raise ValueError(
+            f"{name}: the released weights fit {describe_model(release)}, not {describe_model(requested)}; "
+            "with other architecture arguments pass pretrained=False (random weights) or weights=<a checkpoint>"
+        )
+
+
+def build_named(name: str, source: str | os.PathLike | Mapping | None, **kwargs) -> DinoVisionTransformer:
+    """The backbone ``name`` with ``kwargs`` overriding the release's arguments, ``source`` loaded into it
+    (None: random weights, said once per process)."""
+    spec = named_model(name)
+    # Upstream's block_chunks only groups the blocks (FSDP wrapping); chunked checkpoints load either way.
+    kwargs.pop("block_chunks", None)
+    if isinstance(source, str) and source == spec.weights_url:
+        check_fits_release(name, **kwargs)
     model = build_backbone(spec.arch, **{**spec.kwargs, **kwargs})
-    if weights is not None:
-        load_state_dict_any(model, spec.weights_url if isinstance(weights, str) and weights == "official" else weights)
+    if source is None:
+        warn_random_weights(name, _how_to_get_released(name))
+    else:
+        load_state_dict_any(model, source)
     return model
 
 
+def load(name: str, weights: WeightsArg = None, **kwargs) -> DinoVisionTransformer:
+    """Build the named backbone (see ``MODELS``) and load ``weights`` into it.
+
+    ``weights``: path, URL, state dict, ``"official"`` / ``"LVD142M"`` (the released weights) or None (random
+    weights, said once per process); ``kwargs`` override the release's arguments.
+    """
+    spec = named_model(name)
+    source = weights_source(name, weights, pretrained=True, tags=(Weights.LVD142M.name,), release_url=spec.weights_url)
+    return build_named(name, source, **kwargs)
+
+
 def _named_constructor(name: str) -> Callable[..., DinoVisionTransformer]:
-    def constructor(*, weights=None, **kwargs) -> DinoVisionTransformer:
-        return load(name, weights=weights, **kwargs)
+    def constructor(
+        *, pretrained: bool = True, weights: WeightsArg = Weights.LVD142M, **kwargs
+    ) -> DinoVisionTransformer:
+        spec = MODELS[name]
+        source = weights_source(
+            name, weights, pretrained=pretrained, tags=(Weights.LVD142M.name,), release_url=spec.weights_url
+        )
+        return build_named(name, source, **kwargs)
 
     constructor.__name__ = constructor.__qualname__ = name
     constructor.__doc__ = (
-        f"{MODELS[name].description} (release hyper-parameters). "
-        '``weights``: path, URL, state dict, "official" or None.'
+        f"{MODELS[name].description} with the release hyper-parameters; upstream DINOv2's hub signature.\n\n"
+        "``pretrained=True``: the released weights (LVD-142M), downloaded once into torch.hub's cache; "
+        "``pretrained=False``: random weights. ``weights``: ``\"LVD142M\"`` / ``\"official\"`` (the release), "
+        "or a path, URL or state dict in any layout ``dinoscale.hub.load_state_dict_any`` reads. ``kwargs`` "
+        "override the release's DinoVisionTransformer arguments."
     )
     return constructor
 

@@ -103,7 +103,8 @@ def build_networks(cfg: DictConfig, device: torch.device):
     method = build_method(cfg)
     student, teacher = method.build_networks()
     if cfg.model.pretrained_weights:
-        load_state_dict_any(student["backbone"], cfg.model.pretrained_weights)
+        # The config's interpolate_* keys decide, for the student and the teacher alike (not the weights' source).
+        load_state_dict_any(student["backbone"], cfg.model.pretrained_weights, interpolation="model")
     if teacher is not None:
         init_teacher_from_student_(teacher, student)
         teacher.to(device)

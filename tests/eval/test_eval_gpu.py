@@ -15,7 +15,7 @@ pytestmark = [
 
 def test_cuda_extraction_autocast_knn_and_probe_match_cpu():
     torch.manual_seed(0)
-    model = hub.dinov2_vits14(embed_dim=64, depth=2, num_heads=2)
+    model = hub.dinov2_vits14(pretrained=False, embed_dim=64, depth=2, num_heads=2)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(40, 3, 28, 28, generator=g)
     ds = list(zip(images, (torch.arange(40) % 4).tolist()))

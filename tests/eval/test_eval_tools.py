@@ -41,7 +41,7 @@ def tool(name):
 def released_pth(tmp_path_factory):
     """A tiny random ViT-S/14-layout backbone saved like the official release: a plain state_dict .pth."""
     torch.manual_seed(0)
-    model = hub.dinov2_vits14(**TINY)
+    model = hub.dinov2_vits14(pretrained=False, **TINY)
     path = tmp_path_factory.mktemp("weights") / "dinov2_vits14_tiny_pretrain.pth"
     torch.save(model.state_dict(), path)
     return path, model
@@ -144,7 +144,7 @@ def test_image_folder_skip_in_library_path(tmp_path):
     folder = tmp_path / "images"
     _image_folder(folder, corrupt=True)
     torch.manual_seed(0)
-    model = hub.dinov2_vits14(**TINY)
+    model = hub.dinov2_vits14(pretrained=False, **TINY)
     ds = ImageFolderDataset(folder, transform=eval_transform(28, 14))
     out = extract_features(model, ds, batch_size=4, autocast_dtype="fp32", progress=False)
     assert out["num_skipped"] == 1 and out["indices"].tolist() == [0, 1, 2, 3, 4, 6, 7]

@@ -1,48 +1,16 @@
-from pathlib import Path
+"""load_state_dict_any: parity with timm and Hugging Face models (same features at several image sizes, the
+interpolation following the weights' source), official and training-checkpoint layouts, readable errors."""
+
+import logging
 
 import pytest
 import torch
 
 from dinoscale import hub
 from dinoscale.hub import WeightsLoadError, load_state_dict_any
-from dinoscale.models.vit import DinoVisionTransformer
+from tests.hub.conftest import TINY_NAMED, assert_same_features, assert_same_weights, randomize_, tiny
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(224, 224), (224, 168)]  # square and non-square, both interpolated from the trained grid
-
-
-def tiny(**kwargs) -> DinoVisionTransformer:
-    params = dict(img_size=56, patch_size=14, embed_dim=32, depth=2, num_heads=2, init_values=1.0)
-    params.update(kwargs)
-    return DinoVisionTransformer(**params).eval()
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial weights (library inits leave LayerScale ~1e-5 and biases at 0, which would hide errors)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1 and ("norm" in name or "gamma" in name or "lambda" in name):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return module
-
-
-def assert_same_features(ours, x, cls_ref, patch_ref, reg_ref=None, atol=1e-4):
-    with torch.no_grad():
-        out = ours.forward_features(x)
-    assert (out["x_norm_clstoken"] - cls_ref).abs().max() <= atol
-    assert (out["x_norm_patchtokens"] - patch_ref).abs().max() <= atol
-    if reg_ref is not None:
-        assert (out["x_norm_regtokens"] - reg_ref).abs().max() <= atol
-
-
-def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
 
 
 # ------------------------------------------------------------------------------------- timm
@@ -56,7 +24,7 @@ def test_timm_reg4_parity():
     )
     ref = randomize_(ref).eval()
     # The release hyper-parameters of the register models (antialias, no offset) are what timm implements.
-    ours = hub.dinov2_vits14_reg(img_size=112, depth=2).eval()
+    ours = hub.dinov2_vits14_reg(pretrained=False, img_size=112, depth=2).eval()
     assert load_state_dict_any(ours, ref.state_dict()) == "timm"
     torch.manual_seed(0)
     for h, w in SIZES:
@@ -87,8 +55,8 @@ def test_timm_giant_packed_swiglu_and_split_qkv():
     with torch.no_grad():
         tokens = ref.forward_features(x)
     for state_dict in (sd, split):
-        ours = hub.dinov2_vitg14(img_size=56, depth=2, embed_dim=48, num_heads=2, interpolate_offset=0.0,
-                                 interpolate_antialias=True).eval()
+        ours = hub.dinov2_vitg14(pretrained=False, img_size=56, depth=2, embed_dim=48, num_heads=2,
+                                 interpolate_offset=0.0, interpolate_antialias=True).eval()
         assert load_state_dict_any(ours, state_dict) == "timm"
         assert_same_features(ours, x, tokens[:, 0], tokens[:, 1:])
 
@@ -160,12 +128,12 @@ def test_huggingface_bin_and_classifier_prefix(tmp_path):
 
 
 def test_official_layout_round_trip(tmp_path):
-    src = randomize_(hub.dinov2_vits14(img_size=56, depth=2))
+    src = randomize_(hub.dinov2_vits14(pretrained=False, img_size=56, depth=2))
     torch.save(src.state_dict(), tmp_path / "backbone.pth")
-    plain = hub.dinov2_vits14(img_size=56, depth=2)
+    plain = hub.dinov2_vits14(pretrained=False, img_size=56, depth=2)
     plain.load_state_dict(torch.load(tmp_path / "backbone.pth", weights_only=True), strict=True)
     assert_same_weights(plain, src)
-    via_loader = hub.dinov2_vits14(img_size=56, depth=2)
+    via_loader = hub.dinov2_vits14(pretrained=False, img_size=56, depth=2)
     assert load_state_dict_any(via_loader, tmp_path / "backbone.pth") == "dinov2"
     assert_same_weights(via_loader, src)
 
@@ -306,32 +274,6 @@ def test_checkpoints_are_read_without_unpickling_objects(tmp_path):
 # ------------------------------------------------------------------------------------- errors
 
 
-def test_truncated_files_raise_weights_load_error(tmp_path):
-    from safetensors.torch import save_file
-
-    sd = tiny().state_dict()
-    torch.save(sd, tmp_path / "full.pth")
-    data = (tmp_path / "full.pth").read_bytes()
-    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightsLoadError, match=r"checkpoint file .*cut\.pth: the zip archive is truncated"):
-        load_state_dict_any(tiny(), tmp_path / "cut.pth")
-    flipped = bytearray(data)
-    flipped[len(data) // 3] ^= 0xFF  # inside the tensor data: caught by the zip CRC, not loaded silently
-    (tmp_path / "flipped.pth").write_bytes(bytes(flipped))
-    with pytest.raises(WeightsLoadError, match=r"flipped\.pth: the zip archive is corrupt"):
-        load_state_dict_any(tiny(), tmp_path / "flipped.pth")
-    save_file(sd, tmp_path / "full.safetensors")
-    data = (tmp_path / "full.safetensors").read_bytes()
-    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightsLoadError, match=r"could not read checkpoint file .*cut\.safetensors"):
-        load_state_dict_any(tiny(), tmp_path / "cut.safetensors")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(WeightsLoadError, match="neither a torch.distributed.checkpoint"):
-        load_state_dict_any(tiny(), tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match="nothere.pth"):
-        load_state_dict_any(tiny(), tmp_path / "nothere.pth")
-
-
 def test_wrong_architecture_lists_the_mismatches(tmp_path):
     torch.save(tiny(depth=3, num_register_tokens=4).state_dict(), tmp_path / "other.pth")
     target = tiny(depth=2, embed_dim=48)
@@ -353,31 +295,107 @@ def test_missing_keys_are_listed():
         load_state_dict_any(tiny(), sd)
 
 
-# ------------------------------------------------------------------------------------- named models and hubconf
+# ------------------------------------------------------------------------------------- interpolation follows the source
+
+OTHER_SIZES = [(98, 98), (42, 70)]  # both away from the 56 px the tiny references are configured for
 
 
-def test_named_constructors_release_hyperparameters():
-    with torch.device("meta"):
-        small = hub.load("dinov2_vits14")
-        reg = hub.load("dinov2_vitl14_reg")
-        giant = hub.dinov2_vitg14()
-    assert small.patch_size == 14 and small.pos_embed.shape == (1, 1 + 37 * 37, 384)
-    assert (small.interpolate_offset, small.interpolate_antialias, small.num_register_tokens) == (0.1, False, 0)
-    assert small.blocks[0].ls1.gamma.shape == (384,)
-    assert (reg.embed_dim, reg.n_blocks, reg.num_register_tokens) == (1024, 24, 4)
-    assert (reg.interpolate_offset, reg.interpolate_antialias) == (0.0, True)
-    assert giant.blocks[0].mlp.w12.weight.shape == (8192, 1536)
-    with pytest.raises(ValueError, match="unknown model 'dinov2_vith14'"):
-        hub.load("dinov2_vith14")
-    assert hub.official_weights_url("dinov2_vitb14_reg") == (
-        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"
-    )
+def ours_hidden(model, x) -> torch.Tensor:
+    """``[cls, registers, patches]`` after the final norm, as transformers' last_hidden_state orders them."""
+    with torch.no_grad():
+        out = model.forward_features(x)
+    return torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_regtokens"], out["x_norm_patchtokens"]], dim=1)
 
 
-def test_hubconf_local_load(tmp_path):
-    src = randomize_(hub.dinov2_vits14(img_size=56, depth=2))
-    torch.save(src.state_dict(), tmp_path / "w.pth")
-    model = torch.hub.load(str(REPO_ROOT), "dinov2_vits14", source="local", weights=str(tmp_path / "w.pth"),
-                           img_size=56, depth=2)
-    assert isinstance(model, DinoVisionTransformer)
-    assert_same_weights(model, src)
+def release_model_with_other_interpolation(registers: int):
+    # The original release's interpolation (+0.1 offset, no antialias), which neither library uses.
+    model = hub.dinov2_vits14(pretrained=False, num_register_tokens=registers, **{**TINY_NAMED, "depth": 2}).eval()
+    assert (model.interpolate_offset, model.interpolate_antialias) == (0.1, False)
+    return model
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_huggingface_weights_bring_transformers_interpolation(tmp_path, registers):
+    transformers = pytest.importorskip("transformers")
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14)
+    if registers:
+        ref = transformers.Dinov2WithRegistersModel(
+            transformers.Dinov2WithRegistersConfig(**sizes, num_register_tokens=registers)
+        )
+    else:
+        ref = transformers.Dinov2Model(transformers.Dinov2Config(**sizes))
+    ref = randomize_(ref).eval()
+    ref.save_pretrained(tmp_path)
+    ours = release_model_with_other_interpolation(registers)
+    kept = release_model_with_other_interpolation(registers)
+    assert load_state_dict_any(ours, tmp_path) == "huggingface"
+    assert load_state_dict_any(kept, tmp_path, interpolation="model") == "huggingface"
+    assert (ours.interpolate_offset, ours.interpolate_antialias) == (0.0, bool(registers))
+    assert (kept.interpolate_offset, kept.interpolate_antialias) == (0.1, False)
+    torch.manual_seed(0)
+    for h, w in OTHER_SIZES:
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            out = ref(pixel_values=x)
+        assert (ours_hidden(ours, x) - out.last_hidden_state).abs().max() <= 1e-5
+        with torch.no_grad():
+            cls = ours.forward_features(x)["x_norm_clstoken"]
+        assert (cls - out.pooler_output).abs().max() <= 1e-5
+        # The release's own interpolation gives other features: the switch is what makes them equal.
+        assert (ours_hidden(kept, x) - out.last_hidden_state).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "timm_name, registers", [("vit_small_patch14_dinov2", 0), ("vit_small_patch14_reg4_dinov2", 4)]
+)
+def test_timm_weights_bring_timm_interpolation(timm_name, registers):
+    timm = pytest.importorskip("timm")
+    ref = timm.create_model(timm_name, pretrained=False, img_size=56, dynamic_img_size=True, depth=2, embed_dim=32,
+                            num_heads=2)
+    ref = randomize_(ref).eval()
+    ours = release_model_with_other_interpolation(registers)
+    kept = release_model_with_other_interpolation(registers)
+    # The plain model has the official key names; its missing mask token tells timm's apart.
+    assert load_state_dict_any(ours, ref.state_dict()) == "timm"
+    load_state_dict_any(kept, ref.state_dict(), interpolation="model")
+    assert (ours.interpolate_offset, ours.interpolate_antialias) == (0.0, True)
+    torch.manual_seed(0)
+    for h, w in OTHER_SIZES:
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            tokens = ref.forward_features(x)  # [cls, registers, patches] after the final norm
+        assert (ours_hidden(ours, x) - tokens).abs().max() <= 1e-5
+        assert (ours_hidden(kept, x) - tokens).abs().max() > 1e-3
+
+
+def test_interpolation_switch_is_logged_once(monkeypatch, caplog):
+    from dinoscale.hub import loading
+
+    monkeypatch.setattr(loading, "_LOGGED_SWITCHES", set())
+    state_dict = tiny().state_dict()
+    del state_dict["mask_token"]  # timm's layout
+    with caplog.at_level(logging.INFO, logger="dinoscale.hub.loading"):
+        for _ in range(3):
+            load_state_dict_any(tiny(), state_dict)
+    switches = [r.getMessage() for r in caplog.records if "interpolation follows" in r.getMessage()]
+    assert len(switches) == 1
+    assert "timm" in switches[0] and "interpolate_offset=0.1" in switches[0] and "interpolation='model'" in switches[0]
+
+
+def test_official_layout_keeps_the_model_interpolation():
+    src = randomize_(tiny())
+    for offset, antialias in [(0.1, False), (0.0, True)]:
+        ours = tiny(interpolate_offset=offset, interpolate_antialias=antialias)
+        assert load_state_dict_any(ours, src.state_dict()) == "dinov2"
+        assert (ours.interpolate_offset, ours.interpolate_antialias) == (offset, antialias)
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        load_state_dict_any(tiny(), src.state_dict(), interpolation="timm")
+
+
+def test_failed_load_leaves_the_interpolation():
+    state_dict = tiny(depth=3).state_dict()
+    del state_dict["mask_token"]  # timm's layout, but one block too many
+    ours = tiny()
+    with pytest.raises(WeightsLoadError, match="unexpected keys"):
+        load_state_dict_any(ours, state_dict)
+    assert (ours.interpolate_offset, ours.interpolate_antialias) == (0.1, False)
