@@ -68,6 +68,9 @@ def main(argv=None) -> int:
         return 2
     for path in written:
         print(path)
+    named = args.source is None or not Path(args.source).expanduser().exists()
+    if named and args.weights is None and args.config is None:
+        print("note: no --weights given: the export holds randomly initialised weights", file=sys.stderr)
     spec = backbone_spec(model)
     matches = _INTERPOLATION_MATCHES.get(args.to)
     if matches is not None and not matches(spec):

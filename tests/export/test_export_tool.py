@@ -116,6 +116,10 @@ def test_errors(trained_run, tmp_path, capsys):
     assert main([str(trained_run), "--to", "hf", "--output", str(out), "--overwrite"]) == 0
     assert (out / "model.safetensors").read_bytes() == before
 
+    tiny = ["--model-arg", "embed_dim=32", "--model-arg", "depth=1", "--model-arg", "num_heads=2"]
+    assert main(["vit_small", *tiny, "--to", "official", "--output", str(tmp_path / "random")]) == 0
+    assert "no --weights given: the export holds randomly initialised weights" in capsys.readouterr().err
+
     # a backbone the target cannot represent (random weights: no --weights)
     args = ["vit_small", "--model-arg", "mlp_ratio=2.5", "--model-arg", "depth=1", "--to", "hf",
             "--output", str(tmp_path / "ratio")]
