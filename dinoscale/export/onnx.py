@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from dinoscale.data.transforms.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dinoscale.export.backbone import ExportError, backbone_spec
-from dinoscale.export.output import staged_files
+from dinoscale.export.output import refuse_existing, staged_files
 from dinoscale.models.vit import DinoVisionTransformer
 
 INPUT_NAME = "pixel_values"
@@ -132,6 +132,8 @@ def export_onnx(
 
     spec = backbone_spec(model)
     path = Path(path)
+    names = [path.name, path.name + ".data"]
+    refuse_existing([path.parent / name for name in names], overwrite)  # before the export, which takes a while
     module = OnnxBackbone(model).eval()
     rows, cols = _example_grid(spec.grid_size)
     p = spec.patch_size
@@ -152,7 +154,6 @@ def export_onnx(
     graph.outputs[0].shape = ir.Shape(["batch", spec.embed_dim])
     graph.outputs[1].shape = ir.Shape(["batch", "num_patches", spec.embed_dim])
     program.model.metadata_props.update(onnx_metadata(model))
-    names = [path.name, path.name + ".data"]
     with staged_files(path.parent, names, overwrite) as staging:
         program.save(staging / path.name)
         written = [path.parent / name for name in names if (staging / name).exists()]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.export.conftest import BACKBONES, assert_close_tokens, tiny_backbone
+from dinoscale.export.backbone import ExportError
 from dinoscale.export.onnx import INPUT_NAME, OUTPUT_NAMES, OnnxBackbone, export_onnx, traceable_pos_encoding
 from dinoscale.models.vit import DinoVisionTransformer
 
@@ -79,3 +80,10 @@ def test_onnx_runs_at_two_batch_and_two_image_sizes(tmp_path, kind):
         assert_close_tokens(torch.from_numpy(cls), out["x_norm_clstoken"])
         assert_close_tokens(torch.from_numpy(patches), out["x_norm_patchtokens"])
         assert np.isfinite(patches).all()
+
+
+def test_an_existing_file_is_refused_before_exporting(tmp_path):
+    (tmp_path / "backbone.onnx").write_bytes(b"keep")
+    with pytest.raises(ExportError, match="output exists"):
+        export_onnx(tiny_backbone(), tmp_path / "backbone.onnx")
+    assert (tmp_path / "backbone.onnx").read_bytes() == b"keep"
