@@ -6,6 +6,8 @@
 writes ``out/vits14.pth`` and ``out/vits14.safetensors`` (and ``out/vits14_heads.*``): plain state dicts that
 ``dinoscale.hub.load`` and ``torch.load`` + ``load_state_dict(strict=True)`` read. No process group is needed;
 the shards are gathered from the checkpoint files. A run directory picks its latest checkpoint.
+
+For ONNX, Hugging Face or timm (or the official layout from any loadable backbone), see ``tools/export.py``.
 """
 
 import argparse
