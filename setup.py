@@ -32,8 +32,11 @@ setup(
         "xformers": ["xformers"],
         "dev": [
             "pytest",
-            "timm>=1.0",  # parity checks only
-            "transformers>=4.40",  # parity checks only (Dinov2Model)
+            "timm>=1.0.20",  # parity checks and export round trips ("local-dir:" model names)
+            "transformers>=4.48",  # parity checks and export round trips (Dinov2Model, Dinov2WithRegistersModel)
+            "onnx",  # tools/export.py --to onnx
+            "onnxscript",  # torch.onnx's dynamo exporter
+            "onnxruntime",  # checks the exported ONNX graphs
             "scikit-image",  # sample photos for tests and benchmarks
             "scikit-learn",  # logistic-regression probe, sample photos
         ],
