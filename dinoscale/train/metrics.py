@@ -10,6 +10,9 @@ steps never wait for the device. Each log step appends one JSON line to ``<outpu
 Occasional events (evaluation results, skipped steps) go to the same file with :meth:`MetricLogger.log_event`, as
 rows that carry a ``"type"`` field. Non-finite values are written as ``null`` so the file stays strict JSON.
 
+The console gets one short line per log step (:func:`console_line`): the loss, the learning rate, the throughput and
+the ETA, plus only what is abnormal; the file and TensorBoard get every metric.
+
 On resume the file is appended to; rows with a step after the resume step (left by the interrupted run after its
 last checkpoint) are dropped when the logger opens, so a step never has two rows.
 """
@@ -30,9 +33,17 @@ import torch
 
 from dinoscale.train.cadence import should_log
 
-__all__ = ["MetricLogger", "read_metrics"]
+__all__ = ["MetricLogger", "console_line", "read_metrics"]
 
 _RESERVED_KEYS = frozenset({"step", "images_per_s", "eta_s", "time", "type"})
+
+# The metrics the console line always shows, as the training loop names them: the total loss and the learning rate.
+LOSS_KEY = "loss"
+LR_KEY = "lr"
+# Counts that are zero in a healthy run; the console line shows them only when they are not. data/* are the
+# loader's damage counts (corrupt samples, bad shards, padded samples).
+_ABNORMAL_PREFIXES = ("data/",)
+_ABNORMAL_KEYS = ("skipped_steps_in_a_row",)
 
 
 def _json_value(value: float) -> float | None:
@@ -74,6 +85,31 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 def _format_duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+def _is_abnormal_count(key: str) -> bool:
+    return key in _ABNORMAL_KEYS or key.startswith(_ABNORMAL_PREFIXES)
+
+
+def console_line(values: Mapping[str, float], images_per_s: float, eta_s: float) -> str:
+    """The short text of a log step: ``loss 10.21 | lr 4.0e-04 | 531 img/s | eta 0:03:12``, then only what is
+    abnormal: a non-zero damage or skip count (``data/corrupt_samples 3``) and the names of non-finite metrics.
+
+    The caller puts ``step N/TOTAL | `` before it on a plain line (a progress bar shows the step itself)."""
+    parts = []
+    if LOSS_KEY in values:
+        parts.append(f"loss {values[LOSS_KEY]:.4g}")
+    if LR_KEY in values:
+        parts.append(f"lr {values[LR_KEY]:.1e}")
+    rate = f"{images_per_s:.0f}" if images_per_s >= 10 else f"{images_per_s:.2g}"  # 531, 4.2, 0.37
+    parts += [f"{rate} img/s", f"eta {_format_duration(eta_s)}"]
+    counts = [key for key, value in values.items() if _is_abnormal_count(key) and value != 0]
+    parts += [f"{key} {values[key]:g}" for key in counts]
+    shown = {LOSS_KEY, LR_KEY, *counts}
+    nonfinite = [key for key, value in values.items() if not math.isfinite(value) and key not in shown]
+    if nonfinite:
+        parts.append("non-finite " + ", ".join(nonfinite))
+    return " | ".join(parts)
 
 
 class MetricLogger:
@@ -210,13 +246,12 @@ class MetricLogger:
                 self._writer.add_scalar(key, v, step)
             self._writer.add_scalar("perf/images_per_s", images_per_s, step)
 
-        metric_text = " ".join(f"{key} {v:.4g}" for key, v in values.items())
-        perf_text = f"{images_per_s:.1f} img/s eta {_format_duration(eta_s)}"
+        text = console_line(values, images_per_s, eta_s)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
-            self._bar.set_postfix_str(f"{metric_text} | {perf_text}")
+            self._bar.set_postfix_str(text)
         else:
-            print(f"step {step}/{self.total_steps} | {metric_text} | {perf_text}", flush=True)
+            print(f"step {step}/{self.total_steps} | {text}", flush=True)
 
     def log_event(self, step: int, event: Mapping[str, Any]) -> None:
         """Write an occasional event row, e.g. ``{"type": "eval", "knn/top1@20": 71.3}`` (type defaults to
