@@ -11,7 +11,8 @@ Occasional events (evaluation results, skipped steps) go to the same file with :
 rows that carry a ``"type"`` field. Non-finite values are written as ``null`` so the file stays strict JSON.
 
 The console gets one short line per log step (:func:`console_line`): the loss, the learning rate, the throughput and
-the ETA, plus only what is abnormal; the file and TensorBoard get every metric.
+the ETA, plus only what is abnormal; the file, TensorBoard and the trackers (``dinoscale.train.trackers``: W&B,
+MLflow) get every metric.
 
 On resume the file is appended to; rows with a step after the resume step (left by the interrupted run after its
 last checkpoint) are dropped when the logger opens, so a step never has two rows.
@@ -21,17 +22,21 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dinoscale.train.cadence import should_log
+from dinoscale.train.trackers import Tracker
+
+log = logging.getLogger("dinoscale")
 
 __all__ = ["MetricLogger", "console_line", "read_metrics"]
 
@@ -126,6 +131,8 @@ class MetricLogger:
             rows with ``step > start_step`` are dropped from ``metrics.jsonl`` (and later TensorBoard events are
             purged). 0 means a fresh run: an existing file from an earlier attempt is emptied.
         progress_bar: show a tqdm bar instead of plain lines; None: only when stdout is a terminal.
+        trackers: experiment trackers (``dinoscale.train.trackers``) that get the scalars TensorBoard gets; the
+            logger closes them with itself.
     """
 
     def __init__(
@@ -138,6 +145,7 @@ class MetricLogger:
         enabled: bool = True,
         start_step: int = 0,
         progress_bar: bool | None = None,
+        trackers: Sequence[Tracker] = (),
     ) -> None:
         if total_steps <= 0:
             raise ValueError(f"total_steps must be > 0, got {total_steps}")
@@ -153,6 +161,7 @@ class MetricLogger:
         self._file = None
         self._writer = None
         self._bar = None
+        self._trackers = list(trackers)
         if not enabled:
             return
 
@@ -245,6 +254,7 @@ class MetricLogger:
             for key, v in values.items():
                 self._writer.add_scalar(key, v, step)
             self._writer.add_scalar("perf/images_per_s", images_per_s, step)
+        self._to_trackers(step, {**values, "perf/images_per_s": images_per_s})
 
         text = console_line(values, images_per_s, eta_s)
         if self._bar is not None:
@@ -280,6 +290,8 @@ class MetricLogger:
         if self._writer is not None:
             for key, v in floats.items():
                 self._writer.add_scalar(key, v, step)
+        if floats:
+            self._to_trackers(step, floats)
         message = " ".join(f"{k} {v}" for k, v in row.items() if k not in ("step", "type", "time"))
         text = f"step {step} [{row['type']}] {message}"
         if self._bar is not None:
@@ -299,6 +311,24 @@ class MetricLogger:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(out, allow_nan=False) + "\n")
 
+    def _to_trackers(self, step: int, values: Mapping[str, float]) -> None:
+        """The scalars TensorBoard gets, to each tracker; one that fails is dropped (metrics.jsonl has it all)."""
+        for tracker in list(self._trackers):
+            try:
+                tracker.log(step, values)
+            except Exception as exc:  # noqa: BLE001 - a tracker's network or server trouble must not end the run
+                log.warning("%s tracker failed at step %d (%s: %s); it gets no more metrics in this run",
+                            tracker.name, step, type(exc).__name__, exc)
+                self._trackers.remove(tracker)
+                self._close_tracker(tracker)
+
+    @staticmethod
+    def _close_tracker(tracker: Tracker) -> None:
+        try:
+            tracker.close()
+        except Exception as exc:  # noqa: BLE001 - closing the others and the files matters more
+            log.warning("%s tracker failed to close (%s: %s)", tracker.name, type(exc).__name__, exc)
+
     def _write_row(self, row: dict) -> None:
         if self._file is None:
             raise RuntimeError(f"MetricLogger for {self.path} is closed")
@@ -315,6 +345,8 @@ class MetricLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+        while self._trackers:
+            self._close_tracker(self._trackers.pop(0))
 
     def __enter__(self) -> MetricLogger:
         return self

@@ -127,6 +127,41 @@ def test_console_line_is_short_while_the_file_and_tensorboard_get_every_metric(t
     assert acc.Scalars("loss/koleo")[-1].value == pytest.approx(-0.08)
 
 
+class RecordingTracker:
+    name = "recording"
+    run_id = "r1"
+
+    def __init__(self, fail_at=None):
+        self.logged, self.closed, self.fail_at = [], 0, fail_at
+
+    def log(self, step, values):
+        if step == self.fail_at:
+            raise ConnectionError("server went away")
+        self.logged.append((step, dict(values)))
+
+    def close(self):
+        self.closed += 1
+
+
+def test_trackers_get_what_tensorboard_gets_and_are_closed_with_the_logger(tmp_path, clock, caplog):
+    good, failing = RecordingTracker(), RecordingTracker(fail_at=10)
+    logger = MetricLogger(tmp_path, total_steps=12, log_every=5, tensorboard=False, progress_bar=False,
+                          trackers=[good, failing])
+    for step in range(1, 13):
+        clock.now += 1.0
+        logger.log(step, {"loss": torch.tensor(float(step)), "lr": 0.5}, n_images=4)
+    logger.log_event(12, {"type": "eval", "knn/top1@20": 55.5, "note": "text is not a scalar"})
+    logger.close()
+    assert good.logged == [(5, {"loss": 5.0, "lr": 0.5, "perf/images_per_s": 4.0}),
+                           (10, {"loss": 10.0, "lr": 0.5, "perf/images_per_s": 4.0}),
+                           (12, {"loss": 12.0, "lr": 0.5, "perf/images_per_s": 4.0}),
+                           (12, {"knn/top1@20": 55.5})]
+    # the failing one was dropped at step 10 (closed then), the run and the other tracker went on
+    assert [s for s, _ in failing.logged] == [5] and failing.closed == 1 and good.closed == 1
+    assert "recording tracker failed at step 10 (ConnectionError: server went away)" in caplog.text
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [5, 10, 12, 12]
+
+
 def test_non_log_steps_do_not_touch_the_metrics(tmp_path):
     logger = MetricLogger(tmp_path, total_steps=100, log_every=10, tensorboard=False, progress_bar=False)
     # a value that could not be logged is never looked at on a non-log step
