@@ -1,7 +1,11 @@
 """The Python API (dinoscale.api): ``dinoscale.pretrain`` in this process, ``dinoscale.embed`` of images."""
 
 import json
+import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +24,7 @@ from dinoscale.models.factory import build_backbone
 from dinoscale.train.cli import training_process
 from tests.train.test_loop import FMNIST, TINY
 
+REPO = Path(__file__).resolve().parents[1]
 needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
 # the loop tests' tiny run, as the nested mapping pretrain's overrides take (values parsed as the CLI parses them)
 TINY_OVERRIDES = OmegaConf.to_container(OmegaConf.from_dotlist(TINY))
@@ -30,6 +35,9 @@ def test_package_exports_the_api_lazily():
     assert {"pretrain", "embed"} <= set(dir(dinoscale))
     with pytest.raises(AttributeError, match="no attribute 'trian'"):
         dinoscale.trian
+    # importing a light module of the package does not import the API (tools/submit.py runs without torch)
+    probe = "import sys, dinoscale.launch; assert 'torch' not in sys.modules and 'dinoscale.api' not in sys.modules"
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -42,10 +50,10 @@ def test_config_forms_match_the_command_line(tmp_path):
               "crops": {"global_crops_scale": (0.3, 1.0)}}
     assert resolve_config("quickstart", nested) == cli
     yaml_path = tmp_path / "recipe.yaml"
-    yaml_path.write_text(OmegaConf.to_yaml(OmegaConf.load("configs/quickstart.yaml")))
+    yaml_path.write_text(OmegaConf.to_yaml(OmegaConf.load(REPO / "configs" / "quickstart.yaml")))
     assert resolve_config(yaml_path, nested) == cli
     # a mapping or an OmegaConf config as the config itself (its interpolations resolved within it)
-    recipe = OmegaConf.load("configs/quickstart.yaml")
+    recipe = OmegaConf.load(REPO / "configs" / "quickstart.yaml")
     assert resolve_config(recipe, nested) == cli
     assert resolve_config(OmegaConf.to_container(recipe), nested) == cli
     recipe.train.output_dir = "${train.dataset}-run"
