@@ -25,6 +25,7 @@ from dinoscale.train.evaluate import evaluate_during_training, export_network, f
 from dinoscale.train.metrics import MetricLogger
 from dinoscale.train.resume import resume_run, save_run
 from dinoscale.train.step import SkippedStepReview, StepResult, device_batch, train_step
+from dinoscale.train.trackers import check_trackers, open_trackers
 
 log = logging.getLogger("dinoscale")
 
@@ -39,10 +40,13 @@ class TrainResult:
 
 def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
     rank = distributed.get_rank()
+    check_trackers(cfg)  # a missing optional package fails here, before the run is built
     run = build_run(cfg)
     start_step, bad_steps, streams = resume_run(run)
+    trackers = open_trackers(cfg, run.output_dir, resume=start_step > 0) if rank == 0 else []
     metrics = MetricLogger(run.output_dir, total_steps=run.max_steps, log_every=cfg.train.log_every,
-                           tensorboard=cfg.train.tensorboard, enabled=rank == 0, start_step=start_step)
+                           tensorboard=cfg.train.tensorboard, enabled=rank == 0, start_step=start_step,
+                           trackers=trackers)
     batches = iter(build_data(cfg, run.method, patch_size=run.student["backbone"].patch_size, start_step=start_step,
                               streams=streams))
     skipped = SkippedStepReview(metrics, max_in_a_row=cfg.train.max_consecutive_bad_steps, bad_steps=bad_steps,

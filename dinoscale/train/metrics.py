@@ -10,6 +10,10 @@ steps never wait for the device. Each log step appends one JSON line to ``<outpu
 Occasional events (evaluation results, skipped steps) go to the same file with :meth:`MetricLogger.log_event`, as
 rows that carry a ``"type"`` field. Non-finite values are written as ``null`` so the file stays strict JSON.
 
+The console gets one short line per log step (:func:`console_line`): the loss, the learning rate, the throughput and
+the ETA, plus only what is abnormal; the file, TensorBoard and the trackers (``dinoscale.train.trackers``: W&B,
+MLflow) get every metric.
+
 On resume the file is appended to; rows with a step after the resume step (left by the interrupted run after its
 last checkpoint) are dropped when the logger opens, so a step never has two rows.
 """
@@ -18,21 +22,33 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dinoscale.train.cadence import should_log
+from dinoscale.train.trackers import Tracker
 
-__all__ = ["MetricLogger", "read_metrics"]
+log = logging.getLogger("dinoscale")
+
+__all__ = ["MetricLogger", "console_line", "read_metrics"]
 
 _RESERVED_KEYS = frozenset({"step", "images_per_s", "eta_s", "time", "type"})
+
+# The metrics the console line always shows, as the training loop names them: the total loss and the learning rate.
+LOSS_KEY = "loss"
+LR_KEY = "lr"
+# Counts that are zero in a healthy run; the console line shows them only when they are not. data/* are the
+# loader's damage counts (corrupt samples, bad shards, padded samples).
+_ABNORMAL_PREFIXES = ("data/",)
+_ABNORMAL_KEYS = ("skipped_steps_in_a_row",)
 
 
 def _json_value(value: float) -> float | None:
@@ -76,6 +92,31 @@ def _format_duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(round(seconds))))
 
 
+def _is_abnormal_count(key: str) -> bool:
+    return key in _ABNORMAL_KEYS or key.startswith(_ABNORMAL_PREFIXES)
+
+
+def console_line(values: Mapping[str, float], images_per_s: float, eta_s: float) -> str:
+    """The short text of a log step: ``loss 10.21 | lr 4.0e-04 | 531 img/s | eta 0:03:12``, then only what is
+    abnormal: a non-zero damage or skip count (``data/corrupt_samples 3``) and the names of non-finite metrics.
+
+    The caller puts ``step N/TOTAL | `` before it on a plain line (a progress bar shows the step itself)."""
+    parts = []
+    if LOSS_KEY in values:
+        parts.append(f"loss {values[LOSS_KEY]:.4g}")
+    if LR_KEY in values:
+        parts.append(f"lr {values[LR_KEY]:.1e}")
+    rate = f"{images_per_s:.0f}" if images_per_s >= 10 else f"{images_per_s:.2g}"  # 531, 4.2, 0.37
+    parts += [f"{rate} img/s", f"eta {_format_duration(eta_s)}"]
+    counts = [key for key, value in values.items() if _is_abnormal_count(key) and value != 0]
+    parts += [f"{key} {values[key]:g}" for key in counts]
+    shown = {LOSS_KEY, LR_KEY, *counts}
+    nonfinite = [key for key, value in values.items() if not math.isfinite(value) and key not in shown]
+    if nonfinite:
+        parts.append("non-finite " + ", ".join(nonfinite))
+    return " | ".join(parts)
+
+
 class MetricLogger:
     """Logs training metrics every ``log_every`` steps; does nothing at all when ``enabled`` is False.
 
@@ -90,6 +131,8 @@ class MetricLogger:
             rows with ``step > start_step`` are dropped from ``metrics.jsonl`` (and later TensorBoard events are
             purged). 0 means a fresh run: an existing file from an earlier attempt is emptied.
         progress_bar: show a tqdm bar instead of plain lines; None: only when stdout is a terminal.
+        trackers: experiment trackers (``dinoscale.train.trackers``) that get the scalars TensorBoard gets; the
+            logger closes them with itself.
     """
 
     def __init__(
@@ -102,6 +145,7 @@ class MetricLogger:
         enabled: bool = True,
         start_step: int = 0,
         progress_bar: bool | None = None,
+        trackers: Sequence[Tracker] = (),
     ) -> None:
         if total_steps <= 0:
             raise ValueError(f"total_steps must be > 0, got {total_steps}")
@@ -117,6 +161,7 @@ class MetricLogger:
         self._file = None
         self._writer = None
         self._bar = None
+        self._trackers = list(trackers)
         if not enabled:
             return
 
@@ -209,14 +254,14 @@ class MetricLogger:
             for key, v in values.items():
                 self._writer.add_scalar(key, v, step)
             self._writer.add_scalar("perf/images_per_s", images_per_s, step)
+        self._to_trackers(step, {**values, "perf/images_per_s": images_per_s})
 
-        metric_text = " ".join(f"{key} {v:.4g}" for key, v in values.items())
-        perf_text = f"{images_per_s:.1f} img/s eta {_format_duration(eta_s)}"
+        text = console_line(values, images_per_s, eta_s)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
-            self._bar.set_postfix_str(f"{metric_text} | {perf_text}")
+            self._bar.set_postfix_str(text)
         else:
-            print(f"step {step}/{self.total_steps} | {metric_text} | {perf_text}", flush=True)
+            print(f"step {step}/{self.total_steps} | {text}", flush=True)
 
     def log_event(self, step: int, event: Mapping[str, Any]) -> None:
         """Write an occasional event row, e.g. ``{"type": "eval", "knn/top1@20": 71.3}`` (type defaults to
@@ -245,6 +290,8 @@ class MetricLogger:
         if self._writer is not None:
             for key, v in floats.items():
                 self._writer.add_scalar(key, v, step)
+        if floats:
+            self._to_trackers(step, floats)
         message = " ".join(f"{k} {v}" for k, v in row.items() if k not in ("step", "type", "time"))
         text = f"step {step} [{row['type']}] {message}"
         if self._bar is not None:
@@ -264,6 +311,24 @@ class MetricLogger:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(out, allow_nan=False) + "\n")
 
+    def _to_trackers(self, step: int, values: Mapping[str, float]) -> None:
+        """The scalars TensorBoard gets, to each tracker; one that fails is dropped (metrics.jsonl has it all)."""
+        for tracker in list(self._trackers):
+            try:
+                tracker.log(step, values)
+            except Exception as exc:  # noqa: BLE001 - a tracker's network or server trouble must not end the run
+                log.warning("%s tracker failed at step %d (%s: %s); it gets no more metrics in this run",
+                            tracker.name, step, type(exc).__name__, exc)
+                self._trackers.remove(tracker)
+                self._close_tracker(tracker)
+
+    @staticmethod
+    def _close_tracker(tracker: Tracker) -> None:
+        try:
+            tracker.close()
+        except Exception as exc:  # noqa: BLE001 - closing the others and the files matters more
+            log.warning("%s tracker failed to close (%s: %s)", tracker.name, type(exc).__name__, exc)
+
     def _write_row(self, row: dict) -> None:
         if self._file is None:
             raise RuntimeError(f"MetricLogger for {self.path} is closed")
@@ -280,6 +345,8 @@ class MetricLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+        while self._trackers:
+            self._close_tracker(self._trackers.pop(0))
 
     def __enter__(self) -> MetricLogger:
         return self

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dinoscale.train import metrics as metrics_module
-from dinoscale.train.metrics import MetricLogger, read_metrics
+from dinoscale.train.metrics import MetricLogger, console_line, read_metrics
 
 
 class FakeTime:
@@ -74,16 +74,92 @@ def test_console_lines(tmp_path, clock, capsys):
     run(tmp_path, range(1, 11), clock=clock, progress_bar=False)
     out = capsys.readouterr().out.splitlines()
     assert out == [
-        "step 5/12 | loss 5 lr 2.5 | 4.0 img/s eta 0:00:07",
-        "step 10/12 | loss 10 lr 5 | 4.0 img/s eta 0:00:02",
+        "step 5/12 | loss 5 | lr 2.5e+00 | 4 img/s | eta 0:00:07",
+        "step 10/12 | loss 10 | lr 5.0e+00 | 4 img/s | eta 0:00:02",
     ]
 
 
 def test_progress_bar_mode(tmp_path, clock, capsys):
     rows = run(tmp_path, range(1, 13), clock=clock, progress_bar=True)
     out = capsys.readouterr().out
-    assert "12/12" in out and "loss 12" in out
+    assert "12/12" in out and "loss 12 | lr 6.0e+00 | 4 img/s" in out
     assert [r["step"] for r in rows] == [5, 10, 12]
+
+
+def loop_metrics(**changes):
+    """One log step's metrics, with the names and order ``dinoscale.train.loop.log_step`` gives them."""
+    values = {"data/corrupt_samples": 0.0, "data/bad_shards": 0.0, "data/padded_samples": 0.0,
+              "perf/tflops_per_s": 0.4, "perf/mfu": 0.22, "loss": 10.2134, "loss/dino_local": 5.1,
+              "loss/dino_global": 5.0, "loss/koleo": -0.08, "loss/ibot": 0.19, "lr": 0.0004, "wd": 0.04,
+              "momentum": 0.992, "teacher_temp": 0.04, "grad_norm": 1.7, "skipped_steps_in_a_row": 0.0}
+    assert set(changes) <= set(values)
+    return {**values, **changes}
+
+
+def test_console_line_shows_loss_lr_speed_eta_and_only_what_is_abnormal():
+    assert console_line(loop_metrics(), 531.7, 192.4) == "loss 10.21 | lr 4.0e-04 | 532 img/s | eta 0:03:12"
+    assert console_line(loop_metrics(), 0.374, 3600 * 30) == "loss 10.21 | lr 4.0e-04 | 0.37 img/s | eta 1 day, 6:00:00"
+    damaged = loop_metrics(**{"data/corrupt_samples": 3.0, "data/padded_samples": 5.0, "skipped_steps_in_a_row": 2.0,
+                              "grad_norm": math.inf, "loss/koleo": math.nan, "loss": math.nan})
+    assert console_line(damaged, 531.7, 192.4) == (
+        "loss nan | lr 4.0e-04 | 532 img/s | eta 0:03:12 | data/corrupt_samples 3 | data/padded_samples 5 | "
+        "skipped_steps_in_a_row 2 | non-finite loss/koleo, grad_norm")
+
+
+def test_console_line_is_short_while_the_file_and_tensorboard_get_every_metric(tmp_path, clock, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = MetricLogger(tmp_path, total_steps=400, log_every=20, tensorboard=True, progress_bar=False,
+                          start_step=100)
+    for step in range(101, 121):
+        clock.now += 0.5
+        logger.log(step, loop_metrics(**{"data/bad_shards": 1.0}), n_images=256)
+    logger.close()
+    line = capsys.readouterr().out.strip()
+    assert line == "step 120/400 | loss 10.21 | lr 4.0e-04 | 512 img/s | eta 0:02:20 | data/bad_shards 1"
+    assert len(console_line(loop_metrics(), 99999.0, 9e5)) < 100  # what a healthy long run prints after the step
+    row = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert {k: v for k, v in row.items() if k not in ("step", "images_per_s", "eta_s", "time")} == loop_metrics(
+        **{"data/bad_shards": 1.0})
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == set(loop_metrics()) | {"perf/images_per_s"}
+    assert acc.Scalars("loss/koleo")[-1].value == pytest.approx(-0.08)
+
+
+class RecordingTracker:
+    name = "recording"
+    run_id = "r1"
+
+    def __init__(self, fail_at=None):
+        self.logged, self.closed, self.fail_at = [], 0, fail_at
+
+    def log(self, step, values):
+        if step == self.fail_at:
+            raise ConnectionError("server went away")
+        self.logged.append((step, dict(values)))
+
+    def close(self):
+        self.closed += 1
+
+
+def test_trackers_get_what_tensorboard_gets_and_are_closed_with_the_logger(tmp_path, clock, caplog):
+    good, failing = RecordingTracker(), RecordingTracker(fail_at=10)
+    logger = MetricLogger(tmp_path, total_steps=12, log_every=5, tensorboard=False, progress_bar=False,
+                          trackers=[good, failing])
+    for step in range(1, 13):
+        clock.now += 1.0
+        logger.log(step, {"loss": torch.tensor(float(step)), "lr": 0.5}, n_images=4)
+    logger.log_event(12, {"type": "eval", "knn/top1@20": 55.5, "note": "text is not a scalar"})
+    logger.close()
+    assert good.logged == [(5, {"loss": 5.0, "lr": 0.5, "perf/images_per_s": 4.0}),
+                           (10, {"loss": 10.0, "lr": 0.5, "perf/images_per_s": 4.0}),
+                           (12, {"loss": 12.0, "lr": 0.5, "perf/images_per_s": 4.0}),
+                           (12, {"knn/top1@20": 55.5})]
+    # the failing one was dropped at step 10 (closed then), the run and the other tracker went on
+    assert [s for s, _ in failing.logged] == [5] and failing.closed == 1 and good.closed == 1
+    assert "recording tracker failed at step 10 (ConnectionError: server went away)" in caplog.text
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [5, 10, 12, 12]
 
 
 def test_non_log_steps_do_not_touch_the_metrics(tmp_path):
