@@ -30,6 +30,8 @@ setup(
     extras_require={
         # CUDA-only memory-efficient attention kernels; never needed on CPU.
         "xformers": ["xformers"],
+        # Optional experiment trackers (trackers.enabled=[wandb, mlflow]); the local MLflow store needs full mlflow.
+        "trackers": ["wandb", "mlflow"],
         "dev": [
             "pytest",
             "timm>=1.0.20",  # parity checks and export round trips ("local-dir:" model names)
