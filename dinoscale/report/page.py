@@ -172,7 +172,7 @@ def summary_section(run: RunSummary) -> str:
         ("training data", f"<code>{_e(_select(run, 'train.dataset'))}</code>, "
                           f"{_e(_select(run, 'train.batch_size_per_rank'))} images per rank and step"),
         ("steps", _e(steps)),
-        ("wall time", _e(f"{format_duration(run.wall_time())} (config.yaml written to last write)")),
+        ("wall time", _e(f"{format_duration(run.wall_time())} (config.yaml to the last write of metrics or export)")),
         ("final kNN", _final_knn_text(run)),
         ("last periodic kNN", _last_eval_text(run)),
         ("exported teacher", _export_text(run)),

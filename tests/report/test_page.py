@@ -89,7 +89,8 @@ def test_finished_run_report_is_self_contained(tiny_run, tmp_path):
 
 def test_config_text_is_escaped(run_copy):
     config = run_copy / "config.yaml"
-    config.write_text(config.read_text().replace("method: dinov2", 'method: dinov2  # <script>alert("x")</script> & co'))
+    comment = 'method: dinov2  # <script>alert("x")</script> & co'
+    config.write_text(config.read_text().replace("method: dinov2", comment))
     text = write_report(run_copy, pictures=False).read_text(encoding="utf-8")
     assert "<script>" not in text
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; co" in text
