@@ -99,6 +99,7 @@ def knn_chart(rows: Sequence[dict]) -> Optional[Figure]:
         return None
     fig, axes = _panels(1, 3.0)
     plot_knn(axes[0], knn, final)
+    axes[0].set_xlim(left=0)  # where in training: a lone final kNN is not centred on a few steps around it
     return _finish(fig, axes)
 
 
