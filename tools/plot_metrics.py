@@ -14,89 +14,12 @@ kNN panel is left out.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-LOSS_PREFIX = "loss"
-LR_KEYS = ("lr", "last_layer_lr")
-
-
-def read_rows(path: Path):
-    """(rows, number of unreadable lines)."""
-    rows, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-                rows.append(row)
-            else:
-                bad += 1
-    return rows, bad
-
-
-def series(rows, keep):
-    """{key: ([steps], [values])} for numeric keys selected by ``keep(key)``; nulls are skipped."""
-    out = defaultdict(lambda: ([], []))
-    for row in rows:
-        for key, value in row.items():
-            if keep(key) and isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[key][0].append(row["step"])
-                out[key][1].append(value)
-    return dict(sorted(out.items()))
-
-
-def plot_metrics(rows, output: Path, title: str = "") -> Path:
-    train_rows = [r for r in rows if "type" not in r]
-    eval_rows = [r for r in rows if r.get("type") == "eval"]
-    final_rows = [r for r in rows if r.get("type") == "final_knn"]
-    losses = series(train_rows, lambda k: k == LOSS_PREFIX or k.startswith(LOSS_PREFIX + "/"))
-    lrs = series(train_rows, lambda k: k in LR_KEYS)
-    knn = series(eval_rows, lambda k: k.startswith("knn/"))
-    # final_knn rows carry the top-1 of the trained teacher and of a random init, e.g.
-    # {"type": "final_knn", "step": 500, "teacher": 71.2, "random_init": 30.5}.
-    final = series(final_rows, lambda k: k not in ("step", "time", "type"))
-    if not losses and not lrs and not knn and not final:
-        raise ValueError(f"no loss, lr or knn metrics found in {len(rows)} rows")
-
-    panels = [("loss", losses, True), ("learning rate", lrs, False)]
-    if knn or final:
-        panels.append(("kNN accuracy (%)", knn, False))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3 * len(panels)), sharex=True, squeeze=False)
-    for ax, (name, data, log_scale) in zip(axes[:, 0], panels):
-        for key, (steps, values) in data.items():
-            ax.plot(steps, values, label=key, marker="o" if len(steps) < 20 else None, markersize=3)
-        if name.startswith("kNN"):
-            for key, (steps, values) in final.items():
-                ax.scatter(steps, values, marker="*", s=80, label=f"final {key}")
-        if log_scale and data and all(v > 0 for _, vs in data.values() for v in vs):
-            ax.set_yscale("log")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        if data or (name.startswith("kNN") and final):
-            ax.legend(fontsize=7, loc="best")
-        else:
-            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center")
-    axes[-1, 0].set_xlabel("step")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
-    return output
+from dinoscale.viz.curves import plot_metrics, read_rows  # noqa: E402
 
 
 def main(argv=None) -> int:

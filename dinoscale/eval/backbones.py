@@ -38,7 +38,7 @@ def parse_model_args(items: Sequence[str]) -> Dict[str, Any]:
     return kwargs
 
 
-def _run_weights(run_dir: Path) -> Path:
+def run_weights(run_dir: Path) -> Path:
     """The best backbone weights of a training output directory (export first, else newest checkpoint)."""
     for name in ("teacher_backbone.safetensors", "teacher_backbone.pth"):
         if (run_dir / "export" / name).is_file():
@@ -74,7 +74,7 @@ def load_backbone(
     if weights is not None and Path(weights).is_dir() and (Path(weights) / "config.yaml").is_file():
         if config is None and arch is None:
             config = str(Path(weights) / "config.yaml")
-        weights = str(_run_weights(Path(weights)))
+        weights = str(run_weights(Path(weights)))
     if config is not None:
         if arch is not None:
             raise ValueError("give either an arch or a config, not both")

@@ -86,7 +86,7 @@ def build_run(cfg: DictConfig) -> Run:
     optimizer = optimizer_from_config(cfg, student)
     global_batch = cfg.train.batch_size_per_rank * distributed.get_world_size()
     schedules = schedules_from_config(cfg, global_batch)
-    max_steps = min(schedules.total_steps, cfg.train.max_steps) if cfg.train.max_steps else schedules.total_steps
+    max_steps = planned_steps(cfg)
 
     student.train()  # drop path on
     if teacher is not None:
@@ -140,6 +140,13 @@ def optimizer_from_config(cfg: DictConfig, student: nn.ModuleDict) -> torch.opti
         n_blocks=student["backbone"].n_blocks,
     )
     return build_optimizer(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+
+
+def planned_steps(cfg: DictConfig) -> int:
+    """The step a run ends at: the scheduled length (``optim.epochs`` x ``train.official_epoch_length``), or
+    ``train.max_steps`` when that is set and smaller."""
+    total = cfg.optim.epochs * cfg.train.official_epoch_length
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
 
 def schedules_from_config(cfg: DictConfig, global_batch: int) -> Schedules:

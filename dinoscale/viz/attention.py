@@ -157,7 +157,8 @@ def threshold_maps(maps: torch.Tensor, mass: float = 0.6) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def _normalise01(a: np.ndarray) -> np.ndarray:
+def normalise01(a: np.ndarray) -> np.ndarray:
+    """``a`` min-max scaled to [0, 1] (all zeros when constant)."""
     lo, hi = float(a.min()), float(a.max())
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
@@ -191,10 +192,10 @@ def save_attention_maps(
     mean_full = upsample_maps(maps.mean(dim=0, keepdim=True), model.patch_size)[0].numpy()
 
     paths = {"mean": out_dir / f"{name}_attn_mean.png", "heads": [], "figure": out_dir / f"{name}_attention.png"}
-    plt.imsave(paths["mean"], _normalise01(mean_full), cmap=cmap, vmin=0.0, vmax=1.0)
+    plt.imsave(paths["mean"], normalise01(mean_full), cmap=cmap, vmin=0.0, vmax=1.0)
     for k, head_map in enumerate(full):
         path = out_dir / f"{name}_attn_head{k}.png"
-        plt.imsave(path, _normalise01(head_map), cmap=cmap, vmin=0.0, vmax=1.0)
+        plt.imsave(path, normalise01(head_map), cmap=cmap, vmin=0.0, vmax=1.0)
         paths["heads"].append(path)
 
     heads = full.shape[0]
@@ -206,11 +207,11 @@ def save_attention_maps(
     axes[0, 0].imshow(display)
     axes[0, 0].set_title("image", fontsize=9)
     axes[0, 1].imshow(display)
-    axes[0, 1].imshow(_normalise01(mean_full), cmap=cmap, alpha=0.6)
+    axes[0, 1].imshow(normalise01(mean_full), cmap=cmap, alpha=0.6)
     axes[0, 1].set_title("mean over heads", fontsize=9)
     for k in range(heads):
         ax = axes[1 + k // cols, k % cols]
-        ax.imshow(_normalise01(full[k]), cmap=cmap)
+        ax.imshow(normalise01(full[k]), cmap=cmap)
         ax.set_title(f"head {k}", fontsize=9)
     fig.suptitle(f"{name}: CLS attention, last block ({x.shape[1]}x{x.shape[2]} px)", fontsize=10)
     fig.tight_layout()

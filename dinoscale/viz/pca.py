@@ -127,7 +127,22 @@ def pca_foreground_rgb(
     return out
 
 
-def _upsample(a: torch.Tensor, patch_size: int) -> np.ndarray:
+def pca_pictures(
+    model: torch.nn.Module,
+    images: Sequence[Any],
+    *,
+    image_size: Optional[int] = None,
+    threshold: float = 0.5,
+    sign: str = "auto",
+) -> Tuple[List[Tuple[torch.Tensor, np.ndarray]], List[Dict[str, torch.Tensor]]]:
+    """The PCA fitted jointly over ``images``: (``prepare_image``'s (input, display) per image,
+    ``pca_foreground_rgb``'s result per image)."""
+    prepared = [prepare_image(img, model.patch_size, image_size) for img in images]
+    feats = patch_features(model, [x for x, _ in prepared])
+    return prepared, pca_foreground_rgb(feats, threshold=threshold, sign=sign)
+
+
+def upsample_grid(a: torch.Tensor, patch_size: int) -> np.ndarray:
     """(h, w) or (h, w, C) patch grid -> pixel grid (nearest)."""
     chw = a[None] if a.ndim == 2 else a.permute(2, 0, 1)
     up = F.interpolate(chw[None].float(), scale_factor=patch_size, mode="nearest")[0]
@@ -152,13 +167,12 @@ def save_pca_images(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     p = model.patch_size
-    prepared = [prepare_image(img, p, image_size) for _, img in images]
-    feats = patch_features(model, [x for x, _ in prepared])
-    results = pca_foreground_rgb(feats, threshold=threshold, sign=sign)
+    prepared, results = pca_pictures(model, [img for _, img in images], image_size=image_size,
+                                     threshold=threshold, sign=sign)
 
     paths: Dict[str, Any] = {"pca": [], "figures": [], "grid": out_dir / "pca_grid.png"}
     for (name, _), (_, display), res in zip(images, prepared, results):
-        rgb = np.clip(_upsample(res["rgb"], p), 0.0, 1.0)
+        rgb = np.clip(upsample_grid(res["rgb"], p), 0.0, 1.0)
         path = out_dir / f"{name}_pca.png"
         plt.imsave(path, rgb)
         paths["pca"].append(path)
@@ -166,8 +180,8 @@ def save_pca_images(
         fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
         panels = [
             (display, "image", None),
-            (_upsample(res["first"], p), "1st component", "viridis"),
-            (_upsample(res["foreground"], p), f"foreground (> {threshold:g})", "gray"),
+            (upsample_grid(res["first"], p), "1st component", "viridis"),
+            (upsample_grid(res["foreground"], p), f"foreground (> {threshold:g})", "gray"),
             (rgb, "components 2-4", None),
         ]
         for ax, (picture, title, cmap) in zip(axes, panels):
@@ -187,7 +201,7 @@ def save_pca_images(
     for i, ((name, _), (_, display), res) in enumerate(zip(images, prepared, results)):
         axes[0, i].imshow(display)
         axes[0, i].set_title(name, fontsize=9)
-        axes[1, i].imshow(np.clip(_upsample(res["rgb"], p), 0.0, 1.0))
+        axes[1, i].imshow(np.clip(upsample_grid(res["rgb"], p), 0.0, 1.0))
         for ax in axes[:, i]:
             ax.axis("off")
     fig.tight_layout()
