@@ -86,27 +86,30 @@ def _summary(arch: Mapping[str, object]) -> str:
             f"{'with' if arch['layerscale'] else 'no'} LayerScale")
 
 
-def _matching_settings(found: Mapping[str, object], model_cfg: DictConfig) -> list[str]:
-    """``key=value`` overrides of the ``model:`` section under which the config builds ``found``'s shapes."""
-    settings = []
-    arch = next((name for name, args in ARCHS.items() if (args["embed_dim"], args["depth"])
-                 == (found["embed_dim"], found["depth"])), None)
-    if arch is not None and (model_cfg.arch != arch or model_cfg.embed_dim is not None or model_cfg.depth is not None):
-        settings.append(f"model.arch={arch}")
-        settings += [f"model.{key}=null" for key in ("embed_dim", "depth", "num_heads") if model_cfg[key] is not None]
-    elif arch is None:
-        settings += [f"model.embed_dim={found['embed_dim']}", f"model.depth={found['depth']}",
-                     "model.num_heads=(a divisor of embed_dim)"]
-    settings.append(f"model.patch_size={found['patch_size']}")
-    settings.append(f"model.num_register_tokens={found['registers']}")
-    settings.append(f"model.ffn_layer={'swiglufused' if found['ffn'] == 'swiglu' else 'mlp'}")
-    if found["ffn"] == "mlp" and found["ffn_hidden"]:
-        settings.append(f"model.mlp_ratio={found['ffn_hidden'] / found['embed_dim']:g}")
-    settings.append("model.layerscale=1.0e-5" if found["layerscale"] else "model.layerscale=null")
-    current = {f"model.{key}={model_cfg[key]}" for key in ("patch_size", "num_register_tokens", "ffn_layer",
-                                                          "mlp_ratio")}
-    current.add(f"model.layerscale={'1.0e-5' if model_cfg.layerscale is not None else 'null'}")
-    return [s for s in settings if s not in current]
+def _matching_settings(found: Mapping[str, object], model_cfg: DictConfig) -> str:
+    """The ``model.KEY=VALUE`` overrides under which the config builds ``found``'s shapes."""
+    wanted: dict[str, object] = {}
+    arch = next((name for name, args in ARCHS.items()
+                 if (args["embed_dim"], args["depth"]) == (found["embed_dim"], found["depth"])), None)
+    if arch is not None:
+        wanted["arch"] = arch
+        wanted.update({key: None for key in ("embed_dim", "depth", "num_heads")})  # the arch's own sizes
+    else:
+        wanted.update(embed_dim=found["embed_dim"], depth=found["depth"])
+    wanted.update(patch_size=found["patch_size"], num_register_tokens=found["registers"])
+    if found["ffn"] == "swiglu":
+        wanted["ffn_layer"] = model_cfg.ffn_layer if model_cfg.ffn_layer.startswith("swiglu") else "swiglufused"
+    else:
+        wanted["ffn_layer"] = "mlp"
+        if found["ffn_hidden"]:
+            wanted["mlp_ratio"] = found["ffn_hidden"] / found["embed_dim"]
+    if found["layerscale"] != (model_cfg.layerscale is not None):
+        wanted["layerscale"] = 1.0e-5 if found["layerscale"] else None
+    settings = [f"model.{key}={'null' if value is None else f'{value:g}' if isinstance(value, float) else value}"
+                for key, value in wanted.items() if model_cfg[key] != value]
+    if arch is None and model_cfg.embed_dim != found["embed_dim"]:
+        settings.append(f"(and a model.num_heads that divides {found['embed_dim']})")
+    return " ".join(settings)
 
 
 def load_pretrained_backbone(backbone: nn.Module, model_cfg: DictConfig) -> str:
@@ -131,8 +134,8 @@ def load_pretrained_backbone(backbone: nn.Module, model_cfg: DictConfig) -> str:
         raise PretrainedArchitectureError(
             f"model.pretrained_weights={source} does not fit the configured model ({differ} differ): the "
             f"checkpoint has {_summary(found)}; the config (model.arch={model_cfg.arch}) builds "
-            f"{_summary(configured)}. To continue from these weights set "
-            + " ".join(_matching_settings(found, model_cfg)) + "\n" + str(exc)
+            f"{_summary(configured)}. To continue from these weights set {_matching_settings(found, model_cfg)}\n"
+            + str(exc)
         ) from exc
 
 
