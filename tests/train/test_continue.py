@@ -202,3 +202,40 @@ def test_two_ranks_start_from_the_same_heads_and_train_as_one_process(tmp_path, 
     hb = torch.load(tmp_path / "two" / "export" / "teacher_heads.pth")
     for k in ha:
         torch.testing.assert_close(ha[k], hb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("release,extra", [
+    ("dinov2_vits14", []),
+    ("dinov2_vits14_reg", ["model.num_register_tokens=4", "model.interpolate_offset=0.0",
+                           "model.interpolate_antialias=true"]),
+])
+def test_the_vits14_recipe_builds_the_released_architecture(tmp_path, release, extra):
+    import dinoscale.hub
+
+    torch.manual_seed(0)
+    released = dinoscale.hub.load(release)  # the release's architecture (518 px), random weights
+    weights = tmp_path / f"{release}.pth"
+    torch.save(released.state_dict(), weights)
+    cfg = load_config("train/continue_vits14", [f"model.pretrained_weights={weights}", *extra])
+    model = build_backbone(cfg.model)
+    assert load_pretrained_backbone(model, cfg.model) == "dinov2"
+    loaded, source = model.state_dict(), released.state_dict()
+    assert all(torch.equal(loaded[k], source[k]) for k in source if k != "pos_embed")
+    # 224 px crops: the model's own grid, resampled from the release's as the release resamples it itself
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), released.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+@needs_fmnist
+def test_final_knn_compares_the_continued_network_with_the_pretrained_one(tmp_path, pretrained):
+    from dinoscale.train.evaluate import evaluate_knn
+
+    path, weights = pretrained
+    small = ["evaluation.final_knn=true", "evaluation.knn_max_train_samples=300", "evaluation.knn_max_test_samples=100"]
+    cfg, result = run(tmp_path, path, "train.max_steps=1", *small)
+    start = build_backbone(cfg.model, drop_path_rate=0.0)
+    start.load_state_dict(weights)
+    assert list(result.knn) == ["teacher", "pretrained"]
+    assert result.knn["pretrained"] == evaluate_knn(cfg, start, torch.device("cpu"))["knn/top1@20"]
+    assert rows(tmp_path, "final_knn")[0]["pretrained"] == result.knn["pretrained"]
