@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,12 +37,11 @@ sys.path.insert(0, str(REPO))
 from dinoscale.config import load_config  # noqa: E402
 from dinoscale.device import resolve_device  # noqa: E402
 from dinoscale.models.factory import build_backbone  # noqa: E402
-from dinoscale.train import loop  # noqa: E402
 from dinoscale.train.build import ensure_shards  # noqa: E402
 from dinoscale.train.continue_from import load_pretrained_backbone  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from fmnist import current_commit, evaluate  # noqa: E402
+from fmnist import current_commit, evaluate, train_to_end  # noqa: E402
 from fmnist_methods import machine_description  # noqa: E402
 
 # name -> config overrides on configs/continue_fmnist.yaml
@@ -97,12 +95,7 @@ def run(args) -> dict:
                    batch=base.train.batch_size_per_rank, head_init_batches=base.continued.head_init_batches)
     for name in args.variants:
         cfg = variant_config(name, weights, args.out_dir, args.set, period=args.period)
-        print(f"== {name}: {results['steps']} steps", flush=True)
-        began = time.time()
-        result = loop.train(cfg)
-        train_s = time.time() - began
-        if result.status != "finished":
-            raise SystemExit(f"{name}: training did not finish ({result.status} at step {result.step})")
+        train_s = train_to_end(name, cfg)
         trained = build_backbone(cfg.model, drop_path_rate=0.0)
         trained.load_state_dict(torch.load(Path(cfg.train.output_dir) / "export" / "teacher_backbone.pth",
                                            map_location="cpu"), strict=True)
