@@ -45,14 +45,19 @@ def _kmeans_pp(points: torch.Tensor, k: int, generator: torch.Generator) -> torc
     """k-means++ seeding (Arthur & Vassilvitskii 2007): each next centre drawn with probability proportional to
     its squared distance to the nearest centre so far."""
     n = points.shape[0]
+    norms_sq = (points * points).sum(1)
+
+    def distance_sq(index: torch.Tensor) -> torch.Tensor:  # to points[index]; one pass over the points
+        return (norms_sq + norms_sq[index] - 2 * (points @ points[index])).clamp_(min=0)
+
     chosen = torch.empty(k, dtype=torch.long, device=points.device)
     chosen[0] = torch.randint(n, (1,), generator=generator, device=points.device)
-    nearest_sq = ((points - points[chosen[0]]) ** 2).sum(1)
+    nearest_sq = distance_sq(chosen[0])
     for i in range(1, k):
         # All remaining points coincide with centres (duplicated features): draw uniformly instead.
         weights = torch.where(nearest_sq.sum() > 0, nearest_sq, torch.ones_like(nearest_sq))
         chosen[i] = torch.multinomial(weights, 1, generator=generator)[0]
-        nearest_sq = torch.minimum(nearest_sq, ((points - points[chosen[i]]) ** 2).sum(1))
+        nearest_sq = torch.minimum(nearest_sq, distance_sq(chosen[i]))
     return points[chosen].clone()
 
 
