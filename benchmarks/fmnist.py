@@ -75,6 +75,17 @@ def logged_train_seconds(run_dir: Path) -> float | None:
     return (last["time"] - first["time"]) * last["step"] / (last["step"] - first["step"])
 
 
+def train_to_end(name: str, cfg) -> float:
+    """Train ``cfg`` to its end with the loop (announced as ``name``); the seconds it took."""
+    steps = cfg.optim.epochs * cfg.train.official_epoch_length
+    print(f"== {name}: {steps} steps of batch {cfg.train.batch_size_per_rank}", flush=True)
+    start = time.time()
+    result = loop.train(cfg)
+    if result.status != "finished":
+        raise SystemExit(f"{name}: training did not finish ({result.status} at step {result.step})")
+    return time.time() - start
+
+
 def probe(cfg, backbone: torch.nn.Module, device: torch.device) -> dict:
     """DINOv2's linear-probe grid on frozen features (train: 60k, of which 10% for choosing; test: 10k)."""
     ev = cfg.evaluation
@@ -108,13 +119,7 @@ def run(args) -> dict:
         if args.reuse and weights.exists():
             train_s, timed = logged_train_seconds(Path(cfg.train.output_dir)), "from the reused run's log"
         else:
-            steps = cfg.optim.epochs * cfg.train.official_epoch_length
-            print(f"== {name}: {steps} steps of batch {cfg.train.batch_size_per_rank}", flush=True)
-            start = time.time()
-            result = loop.train(cfg)
-            train_s = time.time() - start
-            if result.status != "finished":
-                raise SystemExit(f"{name}: training did not finish ({result.status} at step {result.step})")
+            train_s = train_to_end(name, cfg)
         backbone = build_backbone(cfg.model, drop_path_rate=0.0)
         backbone.load_state_dict(torch.load(weights, map_location="cpu"), strict=True)
         start = time.time()

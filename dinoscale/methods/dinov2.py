@@ -132,6 +132,26 @@ class DINOv2(nn.Module):
         )
 
     @torch.no_grad()
+    def head_init_inputs(self, backbone: nn.Module, batch: dict) -> dict[str, list[torch.Tensor]]:
+        """What each head is applied to in training, seen as the teacher sees it (the global crops, unmasked):
+        the [CLS] tokens for ``dino_head``, the tokens at the masked positions for ``ibot_head`` (both for the
+        shared head). The data of the heads' k-means initialisation (``dinoscale.train.continue_from``).
+
+        Each head's inputs come as parts, one per global crop and kind of token, each holding this rank's images
+        in order: concatenating every part over the ranks, part after part, gives a one-process run's order."""
+        out = backbone(batch["global_crops"], is_training=True)
+        cls_parts = list(out["x_norm_clstoken"].chunk(2))  # crop A, crop B (crop-major batch)
+        if not self.use_ibot:
+            return {"dino_head": cls_parts}
+        mask_indices = batch["mask_indices"]  # ascending flat indices into (2B * N): crop A's come first
+        in_crop_a = mask_indices < len(cls_parts[0]) * out["x_norm_patchtokens"].shape[1]
+        patches = masked_patch_tokens(out, mask_indices)
+        patch_parts = [patches[in_crop_a], patches[~in_crop_a]]
+        if self.cfg.ibot.separate_head:
+            return {"dino_head": cls_parts, "ibot_head": patch_parts}
+        return {"dino_head": cls_parts + patch_parts}
+
+    @torch.no_grad()
     def _teacher_targets(self, teacher: nn.ModuleDict, batch: dict, teacher_temp: float):
         """Teacher probabilities for the global-crop CLS tokens (crop order A, B) and the masked patches
         (None without iBOT)."""

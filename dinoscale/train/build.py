@@ -8,6 +8,7 @@ and returns a :class:`Run`; the loop then resumes it (``dinoscale.train.resume``
 from __future__ import annotations
 
 import logging
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,16 +23,23 @@ from dinoscale.data.open import open_dataset
 from dinoscale.data.loader import PretrainLoader, build_pretrain_loader
 from dinoscale.data.shard_writer import write_shards
 from dinoscale.data.sources.shards import ShardDataset
-from dinoscale.data.steps import usable_workers
+from dinoscale.data.seeding import derive_seed
+from dinoscale.data.steps import default_stream_groups, usable_workers
 from dinoscale.data.streams import StreamGroups
 from dinoscale.device import autocast as autocast_in, dtype_from_name, resolve_device, training_autocast_dtype
-from dinoscale.hub import load_state_dict_any
 from dinoscale.methods.registry import build_method
 from dinoscale.parallel import build_mesh, parallelize, parallelize_student_teacher
+from dinoscale.train.continue_from import (
+    check_continued,
+    init_heads_from_data_,
+    load_pretrained_backbone,
+    will_resume,
+)
 from dinoscale.train.perf.flops import example_batch
 from dinoscale.train.perf.meter import ThroughputMeter, throughput_meter
-from dinoscale.train.optim import build_optimizer, get_param_groups
+from dinoscale.train.optim import build_optimizer, get_param_groups, init_state_
 from dinoscale.train.schedules import Schedules, build_schedules, scale_lr
+from dinoscale.train.step import device_batch
 from dinoscale.train.teacher import init_teacher_from_student_
 
 log = logging.getLogger("dinoscale")
@@ -98,18 +106,40 @@ def build_run(cfg: DictConfig) -> Run:
 
 def build_networks(cfg: DictConfig, device: torch.device):
     """``(method, student, teacher)`` on ``device``, with the same initial weights on every rank (seeded): the
-    student from ``model.pretrained_weights`` when set, the teacher (if the method has one) a frozen copy."""
+    student's backbone from ``model.pretrained_weights`` when set, its heads' prototypes from k-means of the data
+    with ``continued.head_init=kmeans`` (a new run; ``dinoscale.train.continue_from``), the teacher (if the method
+    has one) a frozen copy of the student."""
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg)
     student, teacher = method.build_networks()
     if cfg.model.pretrained_weights:
-        # The config's interpolate_* keys decide, for the student and the teacher alike (not the weights' source).
-        load_state_dict_any(student["backbone"], cfg.model.pretrained_weights, interpolation="model")
-    if teacher is not None:
-        init_teacher_from_student_(teacher, student)
-        teacher.to(device)
+        load_pretrained_backbone(student["backbone"], cfg.model)
     student.to(device), method.to(device)
+    check_continued(cfg.continued)
+    if cfg.continued.head_init == "kmeans" and not will_resume(cfg):
+        dtype = training_autocast_dtype(cfg.train.autocast, device)
+        with closing(head_init_batches(cfg, method, device)) as batches:
+            init_heads_from_data_(method, student, batches, cfg.continued, seed=cfg.train.seed,
+                                  autocast=lambda: autocast_in(device, dtype))
+    if teacher is not None:
+        teacher.to(device)
+        init_teacher_from_student_(teacher, student)
     return method, student, teacher
+
+
+def head_init_batches(cfg: DictConfig, method, device: torch.device):
+    """This rank's first ``continued.head_init_batches`` training batches, on ``device`` (photometry applied
+    there with ``crops.photometric_on_device``): the data of the heads' k-means initialisation."""
+    rank = distributed.get_rank()
+    batches = build_data(cfg, method, patch_size=cfg.model.patch_size, start_step=0,
+                         streams=default_stream_groups(cfg.train.num_workers, distributed.get_world_size()))
+    try:
+        for step in range(cfg.continued.head_init_batches):
+            seed = derive_seed(cfg.train.seed, "head_init_photometric", step, rank)
+            yield device_batch(next(batches), device, photometric_seed=seed if cfg.crops.photometric_on_device
+                               else None)
+    finally:
+        batches.close()
 
 
 def apply_parallelism(compute: DictConfig, student, teacher) -> None:
@@ -139,7 +169,10 @@ def optimizer_from_config(cfg: DictConfig, student: nn.ModuleDict) -> torch.opti
         patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
         n_blocks=student["backbone"].n_blocks,
     )
-    return build_optimizer(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    optimizer = build_optimizer(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    if cfg.continued.backbone_warmup_steps > 0:
+        init_state_(optimizer)  # the frozen backbone's AdamW state exists (untouched) in warm-up checkpoints
+    return optimizer
 
 
 def planned_steps(cfg: DictConfig) -> int:

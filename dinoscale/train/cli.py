@@ -103,7 +103,6 @@ def main(argv=None) -> int:
             return code
         if result.knn and rank == 0:
             k = cfg.evaluation.knn_k
-            print(f"knn@{k} teacher={result.knn['teacher']:.2f}% random_init={result.knn['random_init']:.2f}%",
-                  flush=True)
+            print(f"knn@{k} " + " ".join(f"{name}={value:.2f}%" for name, value in result.knn.items()), flush=True)
     # 3 tells a batch script "stopped on request, requeue me" apart from success (0) and failure (1).
     return 3 if result.status == "preempted" else 0

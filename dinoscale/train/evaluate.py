@@ -16,6 +16,7 @@ from dinoscale.eval.knn import knn_classify
 from dinoscale.eval.transforms import eval_transform
 from dinoscale.models.factory import build_backbone
 from dinoscale.train.build import Run
+from dinoscale.train.continue_from import load_pretrained_backbone
 from dinoscale.train.metrics import MetricLogger
 
 
@@ -59,14 +60,17 @@ def evaluate_during_training(run: Run, step: int, metrics: MetricLogger) -> None
 
 def final_knn(run: Run, step: int) -> dict[str, float]:
     """kNN top-1 of the trained network (``teacher``) and of the very network training started from
-    (``random_init``: same seed, same model config), appended to ``metrics.jsonl`` as a ``final_knn`` row."""
+    (``random_init``: same seed, same model config; ``pretrained`` instead when the run continued
+    ``model.pretrained_weights``), appended to ``metrics.jsonl`` as a ``final_knn`` row."""
     cfg = run.cfg
     torch.manual_seed(cfg.train.seed)
-    random_init = build_backbone(cfg.model, drop_path_rate=0.0).to(run.device)
+    start = build_backbone(cfg.model, drop_path_rate=0.0)
+    if cfg.model.pretrained_weights:
+        load_pretrained_backbone(start, cfg.model)
     trained = evaluate_knn(cfg, run.eval_net["backbone"], run.device)
-    untrained = evaluate_knn(cfg, random_init, run.device)
+    untrained = evaluate_knn(cfg, start.to(run.device), run.device)
     top1 = f"knn/top1@{cfg.evaluation.knn_k}"
-    knn = {"teacher": trained[top1], "random_init": untrained[top1]}
+    knn = {"teacher": trained[top1], "pretrained" if cfg.model.pretrained_weights else "random_init": untrained[top1]}
     if distributed.get_rank() == 0:
         MetricLogger.append_jsonl(run.output_dir / "metrics.jsonl", {"type": "final_knn", "step": step, **knn})
     return knn

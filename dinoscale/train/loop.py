@@ -63,7 +63,8 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
             batch = device_batch(next(batches), run.device, photometric_seed=seed)
             sched = run.schedules.at(step)
             out = train_step(run.method, run.student, run.teacher, run.optimizer, batch, sched, bad_run,
-                             clip_grad=cfg.optim.clip_grad, autocast=run.autocast)
+                             clip_grad=cfg.optim.clip_grad, autocast=run.autocast,
+                             backbone_frozen=step < cfg.continued.backbone_warmup_steps)  # heads-only warm-up
             step, bad_run = step + 1, out.bad_run
             skipped.add(step, out)
             if run.meter is not None:

@@ -39,6 +39,8 @@ __all__ = [
     "apply_schedule_",
     "clip_grad_norm_",
     "step_unless_",
+    "init_state_",
+    "set_trainable_",
 ]
 
 
@@ -195,6 +197,49 @@ def step_unless_(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
         optimizer.step()
     elif not bool(skip):
         optimizer.step()
+
+
+def optimized_parameters(optimizer: torch.optim.Optimizer, module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``module`` that ``optimizer`` updates, in ``module``'s order."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [p for p in module.parameters() if id(p) in held]
+
+
+def set_trainable_(optimizer: torch.optim.Optimizer, module: nn.Module, trainable: bool) -> None:
+    """Freeze (``trainable=False``) or unfreeze the parameters of ``module`` that ``optimizer`` updates.
+
+    A frozen parameter has ``requires_grad=False``: autograd computes no gradient for it (nor for what lies only
+    below it, so a frozen backbone costs no backward), and AdamW skips a parameter without a gradient: the
+    parameter and its state (moments, step count) stay as they are. Parameters the optimizer does not hold (e.g. an
+    unused mask token) are left alone.
+    """
+    for p in optimized_parameters(optimizer, module):
+        if p.requires_grad != trainable:
+            p.requires_grad_(trainable)
+
+
+@torch.no_grad()
+def init_state_(optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW's per-parameter state now, as its first step would (step count 0, zero moments).
+
+    For runs whose first steps leave some parameters out (a frozen backbone): their state exists from the start,
+    so a checkpoint taken then holds it like every other parameter's and a resume loads it back, unchanged. Done
+    with torch's own initialisation (one step of zero gradients at lr 0 and weight decay 0, which moves nothing),
+    then the step counts are set back to 0. Call it on a fresh optimizer, before any step.
+    """
+    if optimizer.state:
+        raise RuntimeError("init_state_ needs a fresh optimizer (it has state already)")
+    saved = [(group["lr"], group["weight_decay"]) for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = 0.0, 0.0
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, (lr, weight_decay) in zip(optimizer.param_groups, saved):
+        group["lr"], group["weight_decay"] = lr, weight_decay
+    for state in optimizer.state.values():
+        state["step"].zero_()
 
 
 def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float | None) -> torch.Tensor:

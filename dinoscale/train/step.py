@@ -20,7 +20,7 @@ from torch import nn
 from dinoscale import distributed
 from dinoscale.data.transforms.photometric import photometric_collated
 from dinoscale.train.metrics import MetricLogger
-from dinoscale.train.optim import apply_schedule_, clip_grad_norm_, step_unless_
+from dinoscale.train.optim import apply_schedule_, clip_grad_norm_, set_trainable_, step_unless_
 from dinoscale.train.teacher import ema_update_
 
 log = logging.getLogger("dinoscale")
@@ -62,14 +62,19 @@ def train_step(
     *,
     clip_grad: float | None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    backbone_frozen: bool = False,
 ) -> StepResult:
     """One optimizer step of ``student`` (and EMA step of ``teacher``) on ``batch`` with the schedule values
     ``sched``, skipped on the device when the loss or gradient is not finite on any rank.
 
     ``bad_run`` is the count of consecutive skipped steps before this one (a 0-dim tensor on the device); the
     result holds the count after it. No host sync unless the optimizer is not fused (see ``step_unless_``).
+    With ``backbone_frozen`` (a continued run's heads-only warm-up) the student's backbone gets no gradient and no
+    update; the EMA then leaves the teacher's backbone as it is, equal to the student's when it started so (as
+    every run does).
     """
     apply_schedule_(optimizer, lr=sched["lr"], wd=sched["wd"], last_layer_lr=sched["last_layer_lr"])
+    set_trainable_(optimizer, student["backbone"], not backbone_frozen)
     centers = {k: v.clone() for k, v in method.named_buffers()}  # restored if the step is skipped
 
     optimizer.zero_grad(set_to_none=True)

@@ -272,3 +272,62 @@ def test_step_unless_skips_without_touching_weights_moments_or_step_count(fused)
         p.grad = torch.ones_like(p)
     step_unless_(opt, torch.tensor(False))
     assert not all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_init_state_creates_adamws_first_state_and_changes_no_step(fused):
+    from dinoscale.train.optim import init_state_
+
+    models = [student(), student()]
+    opts = [build_optimizer(get_param_groups(m, n_blocks=2), fused=fused) for m in models]
+    init_state_(opts[1])
+    weights = {n: p.detach().clone() for n, p in models[1].named_parameters()}
+    assert all(torch.equal(p, weights[n]) for n, p in models[0].named_parameters())  # nothing moved
+    assert len(opts[1].state) == sum(1 for _ in models[1].parameters())
+    for st in opts[1].state.values():
+        assert st["step"].item() == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+    with pytest.raises(RuntimeError, match="fresh optimizer"):
+        init_state_(opts[1])
+    # AdamW from the created state takes exactly the steps of one that creates it itself
+    for k in range(3):
+        for model, opt in zip(models, opts):
+            apply_schedule_(opt, lr=1e-3 * (k + 1), wd=0.04, last_layer_lr=1e-3)
+            for i, p in enumerate(model.parameters()):
+                p.grad = torch.full_like(p, 0.1 * (i + 1) * (-1) ** k)
+            opt.step()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), name
+        assert all(torch.equal(opts[0].state[a][key], opts[1].state[b][key]) for key in opts[0].state[a]), name
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_set_trainable_freezes_what_the_optimizer_holds_and_adamw_skips_it(fused):
+    from dinoscale.train.optim import init_state_, set_trainable_
+
+    model = student()
+    model["backbone"].mask_token.requires_grad_(False)  # not optimized: left alone
+    opt = build_optimizer(get_param_groups(model, n_blocks=2), fused=fused)
+    init_state_(opt)
+    backbone = {n: p.detach().clone() for n, p in model["backbone"].named_parameters()}
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model["backbone"].parameters()
+             if p in opt.state}
+    set_trainable_(opt, model["backbone"], False)
+    assert not any(p.requires_grad for p in model["backbone"].parameters())
+    apply_schedule_(opt, lr=1e-2, wd=0.04, last_layer_lr=1e-2)
+    x = torch.randn(2, 3, 8, 8)
+    model["dino_head"](model["backbone"](x)).sum().backward()
+    assert all(p.grad is None for p in model["backbone"].parameters())  # no backward through the backbone
+    opt.step()
+    assert all(torch.equal(p, backbone[n]) for n, p in model["backbone"].named_parameters())
+    for p in model["backbone"].parameters():
+        if p in opt.state:
+            assert all(torch.equal(v, state[id(p)][k]) for k, v in opt.state[p].items())
+    assert all(opt.state[p]["step"].item() == 1 for p in model["dino_head"].parameters())
+
+    set_trainable_(opt, model["backbone"], True)
+    assert not model["backbone"].mask_token.requires_grad
+    opt.zero_grad(set_to_none=True)
+    model["dino_head"](model["backbone"](x)).sum().backward()
+    opt.step()
+    assert not torch.equal(model["backbone"].blocks[0].attn.qkv.weight, backbone["blocks.0.attn.qkv.weight"])
+    assert opt.state[model["backbone"].cls_token]["step"].item() == 1
