@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dinoscale import checkpoint
-from dinoscale.config import load_config, save_config
+from dinoscale.config import CONFIG_DIR, load_config, save_config
 from dinoscale.distributed import find_free_port
 from dinoscale.eval.backbones import load_backbone
 from dinoscale.methods.base import frozen_networks
@@ -142,6 +142,40 @@ def test_patch_grids_of_another_size_are_resampled():
     for size in ((2, 2), (8, 6)):
         grid = resize_patch_grid(rows, (4, 4), size)[0, :, 0].reshape(size)
         assert torch.equal(grid, grid[:, :1].expand(size)) and (grid[1:, 0] > grid[:-1, 0]).all(), size
+
+
+def test_the_fmnist_config_distils_from_a_long_recipe_shaped_teacher(tmp_path):
+    """configs/methods/distillation_fmnist.yaml against a teacher of the long recipe's shape (random weights)."""
+    from dinoscale.methods.dinov2 import DINOv2
+    from dinoscale.train.evaluate import export_network
+
+    teacher_cfg = load_config("quickstart", ["crops.local_crops_size=21", f"train.output_dir={tmp_path}"])
+    save_config(teacher_cfg, tmp_path / "config.yaml")
+    export_network(DINOv2(teacher_cfg).build_networks()[1], tmp_path / "export", "teacher")
+    cfg = load_config(CONFIG_DIR / "methods" / "distillation_fmnist.yaml",
+                      [f"distillation.teacher={tmp_path}", "train.autocast=none", "train.device=cpu"])
+    method, student, ema = build_networks(cfg, torch.device("cpu"))
+    assert method.objective == "heads" and (student["backbone"].embed_dim, student["backbone"].n_blocks) == (96, 2)
+    batch = example_batch(method, cfg.model.patch_size, 4, image_size=28)
+    loss, terms = method(student, ema, batch, {"teacher_temp": 0.04})
+    assert torch.isfinite(loss) and set(terms) == {"dino_global", "dino_local", "koleo", "ibot"}
+
+
+@pytest.mark.parametrize("size,arch", [("s", "vit_small"), ("b", "vit_base"), ("l", "vit_large")])
+def test_the_vitg14_distillation_recipes(size, arch):
+    """DINOv2's distilled models: a frozen ViT-g/14 run of configs/train/vitg14.yaml teaches each size."""
+    cfg = load_config(f"train/distill_vitg14_to_vit{size}14")
+    teacher = load_config("train/vitg14")
+    assert (cfg.method, cfg.model.arch, cfg.model.patch_size, cfg.model.drop_path_rate) == ("distillation", arch, 14, 0)
+    for section in ("dino", "ibot"):  # the teacher's heads are the targets: same prototypes, same centering
+        assert cfg[section].head_n_prototypes == teacher[section].head_n_prototypes
+        assert cfg[section].centering == teacher[section].centering
+    assert cfg.ibot.separate_head and not cfg.distillation.mask_student
+    assert cfg.optim.epochs * cfg.train.official_epoch_length == 625_000
+    assert cfg.optim.warmup_epochs * cfg.train.official_epoch_length == 100_000
+    # lr 1e-3 at the recipe's global batch of 2048 under the sqrt scaling rule
+    assert cfg.optim.base_lr * (2048 / 1024) ** 0.5 == pytest.approx(1e-3, rel=1e-3)
+    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.teacher.momentum_teacher) == (0.04, 0.2, 0.994)
 
 
 # ------------------------------------------------------------------------------------------------ the students
