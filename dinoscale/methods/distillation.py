@@ -55,7 +55,7 @@ from dinoscale.losses.feature_distillation import FEATURE_LOSSES, feature_distil
 from dinoscale.losses.ibot import iBOTPatchLoss
 from dinoscale.losses.koleo import KoLeoLoss
 from dinoscale.methods.base import FURTHER_STUDENTS, student_units
-from dinoscale.methods.dinov2 import head_logits, masked_patch_tokens, teacher_probs
+from dinoscale.methods.dinov2 import head_logits, head_targets, masked_patch_tokens
 from dinoscale.methods.views import multicrop_collate, multicrop_transform
 from dinoscale.models.factory import build_backbone
 from dinoscale.models.heads import DINOHead
@@ -329,18 +329,10 @@ class Distillation(nn.Module):
 
     # -- the loss
 
-    @torch.no_grad()
     def _head_targets(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's DINO targets of the global crops' [CLS] (crop order A, B) and iBOT targets of the patches
-        at the mask positions."""
-        teacher = self.frozen_teacher
-        out = teacher["backbone"](batch["global_crops"], is_training=True)
-        patches = masked_patch_tokens(out, batch["mask_indices"])
-        cls_logits, patch_logits = head_logits(teacher, out["x_norm_clstoken"], patches)
-        cls_probs = teacher_probs(self.dino_loss, cls_logits.float(), self.cfg.dino.centering, teacher_temp)
-        patch_probs = teacher_probs(self.ibot_loss, patch_logits.float(), self.cfg.ibot.centering, teacher_temp,
-                                    n_masked_patches_tensor=batch["n_masked_patches"].clone())
-        return cls_probs, patch_probs
+        """The frozen teacher's DINO targets of the global crops' [CLS] (crop order A, B) and iBOT targets of the
+        patches at the mask positions, as DINOv2 makes its EMA teacher's."""
+        return head_targets(self.frozen_teacher, batch, self.cfg, self.dino_loss, self.ibot_loss, teacher_temp)
 
     def _heads_loss(self, unit: nn.ModuleDict, batch: dict, targets) -> tuple[torch.Tensor, dict]:
         """DINOv2's loss of one student against the teacher's targets (DINO [CLS], KoLeo, iBOT)."""

@@ -41,11 +41,8 @@ def randomize_(module, seed=0):
     """Weights far from the library inits (LayerScale ~1e-5 and zero biases would hide layout errors)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1 and ("norm" in name or "gamma" in name or "lambda" in name):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        for p in module.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen) + (1.0 if p.ndim == 1 else 0.0))
     return module
 
 
