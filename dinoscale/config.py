@@ -44,6 +44,7 @@ NULLABLE_TYPES = {
     "train.build_shards_from": "", "train.max_steps": 1,
     "evaluation.knn_train_dataset": "", "evaluation.knn_test_dataset": "",
     "evaluation.knn_max_train_samples": 1, "evaluation.knn_max_test_samples": 1,
+    "distillation.teacher": "", "distillation.teacher_weights": "",
 }
 
 

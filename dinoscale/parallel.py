@@ -39,6 +39,7 @@ from dinoscale import distributed
 __all__ = [
     "build_mesh",
     "parallelize",
+    "parallelize_frozen",
     "parallelize_student_teacher",
     "strip_wrapper_prefixes",
     "CHECKPOINT_PREFIX",
@@ -96,14 +97,14 @@ def build_mesh(*, hybrid_shard: bool, devices_per_node: int | None = None) -> De
     )
 
 
-def _blocks(module: nn.Module) -> nn.ModuleList | None:
+def _blocks(module: nn.Module) -> nn.ModuleList | nn.Sequential | None:
     blocks = getattr(module, "blocks", None)
     if blocks is None:
         return None
-    if not isinstance(blocks, nn.ModuleList):
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):  # timm's ViTs keep theirs in an nn.Sequential
         raise TypeError(
             f"{type(module).__name__}.blocks is a {type(blocks).__name__}; parallelize expects a flat "
-            "nn.ModuleList of transformer blocks"
+            "nn.ModuleList (or nn.Sequential) of transformer blocks"
         )
     return blocks
 
@@ -200,7 +201,8 @@ def parallelize_student_teacher(
     teacher never needs gradients: its parameters are frozen, it is never activation-checkpointed
     and always reshards right after its forward (nothing of it is needed again until the next
     step). Both are sharded over the same mesh in the same way, so an EMA update can run shard by
-    shard on ``p.to_local()``.
+    shard on ``p.to_local()``. An entry that is itself an ``nn.ModuleDict`` (the further students of a
+    distillation run) is parallelized the same way, part by part.
     """
     for name, d in (("student", student), ("teacher", teacher)):
         if not isinstance(d, nn.ModuleDict):
@@ -211,7 +213,12 @@ def parallelize_student_teacher(
             f"teacher {sorted(teacher.keys())}"
         )
     activation_checkpointing = options.pop("activation_checkpointing", False)
-    for key in student.keys():
+    nested = [key for key in student.keys() if isinstance(student[key], nn.ModuleDict)]
+    parts = [key for key in student.keys() if key not in nested]
+    for key in nested:  # further students (distillation): their parts in turn
+        parallelize_student_teacher(student[key], teacher[key], **options,
+                                    activation_checkpointing=activation_checkpointing)
+    for key in parts:
         parallelize(
             student[key],
             **options,
@@ -219,7 +226,27 @@ def parallelize_student_teacher(
             activation_checkpointing=activation_checkpointing and _blocks(student[key]) is not None,
         )
     teacher_options = {**options, "reshard_after_forward": True}
-    for key in teacher.keys():
+    for key in [k for k in teacher.keys() if k not in nested]:
         teacher[key].requires_grad_(False)
         parallelize(teacher[key], **teacher_options, activation_checkpointing=False)
     return student, teacher
+
+
+def parallelize_frozen(
+    module: nn.Module, *, mesh: DeviceMesh | None, dtype: torch.dtype | None = None, compile_blocks: bool = False
+) -> nn.Module:
+    """:func:`parallelize` a network that only ever runs inference (a distillation teacher), in place.
+
+    It is frozen (``requires_grad=False``), cast to ``dtype`` (the compute dtype; ``None`` keeps it), never
+    activation-checkpointed and resharded right after every forward. With a mesh it is sharded block by block like
+    a trained network: its parameters are stored and gathered in ``dtype``, and its inputs are cast to it. An
+    ``nn.ModuleDict`` (backbone and heads) is parallelized entry by entry.
+    """
+    module.requires_grad_(False)
+    if dtype is not None:
+        module.to(dtype)
+    for part in module.values() if isinstance(module, nn.ModuleDict) else [module]:
+        part_dtype = next(iter(part.parameters()), torch.empty(0)).dtype
+        parallelize(part, mesh=mesh, param_dtype=part_dtype, reshard_after_forward=True,
+                    compile_blocks=compile_blocks)
+    return module

@@ -176,7 +176,7 @@ def test_bad_arguments_are_rejected():
     class NotAList(nn.Module):
         def __init__(self):
             super().__init__()
-            self.blocks = nn.Sequential(nn.Linear(2, 2))
+            self.blocks = nn.ModuleDict({"0": nn.Linear(2, 2)})  # a list (or timm's nn.Sequential) is expected
 
     with pytest.raises(TypeError, match="ModuleList"):
         parallelize(NotAList(), mesh=None)

@@ -15,6 +15,15 @@ One training step, as the loop runs it::
     loss, terms = method(student, teacher, batch, schedules.at(step))   # under autocast
     loss.backward(); optimizer step; teacher EMA
     if the step was skipped: method's buffers <- saved
+
+Two optional extensions, used by distillation (``dinoscale.methods.distillation``) and read here:
+
+* ``method.frozen_networks()``: the networks the method runs without ever training them (a frozen teacher),
+  by name. The loop moves them to the device in the compute dtype and shards them (``parallel.parallelize_frozen``);
+  they are neither optimized nor checkpointed (see :func:`frozen_networks`).
+* further students: ``student["students"]`` (and the EMA teacher's) may be an ``nn.ModuleDict`` of complete
+  students, each with its own ``backbone``, trained on the same batches. Each gets its own layer-wise lr decay
+  and gradient clipping, and is exported beside the first (see :func:`student_units`).
 """
 
 from __future__ import annotations
@@ -25,7 +34,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-__all__ = ["Batch", "Collate", "Method"]
+__all__ = ["FURTHER_STUDENTS", "Batch", "Collate", "Method", "frozen_networks", "split_students", "student_units"]
+
+FURTHER_STUDENTS = "students"
+"""The key of a student's ``nn.ModuleDict`` of further students (and of its EMA teacher's)."""
 
 Batch = dict[str, Any]
 """A collated batch: tensors (moved to the device by the loop) and plain values, keyed as the method's collate
@@ -134,3 +146,34 @@ class Method(Protocol):
     def to(self, *args: Any, **kwargs: Any) -> "Method":
         """Moves the buffers to the training device (``nn.Module.to``), once, before the first step."""
         ...
+
+
+def frozen_networks(method: nn.Module) -> dict[str, nn.Module]:
+    """The networks ``method`` runs but never trains, by name: its ``frozen_networks()`` if it has one (a
+    distillation teacher), else none."""
+    get = getattr(method, "frozen_networks", None)
+    return dict(get()) if callable(get) else {}
+
+
+def student_units(network: nn.ModuleDict) -> dict[str, nn.ModuleDict]:
+    """A student (or its EMA teacher) split into its students: ``""`` for the first (``network`` itself when it
+    holds no further students, else its parts without them), then each further student by name."""
+    if not isinstance(network, nn.ModuleDict) or FURTHER_STUDENTS not in network:
+        return {"": network}
+    further = network[FURTHER_STUDENTS]
+    first = nn.ModuleDict({k: v for k, v in network.items() if k != FURTHER_STUDENTS})
+    return {"": first, **{name: unit for name, unit in further.items()}}
+
+
+def split_students(state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """:func:`student_units` for a flat state dict: ``{"": the first student's entries, name: the entries under
+    ``students.<name>.`` without that prefix}``."""
+    units: dict[str, dict[str, Any]] = {"": {}}
+    prefix = FURTHER_STUDENTS + "."
+    for key, value in state_dict.items():
+        if key.startswith(prefix):
+            name, _, rest = key[len(prefix):].partition(".")
+            units.setdefault(name, {})[rest] = value
+        else:
+            units[""][key] = value
+    return units

@@ -84,6 +84,28 @@ def teacher_probs(
     return loss.sinkhorn_knopp_teacher(logits, teacher_temp, **sinkhorn_args)
 
 
+@torch.no_grad()
+def head_targets(
+    teacher: nn.ModuleDict, batch: dict, cfg: DictConfig, dino_loss: CenteredPrototypeLoss,
+    ibot_loss: CenteredPrototypeLoss | None, teacher_temp: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A teacher's targets on the global crops (its backbone and heads; the EMA teacher here, a frozen one in
+    distillation): probabilities for the CLS tokens (crop order A, B) and, with ``ibot_loss``, for the patches at
+    the mask positions; centred or Sinkhorn-Knopp as ``cfg.dino`` / ``cfg.ibot`` say."""
+    out = teacher["backbone"](batch["global_crops"], is_training=True)
+    # crop order A, B; dino_cls_loss pairs teacher A with student B and back
+    patches = masked_patch_tokens(out, batch["mask_indices"]) if ibot_loss is not None else None
+    cls_logits, patch_logits = head_logits(teacher, out["x_norm_clstoken"], patches)
+    cls_probs = teacher_probs(dino_loss, cls_logits.float(), cfg.dino.centering, teacher_temp)
+    if patch_logits is None:
+        return cls_probs, None
+    patch_probs = teacher_probs(
+        ibot_loss, patch_logits.float(), cfg.ibot.centering, teacher_temp,
+        n_masked_patches_tensor=batch["n_masked_patches"].clone(),
+    )
+    return cls_probs, patch_probs
+
+
 class DINOv2(nn.Module):
     """The DINOv2 method (a ``dinoscale.methods.base.Method``): networks, views and loss. Its loss centers are
     buffers (``dino_loss.center``, ``ibot_loss.center``), checkpointed with it.
@@ -155,18 +177,8 @@ class DINOv2(nn.Module):
     def _teacher_targets(self, teacher: nn.ModuleDict, batch: dict, teacher_temp: float):
         """Teacher probabilities for the global-crop CLS tokens (crop order A, B) and the masked patches
         (None without iBOT)."""
-        out = teacher["backbone"](batch["global_crops"], is_training=True)
-        # crop order A, B; dino_cls_loss pairs teacher A with student B and back
-        patches = masked_patch_tokens(out, batch["mask_indices"]) if self.use_ibot else None
-        cls_logits, patch_logits = head_logits(teacher, out["x_norm_clstoken"], patches)
-        cls_probs = teacher_probs(self.dino_loss, cls_logits.float(), self.cfg.dino.centering, teacher_temp)
-        if patch_logits is None:
-            return cls_probs, None
-        patch_probs = teacher_probs(
-            self.ibot_loss, patch_logits.float(), self.cfg.ibot.centering, teacher_temp,
-            n_masked_patches_tensor=batch["n_masked_patches"].clone(),
-        )
-        return cls_probs, patch_probs
+        ibot_loss = self.ibot_loss if self.use_ibot else None
+        return head_targets(teacher, batch, self.cfg, self.dino_loss, ibot_loss, teacher_temp)
 
     def forward(self, student: nn.ModuleDict, teacher: nn.ModuleDict, batch: dict, sched: dict):
         """Returns (total loss, dict of detached loss terms); ``sched`` holds this step's teacher_temp."""

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from dinoscale.methods.barlow_twins import BarlowTwins
 from dinoscale.methods.base import Method
 from dinoscale.methods.dino import DINO
+from dinoscale.methods.distillation import Distillation
 from dinoscale.methods.dinov2 import DINOv2
 from dinoscale.methods.ibot import iBOT
 from dinoscale.methods.msn import MSN
@@ -30,6 +31,7 @@ METHODS: dict[str, Callable[[DictConfig], Method]] = {
     "barlow_twins": BarlowTwins,
     "simmim": SimMIM,
     "msn": MSN,
+    "distillation": Distillation,
 }
 
 

@@ -27,8 +27,9 @@ from dinoscale.data.seeding import derive_seed
 from dinoscale.data.steps import default_stream_groups, usable_workers
 from dinoscale.data.streams import StreamGroups
 from dinoscale.device import autocast as autocast_in, dtype_from_name, resolve_device, training_autocast_dtype
+from dinoscale.methods.base import frozen_networks, student_units
 from dinoscale.methods.registry import build_method
-from dinoscale.parallel import build_mesh, parallelize, parallelize_student_teacher
+from dinoscale.parallel import build_mesh, parallelize, parallelize_frozen, parallelize_student_teacher
 from dinoscale.train.continue_from import (
     check_continued,
     init_heads_from_data_,
@@ -90,7 +91,8 @@ def build_run(cfg: DictConfig) -> Run:
     method, student, teacher = build_networks(cfg, device)
     # FLOPs of one step are counted once, on the unsharded networks (fvcore cannot trace FSDP shards)
     meter = build_throughput_meter(cfg, method, student, teacher, device) if cfg.train.log_throughput else None
-    apply_parallelism(cfg.compute, student, teacher)
+    apply_parallelism(cfg.compute, student, teacher, frozen=frozen_networks(method),
+                      frozen_dtype=compute_dtype(cfg, device))
     optimizer = optimizer_from_config(cfg, student)
     global_batch = cfg.train.batch_size_per_rank * distributed.get_world_size()
     schedules = schedules_from_config(cfg, global_batch)
@@ -108,7 +110,8 @@ def build_networks(cfg: DictConfig, device: torch.device):
     """``(method, student, teacher)`` on ``device``, with the same initial weights on every rank (seeded): the
     student's backbone from ``model.pretrained_weights`` when set, its heads' prototypes from k-means of the data
     with ``continued.head_init=kmeans`` (a new run; ``dinoscale.train.continue_from``), the teacher (if the method
-    has one) a frozen copy of the student."""
+    has one) a frozen copy of the student. The method's frozen networks (a distillation teacher) go to ``device``
+    too."""
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg)
     student, teacher = method.build_networks()
@@ -124,6 +127,8 @@ def build_networks(cfg: DictConfig, device: torch.device):
     if teacher is not None:
         teacher.to(device)
         init_teacher_from_student_(teacher, student)
+    for network in frozen_networks(method).values():
+        network.to(device)
     return method, student, teacher
 
 
@@ -142,8 +147,11 @@ def head_init_batches(cfg: DictConfig, method, device: torch.device):
         batches.close()
 
 
-def apply_parallelism(compute: DictConfig, student, teacher) -> None:
-    """FSDP2 sharding (when a process group exists), activation checkpointing and compile, from ``compute:``."""
+def apply_parallelism(compute: DictConfig, student, teacher, *, frozen: dict[str, nn.Module] | None = None,
+                      frozen_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 sharding (when a process group exists), activation checkpointing and compile, from ``compute:``; the
+    ``frozen`` networks (a distillation teacher) cast to ``frozen_dtype`` (the compute dtype) and sharded for
+    inference only."""
     mesh = build_mesh(hybrid_shard=compute.hybrid_shard) if distributed.is_enabled() else None
     options = dict(
         mesh=mesh,
@@ -159,16 +167,21 @@ def apply_parallelism(compute: DictConfig, student, teacher) -> None:
         for key, part in student.items():
             parallelize(part, **{**options, "activation_checkpointing": options["activation_checkpointing"]
                                  and key == "backbone"})
+    for network in (frozen or {}).values():
+        parallelize_frozen(network, mesh=mesh, dtype=frozen_dtype, compile_blocks=compute.compile)
 
 
 def optimizer_from_config(cfg: DictConfig, student: nn.ModuleDict) -> torch.optim.Optimizer:
-    """AdamW over the student's parameter groups (layer-wise lr decay, patch-embed lr, no decay on norms/biases)."""
-    groups = get_param_groups(
-        student,
-        lr_decay_rate=cfg.optim.layerwise_decay,
-        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
-        n_blocks=student["backbone"].n_blocks,
-    )
+    """AdamW over the student's parameter groups (layer-wise lr decay, patch-embed lr, no decay on norms/biases);
+    further students (distillation) get groups of their own, decayed over their own depth."""
+    groups = []
+    for unit in student_units(student).values():
+        groups += get_param_groups(
+            unit,
+            lr_decay_rate=cfg.optim.layerwise_decay,
+            patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
+            n_blocks=unit["backbone"].n_blocks,
+        )
     optimizer = build_optimizer(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
     if cfg.continued.backbone_warmup_steps > 0:
         init_state_(optimizer)  # the frozen backbone's AdamW state exists (untouched) in warm-up checkpoints

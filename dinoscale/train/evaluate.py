@@ -14,6 +14,7 @@ from dinoscale.data.open import open_dataset
 from dinoscale.eval.extract import extract_features
 from dinoscale.eval.knn import knn_classify
 from dinoscale.eval.transforms import eval_transform
+from dinoscale.methods.base import split_students
 from dinoscale.models.factory import build_backbone
 from dinoscale.train.build import Run
 from dinoscale.train.continue_from import load_pretrained_backbone
@@ -21,14 +22,17 @@ from dinoscale.train.metrics import MetricLogger
 
 
 def export_network(network: torch.nn.Module, export_dir: Path, name: str) -> None:
-    """``NAME_backbone`` in the official DINOv2 layout (.pth + .safetensors), and ``NAME_heads`` beside it."""
+    """``NAME_backbone`` in the official DINOv2 layout (.pth + .safetensors), and ``NAME_heads`` beside it; a
+    further student ``S`` of a distillation run as ``NAME_S_backbone`` and ``NAME_S_heads``."""
     full = checkpoint.full_state_dict(network)  # collective: every rank calls it
     if distributed.get_rank() == 0:
-        backbone = {k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")}
-        heads = {k: v for k, v in full.items() if not k.startswith("backbone.")}
-        checkpoint.save_backbone(backbone, export_dir / f"{name}_backbone")
-        if heads:
-            checkpoint.save_backbone(heads, export_dir / f"{name}_heads")
+        for unit, state in split_students(full).items():
+            stem = f"{name}_{unit}" if unit else name
+            backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+            heads = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+            checkpoint.save_backbone(backbone, export_dir / f"{stem}_backbone")
+            if heads:
+                checkpoint.save_backbone(heads, export_dir / f"{stem}_heads")
     distributed.barrier()
 
 

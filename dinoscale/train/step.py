@@ -19,6 +19,7 @@ from torch import nn
 
 from dinoscale import distributed
 from dinoscale.data.transforms.photometric import photometric_collated
+from dinoscale.methods.base import student_units
 from dinoscale.train.metrics import MetricLogger
 from dinoscale.train.optim import apply_schedule_, clip_grad_norm_, set_trainable_, step_unless_
 from dinoscale.train.teacher import ema_update_
@@ -81,7 +82,10 @@ def train_step(
     with autocast():
         loss, terms = method(student, teacher, batch, sched)
     loss.backward()
-    grad_norm = clip_grad_norm_(student.parameters(), clip_grad)
+    # Each student clipped on its own (distillation may train several): one student's gradient never scales
+    # another's. The logged norm is that of all of them together.
+    norms = [clip_grad_norm_(unit.parameters(), clip_grad) for unit in student_units(student).values()]
+    grad_norm = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum().sqrt()
 
     nonfinite = (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float().reshape(1)
     skip = (distributed.all_reduce_sum_(nonfinite) > 0).reshape(())

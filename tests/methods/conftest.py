@@ -91,6 +91,23 @@ def tiny_config():
     return lambda method, *extra: load_config("quickstart", TINY + [f"method={method}", *extra])
 
 
+@pytest.fixture(scope="session")
+def tiny_teacher_run(tmp_path_factory):
+    """A dinoscale run directory of a tiny DINOv2 network (the tiny config, random weights): ``config.yaml`` and
+    ``export/teacher_backbone.*`` + ``teacher_heads.*``, as a finished run leaves them; no data set needed."""
+    from dinoscale.config import save_config
+    from dinoscale.methods.dinov2 import DINOv2
+    from dinoscale.train.evaluate import export_network
+
+    run_dir = tmp_path_factory.mktemp("teacher_run")
+    cfg = load_config("quickstart", TINY + ["method=dinov2", f"train.output_dir={run_dir}"])
+    save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(123)  # not the students' seed: the teacher is another network
+    _, teacher = DINOv2(cfg).build_networks()
+    export_network(teacher, run_dir / "export", "teacher")
+    return run_dir
+
+
 @pytest.fixture
 def runner(tmp_path):
     if not FMNIST.exists():

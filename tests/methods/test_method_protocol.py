@@ -12,7 +12,11 @@ from dinoscale.models.vit import DinoVisionTransformer
 from dinoscale.train.schedules import build_schedules
 
 # With separate_head=true DINOv2 and iBOT also build the iBOT head, so both head layouts are covered.
-CASES = [(name, []) for name in METHODS] + [(name, ["ibot.separate_head=true"]) for name in ("dinov2", "ibot")]
+# Distillation (from the tiny_teacher_run fixture) is covered with both objectives and with a further student.
+CASES = [(name, []) for name in METHODS] + [(name, ["ibot.separate_head=true"]) for name in ("dinov2", "ibot")] + [
+    ("distillation", ["distillation.objective=features", "distillation.projector_hidden_dim=16"]),
+    ("distillation", ["distillation.students=[{name: second, embed_dim: 16, depth: 1}]"]),
+]
 
 
 def _sched(cfg) -> dict:
@@ -38,7 +42,9 @@ def test_the_protocol_rejects_what_is_not_a_method():
 
 
 @pytest.mark.parametrize("name,extra", CASES)
-def test_registered_method_keeps_the_contract(name, extra, tiny_config):
+def test_registered_method_keeps_the_contract(name, extra, tiny_config, request):
+    if name == "distillation":  # it needs a teacher to learn from
+        extra = [*extra, f"distillation.teacher={request.getfixturevalue('tiny_teacher_run')}"]
     cfg = tiny_config(name, *extra)
     torch.manual_seed(0)
     method = build_method(cfg)

@@ -22,6 +22,9 @@ backward through everything that is not the teacher. The backward is counted as 
 
     step = 3 * (forward FLOPs outside the teacher) + teacher forward FLOPs
 
+(the teacher: the EMA teacher, and the frozen networks a method runs without training them, e.g. a
+distillation teacher: ``dinoscale.methods.base.frozen_networks``).
+
 The count comes from tracing the method once with fvcore (``FlopCountAnalysis``), on this rank's batch, so
 it is the FLOPs *per optimizer step for this rank* (count before FSDP wraps the networks). The hardware's
 peak comes from :mod:`dinoscale.train.perf.peak`, the MFU from :mod:`dinoscale.train.perf.meter`.
@@ -41,6 +44,7 @@ import torch
 from torch import nn
 
 from dinoscale import distributed
+from dinoscale.methods.base import frozen_networks
 
 __all__ = [
     "ZERO_FLOP_OPS",
@@ -202,6 +206,7 @@ class _Step(nn.Module):
         self.student = student
         if teacher is not None:
             self.teacher = teacher
+        self.frozen = nn.ModuleDict(frozen_networks(method))  # a distillation teacher: forward only
         self._has_teacher = teacher is not None
         self._batch = dict(batch)
         self._keys = tensor_keys
@@ -284,7 +289,7 @@ def flops_breakdown(
         raise ValueError(f"batch holds no image tensor (4-D); got entries {sorted(batch)}")
     sched = _default_sched(method) if sched is None else sched
     wrapper = _Step(method, student, teacher, batch, keys, sched)
-    nets = [student] + ([teacher] if teacher is not None else [])
+    nets = [student] + ([teacher] if teacher is not None else []) + list(wrapper.frozen.values())
     # No collectives while tracing: the JIT tracer cannot record them. The method's all-reduces and gathers
     # (loss centers, Sinkhorn sums, KoLeo's gathered neighbour search) change values, not this rank's FLOPs,
     # except that the KoLeo search is then counted over the local batch only (a few thousand multiply-adds).
@@ -306,6 +311,7 @@ def flops_breakdown(
     total = 2.0 * by_module[""]
     student_fwd = 2.0 * by_module["student"]
     teacher_fwd = 2.0 * by_module["teacher"] if teacher is not None else 0.0
+    teacher_fwd += 2.0 * by_module["frozen"] if len(wrapper.frozen) else 0.0  # no backward either
     other_fwd = total - student_fwd - teacher_fwd
     result = FlopBreakdown(
         student_forward=student_fwd,
