@@ -74,7 +74,8 @@ def final_knn(run: Run, step: int) -> dict[str, float]:
     trained = evaluate_knn(cfg, run.eval_net["backbone"], run.device)
     untrained = evaluate_knn(cfg, start.to(run.device), run.device)
     top1 = f"knn/top1@{cfg.evaluation.knn_k}"
-    knn = {"teacher": trained[top1], "pretrained" if cfg.model.pretrained_weights else "random_init": untrained[top1]}
+    reference = "pretrained" if cfg.model.pretrained_weights else "random_init"
+    knn = {"teacher": trained[top1], reference: untrained[top1]}
     if distributed.get_rank() == 0:
         MetricLogger.append_jsonl(run.output_dir / "metrics.jsonl", {"type": "final_knn", "step": step, **knn})
     return knn
