@@ -7,8 +7,25 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+# Test packages of many tiny models: they run single-threaded (see single_torch_thread).
+SINGLE_THREAD_PACKAGES = frozenset({"eval", "export", "hub", "methods", "viz"})
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread(request):
+    """One OpenMP thread for the tests in ``SINGLE_THREAD_PACKAGES``: the CI/dev machine is small and shared, and
+    OpenMP threads spinning against other processes make tiny ops many times slower (4x for tests/hub)."""
+    if Path(request.path).relative_to(TESTS).parts[0] not in SINGLE_THREAD_PACKAGES:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 START_SCRIPT = REPO / "slurm" / "dev-cluster" / "start.sh"
 
 

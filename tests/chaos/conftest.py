@@ -11,21 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.tiny import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[2]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
-# A 2-block ViT on 16 px crops: a step takes a fraction of a second on one core, so a run is mostly start-up.
-TINY = [
-    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4", "model.img_size=16",
-    "dino.head_n_prototypes=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
-    "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=64", "ibot.head_bottleneck_dim=32",
-    "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
-    "train.batch_size_per_rank=8", "train.num_workers=0", "train.log_every=1", "train.tensorboard=false",
-    "train.official_epoch_length=4", "optim.epochs=5", "optim.warmup_epochs=1", "optim.scale_lr_with_batch=false",
-    "evaluation.final_knn=false", "train.autocast=none", "train.build_shards_from=null",
-    "train.dataset=fashion-mnist:train",
-]
+TINY = TINY_RUN  # a step takes a fraction of a second on one core: a run is mostly start-up
 
 
 class TrainRun:

@@ -10,7 +10,6 @@ import torch
 from dinoscale.config import load_config
 from dinoscale.models.vit import DinoVisionTransformer
 from dinoscale.train import loop
-from tests.eval.conftest import single_torch_thread  # noqa: F401  (autouse: one OpenMP thread per test)
 from tests.methods.conftest import TINY
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -19,15 +19,6 @@ from dinoscale.models.vit import DinoVisionTransformer
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    # The machine is shared and small: OpenMP threads spinning against other processes slow tiny ops down
-    # (these tests take 4x longer with the default thread count there).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(autouse=True)
 def fresh_random_weights_notice(monkeypatch):

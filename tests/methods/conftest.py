@@ -8,20 +8,15 @@ import torch
 
 from dinoscale.config import load_config
 from dinoscale.train import loop
+from tests.tiny import TINY_RUN
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 # The tiny ViT of tests/train/test_loop.py, plus small heads for every method.
 TINY = [
-    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4", "model.img_size=16",
+    *TINY_RUN,
     "model.drop_path_rate=0.1", "model.layerscale=1.0e-5",  # pinned: quickstart.yaml's model may change
-    "dino.head_n_prototypes=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
-    "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=64", "ibot.head_bottleneck_dim=32",
-    "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
-    "train.batch_size_per_rank=8", "train.num_workers=0", "train.log_every=1", "train.tensorboard=false",
-    "train.official_epoch_length=4", "optim.epochs=5", "optim.warmup_epochs=1", "optim.base_lr=0.001",
-    "optim.scale_lr_with_batch=false", "evaluation.final_knn=false", "train.autocast=none",
-    "train.dataset=fashion-mnist:train", "train.build_shards_from=null",
+    "optim.base_lr=0.001",
     "simclr.proj_hidden_dim=64", "simclr.proj_out_dim=32",
     "barlow_twins.proj_dims=[64,64]",
     "simmim.mask_patch_size=8",
@@ -114,11 +109,3 @@ def runner(tmp_path):
         pytest.skip("needs Debian's dataset-fashion-mnist")
     return MethodRunner(tmp_path)
 
-
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    # The machine is shared and small: OpenMP threads spinning against other processes slow tiny ops down.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

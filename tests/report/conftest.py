@@ -7,15 +7,13 @@ import pytest
 
 from dinoscale.config import load_config
 from dinoscale.train import loop
+from tests.tiny import TINY_NETWORK
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 # The quickstart recipe shrunk to seconds: 4 steps of 8 images, kNN at steps 2 and 4 on a few hundred images.
 TINY_RUN = [
-    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4", "model.img_size=16",
-    "dino.head_n_prototypes=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
-    "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=64", "ibot.head_bottleneck_dim=32",
-    "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
+    *TINY_NETWORK,
     "train.batch_size_per_rank=8", "train.num_workers=0", "train.log_every=1", "train.tensorboard=false",
     "train.dataset=fashion-mnist:train", "train.build_shards_from=null", "train.autocast=none",
     "train.official_epoch_length=2", "optim.epochs=2", "train.checkpoint_every=2",

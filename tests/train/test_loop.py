@@ -17,21 +17,12 @@ from dinoscale.data.streams import StreamGroups
 from dinoscale.train.build import ensure_shards
 from dinoscale.train.resume import ResumeError, recorded_stream_groups
 from dinoscale.train.step import TooManyBadSteps
+from tests.tiny import TINY_RUN
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
 
-TINY = [
-    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4", "model.img_size=16",
-    "model.drop_path_rate=0.1",
-    "dino.head_n_prototypes=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
-    "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=64", "ibot.head_bottleneck_dim=32",
-    "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
-    "train.batch_size_per_rank=8", "train.num_workers=0", "train.log_every=1", "train.tensorboard=false",
-    "train.official_epoch_length=4", "optim.epochs=5", "optim.warmup_epochs=1", "optim.base_lr=0.001",
-    "optim.scale_lr_with_batch=false", "evaluation.final_knn=false", "train.autocast=none",
-    "train.dataset=fashion-mnist:train", "train.build_shards_from=null",
-]
+TINY = [*TINY_RUN, "model.drop_path_rate=0.1", "optim.base_lr=0.001"]
 
 
 def run(tmp_path, *extra):

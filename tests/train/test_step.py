@@ -12,12 +12,10 @@ from dinoscale.train.build import build_networks, optimizer_from_config, schedul
 from dinoscale.train.perf.flops import example_batch
 from dinoscale.train.metrics import MetricLogger, read_metrics
 from dinoscale.train.step import SkippedStepReview, StepResult, TooManyBadSteps, train_step
+from tests.tiny import TINY_NETWORK
 
 TINY = [
-    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4", "model.img_size=16",
-    "dino.head_n_prototypes=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
-    "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=64", "ibot.head_bottleneck_dim=32",
-    "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
+    *TINY_NETWORK,
     "train.official_epoch_length=4", "optim.epochs=5", "optim.warmup_epochs=1", "optim.scale_lr_with_batch=false",
     "optim.freeze_last_layer_epochs=0", "train.device=cpu",
 ]
