@@ -436,10 +436,11 @@ class DinoV3VisionTransformer(nn.Module):
 
     def _output_dict(self, x: torch.Tensor, masks: torch.Tensor | None, crop_index: int = 0) -> dict:
         cls_storage, patches = self._normed(x, crop_index)
+        storage = cls_storage[:, 1:]
         return {
             "x_norm_clstoken": cls_storage[:, 0],
-            "x_storage_tokens": cls_storage[:, 1:],
-            "x_norm_regtokens": cls_storage[:, 1:],  # the DINOv2 model's name for the same tokens
+            "x_storage_tokens": storage,
+            "x_norm_regtokens": storage,  # the DINOv2 model's name for the same tokens
             "x_norm_patchtokens": patches,
             "x_prenorm": x,
             "masks": masks,
