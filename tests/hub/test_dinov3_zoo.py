@@ -89,7 +89,7 @@ def test_random_weights_are_said(caplog):
         hub.dinov3_vitb16(pretrained=False, weights={"a": torch.zeros(1)})
 
 
-def test_entry_points_have_upstream_signature_and_hubconf_lists_them():
+def test_entry_points_have_upstream_signature_and_hubconf_lists_them(tmp_path):
     for name in NAMES:
         params = inspect.signature(getattr(hub, name)).parameters
         assert params["pretrained"].default is True and params["pretrained"].kind is inspect.Parameter.KEYWORD_ONLY
@@ -99,6 +99,11 @@ def test_entry_points_have_upstream_signature_and_hubconf_lists_them():
     spec.loader.exec_module(hubconf)
     for name in NAMES:
         assert getattr(hubconf, name) is getattr(hub, name)
+    torch.manual_seed(0)
+    src = randomize_(hub.dinov3_vits16(pretrained=False, **TINY))
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    model = torch.hub.load(str(REPO_ROOT), "dinov3_vits16", source="local", weights=str(tmp_path / "w.pth"), **TINY)
+    assert_same_weights(model, src)
 
 
 def test_load_backbone_and_attention_maps_skip_the_storage_tokens(tmp_path):
