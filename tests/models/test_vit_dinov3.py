@@ -274,3 +274,17 @@ def test_factory_config_and_names():
                                          "num_heads"}
     with pytest.raises(ValueError, match="dinov3_vits16"):
         build_backbone("dinov3_vitz16")
+
+
+def test_training_forward_of_the_engine_backpropagates():
+    # what methods.dinov2 does with a student: a list of global and local crops, masks for the globals, in training
+    model = tiny(drop_path_rate=0.2, untie_global_and_local_cls_norm=True).train()
+    g, l = torch.randn(2, 3, 32, 32), torch.randn(4, 3, 16, 16)
+    masks = torch.zeros(2, 4, dtype=torch.bool)
+    masks[:, :2] = True
+    out_g, out_l = model([g, l], masks=[masks, None], is_training=True)
+    loss = out_g["x_norm_clstoken"].sum() + out_g["x_norm_patchtokens"][masks].sum() + out_l["x_norm_clstoken"].sum()
+    loss.backward()
+    assert model.mask_token.grad.abs().sum() > 0 and model.local_cls_norm.weight.grad.abs().sum() > 0
+    assert model.storage_tokens.grad.abs().sum() > 0 and model.blocks[1].mlp.fc1.weight.grad.abs().sum() > 0
+    assert model.blocks[0].drop_path1.drop_prob == model.blocks[1].drop_path1.drop_prob == 0.2  # uniform, as DINOv3
