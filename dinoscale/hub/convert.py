@@ -341,7 +341,8 @@ def hf_to_dinov3(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     ``(1, 1, D)`` becomes ``mask_token`` ``(1, D)``; an empty ``register_tokens`` (no storage tokens) is dropped.
     """
     out, qkv_weights, qkv_biases = {}, {}, {}
-    gated = {m.group(1) for k in state_dict if (m := re.fullmatch(r"(?:model\.)?layer\.(\d+)\.mlp\.gate_proj\.weight", k))}
+    gate = re.compile(r"(?:model\.)?layer\.(\d+)\.mlp\.gate_proj\.weight")
+    gated = {m.group(1) for k in state_dict if (m := gate.fullmatch(k))}
     for key, value in state_dict.items():
         if key == "embeddings.mask_token":
             out["mask_token"] = value.reshape(1, value.shape[-1])

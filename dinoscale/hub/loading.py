@@ -107,7 +107,9 @@ def _is_fixed_or_training_only(key: str) -> bool:
     )
 
 
-def _fit_to_dinov3_model(state_dict: dict[str, torch.Tensor], model: DinoV3VisionTransformer) -> dict[str, torch.Tensor]:
+def _fit_to_dinov3_model(
+    state_dict: dict[str, torch.Tensor], model: DinoV3VisionTransformer
+) -> dict[str, torch.Tensor]:
     """Supply what a timm / Hugging Face DINOv3 state dict lacks from the model: see the module docstring."""
     supplied = []
     for key, value in model.state_dict().items():

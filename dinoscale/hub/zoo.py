@@ -356,7 +356,8 @@ def dinov3_weights_source(
             return None
         path = dinov3_weights_path(name, tag)
         if not path.is_file():
-            raise WeightsLoadError(f"{name}: no released {tag} weights file in torch.hub's cache. {_how_to_get_dinov3(name, tag)}")
+            how = _how_to_get_dinov3(name, tag)
+            raise WeightsLoadError(f"{name}: no released {tag} weights file in torch.hub's cache. {how}")
         return path
     return weights_source(name, weights, pretrained=pretrained, tags=(), release_url="")
 

@@ -183,7 +183,8 @@ def test_untied_norms():
         ref_l = torch.nn.functional.layer_norm(train[1]["x_prenorm"], (32,), eps=1e-5)
         torch.testing.assert_close(train[1]["x_storage_tokens"], 3 * ref_l[:, 1:5])
         model.eval()
-        (patches, cls, extra), = model.get_intermediate_layers(g, n=1, return_class_token=True, return_extra_tokens=True)
+        ((patches, cls, extra),) = model.get_intermediate_layers(g, n=1, return_class_token=True,
+                                                                 return_extra_tokens=True)
     torch.testing.assert_close(cls, 2 * ref[:, 0])
     torch.testing.assert_close(extra, 2 * ref[:, 1:5])
 
