@@ -17,7 +17,7 @@ import torch
 from dinoscale import hub
 from dinoscale.checkpoint import latest_checkpoint
 from dinoscale.config import load_config
-from dinoscale.models.factory import ARCHS, build_backbone
+from dinoscale.models.factory import ARCHS, DINOV3_ARCHS, build_backbone
 
 
 def _parse_value(text: str) -> Any:
@@ -59,8 +59,8 @@ def load_backbone(
 ) -> torch.nn.Module:
     """A frozen (eval, no grad) backbone for evaluation.
 
-    * ``arch`` a ``dinoscale.hub`` name (``dinov2_vits14``, ``dinov2_vitb14_reg``, ...): built by
-      ``hub.load(arch, weights=weights, **model_kwargs)``;
+    * ``arch`` a ``dinoscale.hub`` name (``dinov2_vits14``, ``dinov2_vitb14_reg``, ``dinov3_vitb16``, ...):
+      built by ``hub.load(arch, weights=weights, **model_kwargs)``;
     * ``arch`` an architecture of ``dinoscale.models.factory.ARCHS`` (``vit_small``, ``vit_base``, ...)
       with ``model_kwargs`` (patch_size, num_register_tokens, embed_dim, ...);
     * ``config`` a dinoscale training config (+ ``overrides``): the backbone of ``model:``;
@@ -68,7 +68,7 @@ def load_backbone(
       exported teacher (or newest checkpoint).
 
     ``weights`` may be any file/directory ``dinoscale.hub.load_state_dict_any`` understands
-    (official DINOv2 .pth, timm, Hugging Face, dinoscale checkpoints).
+    (official DINOv2 / DINOv3 .pth, timm, Hugging Face, dinoscale checkpoints).
     """
     model_kwargs = dict(model_kwargs or {})
     if weights is not None and Path(weights).is_dir() and (Path(weights) / "config.yaml").is_file():
@@ -82,16 +82,16 @@ def load_backbone(
         model = build_backbone(cfg.model, drop_path_rate=0.0)
         if weights is not None:
             hub.load_state_dict_any(model, weights)
-    elif arch in hub.MODELS:
+    elif arch in hub.MODELS or arch in hub.DINOV3_MODELS:
         model = hub.load(arch, weights=weights, **model_kwargs)
-    elif arch in ARCHS:
+    elif arch in ARCHS or arch in DINOV3_ARCHS:
         model = build_backbone(arch, **model_kwargs)
         if weights is not None:
             hub.load_state_dict_any(model, weights)
     elif arch is None:
         raise ValueError("no backbone given: pass an arch (e.g. dinov2_vits14), a config, or a run directory")
     else:
-        known = sorted(hub.MODELS) + sorted(ARCHS)
+        known = sorted(hub.MODELS) + sorted(hub.DINOV3_MODELS) + sorted(ARCHS)
         raise ValueError(f"unknown arch {arch!r}; choose one of {known}")
     model.eval()
     for p in model.parameters():
@@ -102,10 +102,13 @@ def load_backbone(
 def add_backbone_args(parser) -> None:
     """The backbone options shared by the evaluation CLIs (see ``backbone_from_args``)."""
     group = parser.add_argument_group("backbone")
-    group.add_argument("--arch", help="dinoscale.hub name (dinov2_vits14, dinov2_vitb14_reg, ...) or vit_small/...")
+    group.add_argument(
+        "--arch", help="dinoscale.hub name (dinov2_vits14, dinov2_vitb14_reg, dinov3_vitb16, ...) or vit_small/..."
+    )
     group.add_argument(
         "--weights",
-        help="checkpoint: official DINOv2 .pth, timm/HF weights, a dinoscale export or checkpoint, or a run directory",
+        help="checkpoint: official DINOv2/DINOv3 .pth, timm/HF weights, a dinoscale export or checkpoint, or a run "
+        "directory",
     )
     group.add_argument("--config", help="dinoscale training config whose model: section defines the backbone")
     group.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="config override")

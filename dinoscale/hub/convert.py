@@ -12,6 +12,13 @@ The official layout is that of :class:`~dinoscale.models.vit.DinoVisionTransform
 
 The layout is detected from the keys. Every converter is a pure function from a state dict to the official
 layout; keys it does not know are passed through, so they show up as "unexpected" when loading.
+
+DINOv3 backbones (``dinoscale.models.vit_dinov3``, whose names are the official DINOv3 ``.pth`` layout) have
+their own detection and converters, used when loading into a DINOv3 model: :func:`convert_to_dinov3` reads the
+official layout, Hugging Face ``DINOv3ViTModel`` (the Hub files' ``layer.<i>.`` names and the in-memory
+``model.layer.<i>.`` names of transformers >= 5) and timm ``vit_*_patch16_dinov3`` (``reg_token``,
+``gamma_1/2``, ``q_bias``/``v_bias``, SwiGLU ``fc1_g/fc1_x/fc2``); :func:`dinov3_to_hf` writes the Hugging
+Face layout back.
 """
 
 from __future__ import annotations
@@ -29,7 +36,11 @@ from dinoscale.parallel import strip_wrapper_prefixes
 logger = logging.getLogger(__name__)
 
 # Keys that mark the root of a backbone in the official/timm and in the Hugging Face layouts.
-_BACKBONE_MARKERS = ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight")
+_BACKBONE_MARKERS = (
+    "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.weight",  # Hugging Face Dinov2Model
+    "embeddings.patch_embeddings.weight",  # Hugging Face DINOv3ViTModel
+)
 
 
 def flatten_state_dict(obj: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -234,3 +245,195 @@ def convert_to_dinov2(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str,
     """Detect the layout of a backbone state dict and convert it; returns ``(state_dict, layout)``."""
     layout = detect_layout(state_dict)
     return _CONVERTERS[layout](state_dict), layout
+
+
+# ---------------------------------------------------------------------------------------------------- DINOv3
+
+
+def detect_dinov3_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """``"huggingface"``, ``"timm"`` or ``"dinov3"`` (the official DINOv3 layout) of a DINOv3 backbone.
+
+    Hugging Face's names start with ``embeddings.`` / ``layer.``; timm's have ``reg_token``, ``gamma_1`` or
+    ``q_bias``; the official files always hold ``mask_token`` and ``rope_embed.periods`` (timm saves neither).
+    """
+    keys = state_dict.keys()
+    if any(k.startswith(("embeddings.", "layer.", "model.layer.")) for k in keys):
+        return "huggingface"
+    timm_marks = (".gamma_1", ".attn.q_bias", ".mlp.fc1_g.weight")
+    if "reg_token" in keys or any(k.endswith(timm_marks) for k in keys):
+        return "timm"
+    if "rope_embed.periods" in keys or "mask_token" in keys or "storage_tokens" in keys:
+        return "dinov3"
+    return "timm"
+
+
+_TIMM_V3_RENAMES = [
+    (r"reg_token", "storage_tokens"),
+    (r"blocks\.(\d+)\.gamma_1", r"blocks.\1.ls1.gamma"),
+    (r"blocks\.(\d+)\.gamma_2", r"blocks.\1.ls2.gamma"),
+    (r"blocks\.(\d+)\.mlp\.fc1_g\.(weight|bias)", r"blocks.\1.mlp.w1.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc1_x\.(weight|bias)", r"blocks.\1.mlp.w2.\2"),
+]
+_TIMM_V3_QKV_BIAS = re.compile(r"(blocks\.\d+\.attn)\.(q|k|v)_bias")
+
+
+def _qkv_bias(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[q; k; v]`` biases, zeros for an absent part (DINOv3's key bias is zero: timm and HF do not save it)."""
+    like = next(iter(parts.values()))
+    return torch.cat([parts.get(name, torch.zeros_like(like)) for name in ("q", "k", "v")])
+
+
+def timm_to_dinov3(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm ``vit_*_patch16_dinov3`` layout -> official DINOv3 layout.
+
+    ``reg_token`` -> ``storage_tokens``; ``gamma_1/2`` -> ``ls1/ls2.gamma``; ``q_bias``/``v_bias`` -> ``qkv.bias``
+    with a zero key bias; SwiGLU ``fc1_g``/``fc1_x``/``fc2`` -> ``w1``/``w2``/``w3``; RoPE buffers and a
+    classifier ``head`` are dropped.
+    """
+    out, biases = {}, {}
+    swiglu_blocks = {m.group(1) for k in state_dict if (m := re.fullmatch(r"(blocks\.\d+)\.mlp\.fc1_g\.weight", k))}
+    for key, value in state_dict.items():
+        if key.startswith("rope."):
+            continue  # fixed function of the architecture, not saved by timm anyway
+        if key.startswith("head."):
+            logger.warning("ignoring classifier weights %s (not part of the backbone)", key)
+            continue
+        if m := _TIMM_V3_QKV_BIAS.fullmatch(key):
+            biases.setdefault(m.group(1), {})[m.group(2)] = value
+            continue
+        m = re.fullmatch(r"(blocks\.\d+)\.mlp\.fc2\.(weight|bias)", key)
+        if m and m.group(1) in swiglu_blocks:
+            out[f"{m.group(1)}.mlp.w3.{m.group(2)}"] = value
+            continue
+        for pattern, replacement in _TIMM_V3_RENAMES:
+            if re.fullmatch(pattern, key):
+                key = re.sub(pattern, replacement, key)
+                break
+        out[key] = value
+    for attn, parts in biases.items():
+        out[f"{attn}.qkv.bias"] = _qkv_bias(parts)
+    return out
+
+
+_HF_V3_LAYER = re.compile(r"(?:model\.)?layer\.(\d+)\.(.+)")
+_HF_V3_IN_LAYER = [
+    (r"(norm1|norm2)\.(weight|bias)", r"\1.\2"),
+    (r"attention\.o_proj\.(weight|bias)", r"attn.proj.\1"),
+    (r"layer_scale1\.lambda1", "ls1.gamma"),
+    (r"layer_scale2\.lambda1", "ls2.gamma"),
+    (r"mlp\.gate_proj\.(weight|bias)", r"mlp.w1.\1"),
+]
+_HF_V3_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.register_tokens": "storage_tokens",
+    "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
+    "norm.weight": "norm.weight",
+    "norm.bias": "norm.bias",
+}
+
+
+def hf_to_dinov3(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face ``DINOv3ViTModel`` layout -> official DINOv3 layout.
+
+    ``q/k/v_proj`` are fused into ``qkv`` (an absent key bias is zero); the gated MLP's ``gate/up/down_proj``
+    become ``w1/w2/w3``, the plain MLP's ``up/down_proj`` become ``fc1/fc2``; ``embeddings.mask_token``
+    ``(1, 1, D)`` becomes ``mask_token`` ``(1, D)``; an empty ``register_tokens`` (no storage tokens) is dropped.
+    """
+    out, qkv_weights, qkv_biases = {}, {}, {}
+    gate = re.compile(r"(?:model\.)?layer\.(\d+)\.mlp\.gate_proj\.weight")
+    gated = {m.group(1) for k in state_dict if (m := gate.fullmatch(k))}
+    for key, value in state_dict.items():
+        if key == "embeddings.mask_token":
+            out["mask_token"] = value.reshape(1, value.shape[-1])
+            continue
+        if key == "embeddings.register_tokens" and value.numel() == 0:
+            continue
+        if key in _HF_V3_TOP:
+            out[_HF_V3_TOP[key]] = value
+            continue
+        m = _HF_V3_LAYER.fullmatch(key)
+        if m is None:
+            out[key] = value  # unknown: reported as unexpected
+            continue
+        layer, rest = m.groups()
+        if q := re.fullmatch(r"attention\.(q|k|v)_proj\.(weight|bias)", rest):
+            (qkv_weights if q.group(2) == "weight" else qkv_biases).setdefault(layer, {})[q.group(1)] = value
+            continue
+        if u := re.fullmatch(r"mlp\.(up|down)_proj\.(weight|bias)", rest):
+            name = {("up", True): "w2", ("down", True): "w3", ("up", False): "fc1", ("down", False): "fc2"}
+            out[f"blocks.{layer}.mlp.{name[(u.group(1), layer in gated)]}.{u.group(2)}"] = value
+            continue
+        for pattern, replacement in _HF_V3_IN_LAYER:
+            if re.fullmatch(pattern, rest):
+                out[f"blocks.{layer}.{re.sub(pattern, replacement, rest)}"] = value
+                break
+        else:
+            out[key] = value
+    for layer, parts in qkv_weights.items():
+        out[f"blocks.{layer}.attn.qkv.weight"] = _fuse_qkv(parts, f"layer.{layer}.attention weight")
+    for layer, parts in qkv_biases.items():
+        out[f"blocks.{layer}.attn.qkv.bias"] = _qkv_bias(parts)
+    return out
+
+
+def dinov3_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official DINOv3 layout -> Hugging Face ``DINOv3ViTModel`` layout, with the Hub files' ``layer.<i>.`` names.
+
+    A masked key bias (``qkv.bias_mask`` present) is not written (``key_bias=False``); ``rope_embed.periods``,
+    ``bias_mask`` and the training-only ``local_cls_norm`` are dropped. Untied ``cls_norm`` has no Hugging Face
+    counterpart: WeightsLoadError.
+    """
+    if any(k.startswith("cls_norm.") for k in state_dict):
+        raise WeightsLoadError("Hugging Face's DINOv3ViTModel has no separate cls_norm (untie_cls_and_patch_norms)")
+    top = {ours: hf for hf, ours in _HF_V3_TOP.items()}
+    out = {}
+    for key, value in state_dict.items():
+        if key == "mask_token":
+            out["embeddings.mask_token"] = value.reshape(1, 1, value.shape[-1])
+        elif key in top:
+            out[top[key]] = value
+        elif key == "rope_embed.periods" or key.endswith(".bias_mask") or key.startswith("local_cls_norm."):
+            continue
+        elif m := re.fullmatch(r"blocks\.(\d+)\.(.+)", key):
+            layer, rest = m.groups()
+            prefix = f"layer.{layer}."
+            if rest == "attn.qkv.weight":
+                for name, part in zip("qkv", value.chunk(3)):
+                    out[f"{prefix}attention.{name}_proj.weight"] = part
+            elif rest == "attn.qkv.bias":
+                masked = f"blocks.{layer}.attn.qkv.bias_mask" in state_dict
+                for name, part in zip("qkv", value.chunk(3)):
+                    if not (masked and name == "k"):
+                        out[f"{prefix}attention.{name}_proj.bias"] = part
+            else:
+                renames = [
+                    (r"(norm1|norm2)\.(weight|bias)", r"\1.\2"),
+                    (r"attn\.proj\.(weight|bias)", r"attention.o_proj.\1"),
+                    (r"ls1\.gamma", "layer_scale1.lambda1"),
+                    (r"ls2\.gamma", "layer_scale2.lambda1"),
+                    (r"mlp\.w1\.(weight|bias)", r"mlp.gate_proj.\1"),
+                    (r"mlp\.(?:w2|fc1)\.(weight|bias)", r"mlp.up_proj.\1"),
+                    (r"mlp\.(?:w3|fc2)\.(weight|bias)", r"mlp.down_proj.\1"),
+                ]
+                for pattern, replacement in renames:
+                    if re.fullmatch(pattern, rest):
+                        out[prefix + re.sub(pattern, replacement, rest)] = value
+                        break
+                else:
+                    raise WeightsLoadError(f"no Hugging Face name for {key}")
+        else:
+            raise WeightsLoadError(f"no Hugging Face name for {key}")
+    if "embeddings.register_tokens" not in out and "cls_token" in state_dict:
+        cls = state_dict["cls_token"]
+        out["embeddings.register_tokens"] = cls.new_zeros(1, 0, cls.shape[-1])  # HF keeps an empty one
+    return out
+
+
+_DINOV3_CONVERTERS = {"dinov3": dict, "timm": timm_to_dinov3, "huggingface": hf_to_dinov3}
+
+
+def convert_to_dinov3(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Detect the layout of a DINOv3 backbone state dict and convert it; returns ``(state_dict, layout)``."""
+    layout = detect_dinov3_layout(state_dict)
+    return _DINOV3_CONVERTERS[layout](state_dict), layout

@@ -11,6 +11,12 @@ sizes (:func:`source_interpolation`), so the model's features equal the library'
 layout keeps the model's own setting. ``interpolation="model"`` always keeps the model's (training does: its
 config decides, for the student and the teacher alike). The setting is the model's ``interpolate_offset`` /
 ``interpolate_antialias``; it is not part of the state dict.
+
+A DINOv3 model (``DinoV3VisionTransformer``) reads the official DINOv3, Hugging Face ``DINOv3ViTModel`` and
+timm ``vit_*_patch16_dinov3`` layouts (``convert.convert_to_dinov3``); it has no position embedding to
+interpolate (RoPE). What those libraries do not save is taken from the model: the RoPE periods and the key-bias
+mask (fixed by the architecture), the training-only ``mask_token`` and ``local_cls_norm``, and a zero qkv bias
+where the weights have none.
 """
 
 from __future__ import annotations
@@ -22,9 +28,17 @@ from collections.abc import Mapping
 
 import torch
 
-from dinoscale.hub.convert import convert_to_dinov2, flatten_state_dict, is_square, select_backbone, strip_wrapper_keys
+from dinoscale.hub.convert import (
+    convert_to_dinov2,
+    convert_to_dinov3,
+    flatten_state_dict,
+    is_square,
+    select_backbone,
+    strip_wrapper_keys,
+)
 from dinoscale.hub.io import MAX_LISTED, WeightsLoadError, read_checkpoint
 from dinoscale.models.vit import DinoVisionTransformer, resample_pos_embed
+from dinoscale.models.vit_dinov3 import DinoV3VisionTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +97,36 @@ def _fit_to_model(
     return state_dict
 
 
+def _is_fixed_or_training_only(key: str) -> bool:
+    """DINOv3 entries the libraries other than the official one do not save: the RoPE periods and the key-bias
+    mask (functions of the architecture), the mask token and the local crops' class norm (training only)."""
+    return (
+        key in ("rope_embed.periods", "mask_token")
+        or key.endswith(".attn.qkv.bias_mask")
+        or key.startswith("local_cls_norm.")
+    )
+
+
+def _fit_to_dinov3_model(
+    state_dict: dict[str, torch.Tensor], model: DinoV3VisionTransformer
+) -> dict[str, torch.Tensor]:
+    """Supply what a timm / Hugging Face DINOv3 state dict lacks from the model: see the module docstring."""
+    supplied = []
+    for key, value in model.state_dict().items():
+        if key in state_dict:
+            continue
+        if _is_fixed_or_training_only(key):
+            state_dict[key] = value.detach().clone()
+        elif key.endswith(".attn.qkv.bias") and key[: -len("bias")] + "weight" in state_dict:
+            state_dict[key] = torch.zeros_like(value)  # weights without a qkv bias: the same as a zero bias
+        else:
+            continue
+        supplied.append(key)
+    if supplied:
+        logger.info("taken from the model (not in the weights): %s", _listing(supplied))
+    return state_dict
+
+
 def _follow_interpolation(model: DinoVisionTransformer, layout: str, offset: float, antialias: bool) -> None:
     """Set the model's position-embedding interpolation; the first switch of each kind is logged."""
     before = (model.interpolate_offset, model.interpolate_antialias)
@@ -98,6 +142,12 @@ def _follow_interpolation(model: DinoVisionTransformer, layout: str, offset: flo
 
 def describe_model(model: torch.nn.Module) -> str:
     """The sizes that decide which weights fit a backbone, for error messages."""
+    if isinstance(model, DinoV3VisionTransformer):
+        return (
+            f"DinoV3VisionTransformer(embed_dim={model.embed_dim}, depth={model.n_blocks}, "
+            f"num_heads={model.num_heads}, patch_size={model.patch_size}, "
+            f"n_storage_tokens={model.n_storage_tokens}, ffn={type(model.blocks[0].mlp).__name__})"
+        )
     if isinstance(model, DinoVisionTransformer):
         return (
             f"DinoVisionTransformer(embed_dim={model.embed_dim}, depth={model.n_blocks}, "
@@ -138,10 +188,15 @@ def load_state_dict_any(
         raise ValueError(f"interpolation must be one of {INTERPOLATION_CHOICES}, got {interpolation!r}")
     flat, source = read_tensors(obj_or_path)
     backbone, prefix = select_backbone(flat)
-    converted, layout = convert_to_dinov2(backbone)
-    follow = source_interpolation(layout, converted) if interpolation == "source" else None
-    offset, antialias = follow or (model.interpolate_offset, model.interpolate_antialias)
-    converted = _fit_to_model(converted, model, offset, antialias)
+    follow = None
+    if isinstance(model, DinoV3VisionTransformer):  # RoPE: nothing to interpolate
+        converted, layout = convert_to_dinov3(backbone)
+        converted = _fit_to_dinov3_model(converted, model)
+    else:
+        converted, layout = convert_to_dinov2(backbone)
+        follow = source_interpolation(layout, converted) if interpolation == "source" else None
+        offset, antialias = follow or (model.interpolate_offset, model.interpolate_antialias)
+        converted = _fit_to_model(converted, model, offset, antialias)
 
     expected = model.state_dict()
     # Listed in model (resp. checkpoint) order, which reads better than an alphabetical blocks.1, blocks.10, ...

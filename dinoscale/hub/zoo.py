@@ -1,4 +1,4 @@
-"""The named backbones: one table of the released DINOv2 models, their release hyper-parameters and weights.
+"""The named backbones: tables of the released DINOv2 and DINOv3 models, their release hyper-parameters and weights.
 
 Two ways to build one:
 
@@ -17,6 +17,13 @@ and the interpolation arguments may change (the position embedding is resampled)
 Released weights are downloaded once into torch.hub's cache, ``torch.hub.get_dir()/checkpoints/<file>``
 (``dinoscale.hub.io.url_cache_path``); a file found there is used without network. Without network and
 without the file, one ``WeightsLoadError`` names the URL and the path to put the file at.
+
+DINOv3 (``DINOV3_MODELS``: ``dinov3_vits16``, ``dinov3_vits16plus``, ``dinov3_vitb16``, ``dinov3_vitl16``,
+``dinov3_vitl16plus``, ``dinov3_vith16plus``, ``dinov3_vit7b16``) works the same way, with upstream DINOv3's
+signature (``weights="LVD1689M"`` or ``"SAT493M"``), except that Meta hands its weights out through signed URLs
+only: the released weights are the file of the release's name in torch.hub's cache (where upstream's hub puts
+it too), and without it one ``WeightsLoadError`` says where to request it and where to put it. Weights in the
+official, Hugging Face or timm layout load from a path or state dict (``weights=...``).
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ from typing import Any
 
 import torch
 
-from dinoscale.hub.io import url_cache_path
-from dinoscale.hub.loading import describe_model, load_state_dict_any
-from dinoscale.models.factory import build_backbone
+from dinoscale.hub.io import WeightsLoadError, url_cache_path
+from dinoscale.hub.loading import describe_model, load_state_dict_any, read_tensors
+from dinoscale.models.factory import DINOV3_ARCHS, build_backbone
 from dinoscale.models.vit import DinoVisionTransformer
+from dinoscale.models.vit_dinov3 import DinoV3VisionTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +120,7 @@ MODELS: dict[str, NamedModel] = {
 def named_model(name: str) -> NamedModel:
     """The entry of ``MODELS`` called ``name``; ValueError listing the names otherwise."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS) + sorted(DINOV3_MODELS)}")
     return MODELS[name]
 
 
@@ -216,12 +224,15 @@ def build_named(name: str, source: str | os.PathLike | Mapping | None, **kwargs)
     return model
 
 
-def load(name: str, weights: WeightsArg = None, **kwargs) -> DinoVisionTransformer:
-    """Build the named backbone (see ``MODELS``) and load ``weights`` into it.
+def load(name: str, weights: WeightsArg = None, **kwargs) -> DinoVisionTransformer | DinoV3VisionTransformer:
+    """Build the named backbone (see ``MODELS`` and ``DINOV3_MODELS``) and load ``weights`` into it.
 
-    ``weights``: path, URL, state dict, ``"official"`` / ``"LVD142M"`` (the released weights) or None (random
-    weights, said once per process); ``kwargs`` override the release's arguments.
+    ``weights``: path, URL, state dict, ``"official"`` / ``"LVD142M"`` (DINOv2) / ``"LVD1689M"``, ``"SAT493M"``
+    (DINOv3) for the released weights, or None (random weights, said once per process); ``kwargs`` override the
+    release's arguments.
     """
+    if name in DINOV3_MODELS:
+        return build_dinov3(name, dinov3_weights_source(name, weights, pretrained=True), **kwargs)
     spec = named_model(name)
     source = weights_source(name, weights, pretrained=True, tags=(Weights.LVD142M.name,), release_url=spec.weights_url)
     return build_named(name, source, **kwargs)
@@ -257,3 +268,147 @@ dinov2_vits14_reg = _named_constructor("dinov2_vits14_reg")
 dinov2_vitb14_reg = _named_constructor("dinov2_vitb14_reg")
 dinov2_vitl14_reg = _named_constructor("dinov2_vitl14_reg")
 dinov2_vitg14_reg = _named_constructor("dinov2_vitg14_reg")
+
+
+# ---------------------------------------------------------------------------------------------------- DINOv3
+
+DINOV3_DOWNLOAD_PAGE = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+
+
+class Dinov3Weights(Enum):
+    """Upstream DINOv3's names of the released backbone weights (the pretraining data)."""
+
+    LVD1689M = "LVD1689M"
+    SAT493M = "SAT493M"
+
+
+@dataclass(frozen=True)
+class Dinov3Release:
+    """A released DINOv3 backbone: its architecture (``factory.DINOV3_ARCHS``, named as the release), the hash
+    suffix of its file for each set of weights, and a one-line description."""
+
+    arch: str
+    hashes: dict[str, str]  # Dinov3Weights name -> hash in the file name
+    description: str
+
+    def file_name(self, tag: str) -> str:
+        """Upstream's file name, e.g. ``dinov3_vits16_pretrain_lvd1689m-08c60483.pth``."""
+        return f"{self.arch}_pretrain_{tag.lower()}-{self.hashes[tag]}.pth"
+
+
+# name -> release (facebookresearch/dinov3, dinov3/hub/backbones.py: architectures and file hashes)
+DINOV3_MODELS: dict[str, Dinov3Release] = {
+    "dinov3_vits16": Dinov3Release("dinov3_vits16", {"LVD1689M": "08c60483"}, "DINOv3 ViT-S/16 distilled"),
+    "dinov3_vits16plus": Dinov3Release(
+        "dinov3_vits16plus", {"LVD1689M": "4057cbaa"}, "DINOv3 ViT-S+/16 distilled (SwiGLU)"
+    ),
+    "dinov3_vitb16": Dinov3Release("dinov3_vitb16", {"LVD1689M": "73cec8be"}, "DINOv3 ViT-B/16 distilled"),
+    "dinov3_vitl16": Dinov3Release(
+        "dinov3_vitl16", {"LVD1689M": "8aa4cbdd", "SAT493M": "eadcf0ff"}, "DINOv3 ViT-L/16 distilled"
+    ),
+    "dinov3_vitl16plus": Dinov3Release(
+        "dinov3_vitl16plus", {"LVD1689M": "46503df0"}, "DINOv3 ViT-L+/16 distilled (SwiGLU)"
+    ),
+    "dinov3_vith16plus": Dinov3Release(
+        "dinov3_vith16plus", {"LVD1689M": "7c1da9a5"}, "DINOv3 ViT-H+/16 distilled (SwiGLU)"
+    ),
+    "dinov3_vit7b16": Dinov3Release(
+        "dinov3_vit7b16", {"LVD1689M": "a955f4ea", "SAT493M": "a6675841"}, "DINOv3 ViT-7B/16"
+    ),
+}
+assert all(spec.arch in DINOV3_ARCHS for spec in DINOV3_MODELS.values())
+
+
+def dinov3_weights_path(name: str, weights: str = Dinov3Weights.LVD1689M.name) -> Path:
+    """Where the released DINOv3 file ``name`` / ``weights`` is looked for: torch.hub's cache,
+    ``torch.hub.get_dir()/checkpoints/<upstream's file name>`` (upstream's hub caches a signed URL's file there)."""
+    spec = DINOV3_MODELS[name]
+    if weights not in spec.hashes:
+        raise ValueError(f"{name} was released with weights {sorted(spec.hashes)}, not {weights!r}")
+    return Path(torch.hub.get_dir()) / "checkpoints" / spec.file_name(weights)
+
+
+def _how_to_get_dinov3(name: str, weights: str = Dinov3Weights.LVD1689M.name) -> str:
+    path = dinov3_weights_path(name, weights)
+    return (
+        f"Meta hands out the released DINOv3 weights through signed URLs only: request them at "
+        f"{DINOV3_DOWNLOAD_PAGE}, download {path.name} and put it at {path} (torch.hub's cache, "
+        f"torch.hub.get_dir()/checkpoints; $TORCH_HOME moves it), then dinoscale.hub.load({name!r}, "
+        "weights='official'); or pass weights=<the downloaded file, or its signed URL>."
+    )
+
+
+def dinov3_weights_source(
+    name: str, weights: WeightsArg, *, pretrained: bool
+) -> str | os.PathLike | Mapping | None:
+    """What the DINOv3 model ``name`` loads: the released file in torch.hub's cache (``"official"``,
+    ``"LVD1689M"``, ``"SAT493M"`` or the Dinov3Weights member, when ``pretrained``), the given path / URL /
+    state dict, or None (random weights). A release tag whose file is not in the cache is one
+    WeightsLoadError saying where to get the file and where to put it; nothing is downloaded."""
+    spec = DINOV3_MODELS[name]
+    tag = _tag(weights)
+    if tag == OFFICIAL:
+        tag = Dinov3Weights.LVD1689M.name
+    if tag in Dinov3Weights.__members__:
+        if tag not in spec.hashes:
+            raise ValueError(f"{name} was released with weights {sorted(spec.hashes)}, not {tag!r}")
+        if not pretrained:
+            return None
+        path = dinov3_weights_path(name, tag)
+        if not path.is_file():
+            how = _how_to_get_dinov3(name, tag)
+            raise WeightsLoadError(f"{name}: no released {tag} weights file in torch.hub's cache. {how}")
+        return path
+    return weights_source(name, weights, pretrained=pretrained, tags=(), release_url="")
+
+
+def build_dinov3(name: str, source: str | os.PathLike | Mapping | None, **kwargs) -> DinoV3VisionTransformer:
+    """The DINOv3 backbone ``name`` with ``kwargs`` overriding the release's arguments, ``source`` loaded into it
+    (None: random weights, said once per process).
+
+    Weights holding ``local_cls_norm`` (the 7B, the satellite ViT-L) build the model with
+    ``untie_global_and_local_cls_norm=True`` unless ``kwargs`` say otherwise, as upstream's hub does.
+    """
+    spec = DINOV3_MODELS[name]
+    for upstream_only in ("check_hash", "hash", "version"):  # upstream's file-selection arguments
+        kwargs.pop(upstream_only, None)
+    tensors = None
+    if source is not None:
+        tensors, _ = read_tensors(source)
+        if any(k == "local_cls_norm.weight" or k.endswith(".local_cls_norm.weight") for k in tensors):
+            kwargs.setdefault("untie_global_and_local_cls_norm", True)
+    model = build_backbone(spec.arch, **kwargs)
+    if tensors is None:
+        warn_random_weights(name, _how_to_get_dinov3(name))
+    else:
+        load_state_dict_any(model, tensors)
+    return model
+
+
+def _dinov3_constructor(name: str) -> Callable[..., DinoV3VisionTransformer]:
+    def constructor(
+        *, pretrained: bool = True, weights: WeightsArg = Dinov3Weights.LVD1689M, check_hash: bool = False, **kwargs
+    ) -> DinoV3VisionTransformer:
+        return build_dinov3(name, dinov3_weights_source(name, weights, pretrained=pretrained), **kwargs)
+
+    spec = DINOV3_MODELS[name]
+    constructor.__name__ = constructor.__qualname__ = name
+    constructor.__doc__ = (
+        f"{spec.description} with the release hyper-parameters; upstream DINOv3's hub signature.\n\n"
+        f"``pretrained=True``: the released weights ({', '.join(spec.hashes)}), read from torch.hub's cache, where "
+        "the file must be put by hand (Meta's signed URLs; the error without it says where); ``pretrained=False``: "
+        "random weights. ``weights``: a release tag, ``\"official\"``, or a path, URL or state dict in the "
+        "official, Hugging Face or timm layout. ``check_hash`` is accepted for upstream's signature and not used. "
+        "``kwargs`` override the release's DinoV3VisionTransformer arguments."
+    )
+    return constructor
+
+
+# The torch.hub entry points (hubconf.py), one per entry of DINOV3_MODELS.
+dinov3_vits16 = _dinov3_constructor("dinov3_vits16")
+dinov3_vits16plus = _dinov3_constructor("dinov3_vits16plus")
+dinov3_vitb16 = _dinov3_constructor("dinov3_vitb16")
+dinov3_vitl16 = _dinov3_constructor("dinov3_vitl16")
+dinov3_vitl16plus = _dinov3_constructor("dinov3_vitl16plus")
+dinov3_vith16plus = _dinov3_constructor("dinov3_vith16plus")
+dinov3_vit7b16 = _dinov3_constructor("dinov3_vit7b16")

@@ -22,6 +22,11 @@ forward), or such a list packed into one ``(sum_i B_i * N_i, C)`` tensor with it
 ``((B_1, N_1), ...)`` (what the ViT's blocks pass). For several crops the token-wise projections run once
 over all tokens, and attention stays within each crop: per crop for sdpa/math, through one
 block-diagonal xformers call otherwise.
+
+Rotary position embeddings (DINOv3): ``forward(..., rope=(sin, cos))`` rotates the queries and keys of the
+*last* ``HW`` tokens (the patches; the class and storage tokens in front stay unrotated) before attention;
+packed crops take one ``(sin, cos)`` per crop. With RoPE the xformers backend is not used (sdpa instead,
+said once). ``mask_k_bias=True`` makes ``qkv`` a :class:`MaskedKeyBiasLinear` (DINOv3's layout).
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ ATTN_ENV_VAR = "DINOSCALE_ATTN"
 _UNSET = object()
 _xformers_ops_cache: object = _UNSET
 _warned_xformers_fallback = False
+_warned_xformers_rope = False
+
+RopeSinCos = tuple[torch.Tensor, torch.Tensor]  # (sin, cos), each (HW, head_dim)
 
 
 def resolve_attn_backend(attn_backend: str | None = None) -> str:
@@ -148,6 +156,61 @@ def _use_cpu_matmul_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
     return q.dtype == torch.float32 and k.shape[-2] <= CPU_FP32_MATMUL_MAX_TOKENS
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last dimension (its two halves)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, rope: RopeSinCos) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the patch tokens of ``q`` and ``k`` (``(B, heads, N, d)``): ``t * cos + rotate_half(t) * sin``.
+
+    ``sin``/``cos`` are ``(HW, d)`` for the last ``HW`` tokens; the ``N - HW`` tokens in front (class and
+    storage tokens) are left as they are. The rotation runs in the dtype of ``sin`` (the RoPE dtype, fp32 in
+    the releases) and the result is cast back to the dtype of ``q``/``k``.
+    """
+    sin, cos = rope
+    n_prefix = q.shape[-2] - sin.shape[-2]
+    if n_prefix < 0:
+        raise ValueError(f"RoPE for {sin.shape[-2]} patches but only {q.shape[-2]} tokens")
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:
+        patches = t[..., n_prefix:, :].to(sin.dtype)
+        patches = (patches * cos + rotate_half(patches) * sin).to(t.dtype)
+        return torch.cat((t[..., :n_prefix, :], patches), dim=-2)
+
+    return rotate(q), rotate(k)
+
+
+class MaskedKeyBiasLinear(nn.Linear):
+    """The qkv projection of DINOv3: its bias is multiplied by the fixed buffer ``bias_mask``, 1 on the query
+    and value thirds and 0 on the key third, so the key bias is always zero (``F.linear(x, W, b * mask)``).
+
+    ``bias_mask`` is a persistent buffer because the official checkpoints hold it (``attn.qkv.bias_mask``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        if out_features % 3 != 0:
+            raise ValueError(f"a qkv projection needs out_features divisible by 3, got {out_features}")
+        if bias:
+            self.register_buffer("bias_mask", torch.empty(out_features, device=self.weight.device))
+            self.reset_bias_mask()
+        else:
+            self.bias_mask = None
+
+    @torch.no_grad()
+    def reset_bias_mask(self) -> None:
+        if self.bias_mask is not None:
+            third = self.out_features // 3
+            self.bias_mask.fill_(1.0)
+            self.bias_mask[third : 2 * third] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias * self.bias_mask.to(self.bias.dtype)
+        return F.linear(x, self.weight, bias)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused ``qkv`` projection and an output ``proj`` (DINOv2 names).
 
@@ -157,6 +220,7 @@ class Attention(nn.Module):
         qkv_bias: bias in the qkv projection.
         proj_bias: bias in the output projection.
         attn_backend: ``"sdpa"`` (None means sdpa), ``"xformers"`` or ``"math"``; ``$DINOSCALE_ATTN`` wins.
+        mask_k_bias: the qkv projection keeps its key bias at zero (:class:`MaskedKeyBiasLinear`, DINOv3).
     """
 
     def __init__(
@@ -166,6 +230,7 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         proj_bias: bool = True,
         attn_backend: str | None = None,
+        mask_k_bias: bool = False,
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
@@ -174,14 +239,20 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.attn_backend = resolve_attn_backend(attn_backend)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = (MaskedKeyBiasLinear if mask_k_bias else nn.Linear)(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, attn_backend={self.attn_backend!r}"
 
-    def _use_xformers(self, x: torch.Tensor) -> bool:
+    def _use_xformers(self, x: torch.Tensor, rope: object = None) -> bool:
+        global _warned_xformers_rope
         if self.attn_backend != "xformers":
+            return False
+        if rope is not None:
+            if not _warned_xformers_rope:
+                _warned_xformers_rope = True
+                warnings.warn("attention backend 'xformers' has no RoPE path here; using 'sdpa'", stacklevel=3)
             return False
         if not x.is_cuda:
             _warn_xformers_fallback("the tensors are not on CUDA")
@@ -192,10 +263,12 @@ class Attention(nn.Module):
             return False
         return True
 
-    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+    def _attend(self, qkv: torch.Tensor, rope: RopeSinCos | None = None) -> torch.Tensor:
         """Attention over packed ``qkv`` of shape ``(B, N, 3, heads, d)`` with sdpa or math -> ``(B, N, heads*d)``."""
         B, N = qkv.shape[:2]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d)
+        if rope is not None:
+            q, k = apply_rope(q, k, rope)
         if self.attn_backend == "math":
             out = math_attention(q, k, v)
         elif _use_cpu_matmul_attention(q, k):
@@ -209,41 +282,54 @@ class Attention(nn.Module):
         x: torch.Tensor | Sequence[torch.Tensor],
         crop_shapes: tuple[tuple[int, int], ...] | None = None,
         out_scale: torch.Tensor | None = None,
+        rope: RopeSinCos | Sequence[RopeSinCos] | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """``(B, N, C)`` -> ``(B, N, C)``; a list of ``(B_i, N_i, C)`` -> a list; packed ``(sum B_i N_i, C)`` with
         ``crop_shapes`` -> packed. Tokens attend only within their own image of their own crop.
-        ``out_scale``: a per-channel factor on the output (LayerScale), folded into ``proj``."""
+        ``out_scale``: a per-channel factor on the output (LayerScale), folded into ``proj``.
+        ``rope``: ``(sin, cos)`` for one tensor, one such pair per crop for a list or packed crops."""
         if isinstance(x, (list, tuple)):
-            return self._forward_list(list(x), out_scale)
+            return self._forward_list(list(x), out_scale, rope)
         if crop_shapes is not None:
-            return self._forward_packed(x, crop_shapes, out_scale)
+            return self._forward_packed(x, crop_shapes, out_scale, rope)
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
-        if self._use_xformers(x):
+        if self._use_xformers(x, rope):
             q, k, v = qkv.unbind(2)  # xformers wants (B, N, heads, d)
             out = _xformers_ops().memory_efficient_attention(q, k, v).reshape(B, N, C)
         else:
-            out = self._attend(qkv)
+            out = self._attend(qkv, rope)
         return scaled_linear(self.proj, out, out_scale)
 
-    def _forward_list(self, xs: list[torch.Tensor], out_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def _forward_list(
+        self,
+        xs: list[torch.Tensor],
+        out_scale: torch.Tensor | None = None,
+        rope: Sequence[RopeSinCos] | None = None,
+    ) -> list[torch.Tensor]:
         if not xs:
             raise ValueError("Attention got an empty list of token tensors")
         C = xs[0].shape[-1]
         shapes = tuple((int(x.shape[0]), int(x.shape[1])) for x in xs)
-        out = self._forward_packed(torch.cat([x.reshape(-1, C) for x in xs]), shapes, out_scale)
+        out = self._forward_packed(torch.cat([x.reshape(-1, C) for x in xs]), shapes, out_scale, rope)
         return [o.view(b, n, C) for o, (b, n) in zip(out.split([b * n for b, n in shapes]), shapes)]
 
     def _forward_packed(
-        self, x: torch.Tensor, crop_shapes: tuple[tuple[int, int], ...], out_scale: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        crop_shapes: tuple[tuple[int, int], ...],
+        out_scale: torch.Tensor | None = None,
+        rope: Sequence[RopeSinCos] | None = None,
     ) -> torch.Tensor:
         """Packed tokens ``(sum_i B_i * N_i, C)`` of the crops ``((B_i, N_i), ...)`` -> packed output."""
         T, C = x.shape
         if T != sum(b * n for b, n in crop_shapes):
             raise ValueError(f"{T} packed tokens do not match the crop shapes {crop_shapes}")
+        if rope is not None and len(rope) != len(crop_shapes):
+            raise ValueError(f"got {len(rope)} RoPE (sin, cos) pairs for {len(crop_shapes)} crops")
         # Projections are token-wise: one matmul over all crops' tokens each.
         qkv = self.qkv(x)
-        if self._use_xformers(x):
+        if self._use_xformers(x, rope):
             fmha = _xformers_ops().fmha
             # One kernel call over all crops; the block-diagonal bias keeps each image's tokens separate.
             attn_bias = fmha.BlockDiagonalMask.from_seqlens([n for b, n in crop_shapes for _ in range(b)])
@@ -251,15 +337,18 @@ class Attention(nn.Module):
             out = _xformers_ops().memory_efficient_attention(q, k, v, attn_bias=attn_bias).reshape(T, C)
         else:
             sizes = [b * n for b, n in crop_shapes]
+            ropes = rope if rope is not None else [None] * len(crop_shapes)
             outs = [
-                self._attend(part.view(b, n, 3, self.num_heads, self.head_dim)).reshape(-1, C)
-                for part, (b, n) in zip(qkv.split(sizes), crop_shapes)
+                self._attend(part.view(b, n, 3, self.num_heads, self.head_dim), r).reshape(-1, C)
+                for part, (b, n), r in zip(qkv.split(sizes), crop_shapes, ropes)
             ]
             out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return scaled_linear(self.proj, out, out_scale)
 
-    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+    def attention_probs(self, x: torch.Tensor, rope: RopeSinCos | None = None) -> torch.Tensor:
         """Attention probabilities ``(B, heads, N, N)`` for ``x`` of shape ``(B, N, C)`` (explicit softmax)."""
         B, N, _ = x.shape
         q, k, _v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if rope is not None:
+            q, k = apply_rope(q, k, rope)
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)

@@ -194,6 +194,23 @@ def _gamma(layer_scale: nn.Module) -> torch.Tensor | None:
     return layer_scale.gamma if isinstance(layer_scale, LayerScale) else None
 
 
+def block_indices(n: int | Sequence[int], depth: int) -> list[int]:
+    """The blocks ``get_intermediate_layers(n=...)`` returns, sorted: the last ``n`` for an int, else the listed
+    indices (negative ones count from the end); ValueError for an out-of-range or empty choice."""
+    if isinstance(n, int):
+        if not 1 <= n <= depth:
+            raise ValueError(f"n={n} must be between 1 and the number of blocks ({depth})")
+        return list(range(depth - n, depth))
+    indices = []
+    for i in n:
+        if not -depth <= i < depth:
+            raise ValueError(f"block index {i} out of range for {depth} blocks")
+        indices.append(i % depth)
+    if not indices:
+        raise ValueError("n is an empty list of block indices")
+    return sorted(set(indices))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``.
 
@@ -471,19 +488,7 @@ class DinoVisionTransformer(nn.Module):
         return self.head(out["x_norm_clstoken"])
 
     def _block_indices(self, n: int | Sequence[int]) -> list[int]:
-        depth = len(self.blocks)
-        if isinstance(n, int):
-            if not 1 <= n <= depth:
-                raise ValueError(f"n={n} must be between 1 and the number of blocks ({depth})")
-            return list(range(depth - n, depth))
-        indices = []
-        for i in n:
-            if not -depth <= i < depth:
-                raise ValueError(f"block index {i} out of range for {depth} blocks")
-            indices.append(i % depth)
-        if not indices:
-            raise ValueError("n is an empty list of block indices")
-        return sorted(set(indices))
+        return block_indices(n, len(self.blocks))
 
     def get_intermediate_layers(
         self,

@@ -144,7 +144,7 @@ def test_hubconf_lists_upstream_entry_points_and_loads_locally(tmp_path):
     hubconf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hubconf)  # what torch.hub.load(..., source="local") imports
     entry_points = {name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")}
-    assert entry_points == set(BACKBONES) | {f"{n}_lc" for n in BACKBONES}
+    assert entry_points == set(BACKBONES) | {f"{n}_lc" for n in BACKBONES} | set(hub.DINOV3_MODELS)
     assert hubconf.dependencies == ["torch", "safetensors"]
     src = randomize_(hub.dinov2_vits14(pretrained=False, img_size=56, depth=2))
     torch.save(src.state_dict(), tmp_path / "w.pth")
