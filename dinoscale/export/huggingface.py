@@ -1,5 +1,6 @@
 """Hugging Face export: a ``save_pretrained``-style folder (``config.json`` + ``model.safetensors``) that
-``transformers.Dinov2Model.from_pretrained`` (``Dinov2WithRegistersModel`` for a backbone with registers) loads.
+``transformers.Dinov2Model.from_pretrained`` (``Dinov2WithRegistersModel`` for a backbone with registers) loads,
+or, for a DINOv3 backbone (``dinoscale.models.vit_dinov3``), ``transformers.DINOv3ViTModel.from_pretrained``.
 
 ``last_hidden_state`` is ``[cls, registers, patches]`` after the final LayerNorm, so
 ``last_hidden_state[:, 0]`` (= ``pooler_output``) is our ``x_norm_clstoken`` and
@@ -23,7 +24,10 @@ from safetensors.torch import save_file
 
 from dinoscale.export.backbone import BackboneSpec, ExportError, backbone_spec, export_state_dict
 from dinoscale.export.output import staged_files
+from dinoscale.hub.convert import dinov3_to_hf
+from dinoscale.hub.io import WeightsLoadError
 from dinoscale.models.vit import DinoVisionTransformer, swiglu_hidden_features
+from dinoscale.models.vit_dinov3 import DinoV3VisionTransformer, SwiGLUFFN as DinoV3SwiGLUFFN
 
 FILES = ("config.json", "model.safetensors")
 
@@ -111,11 +115,60 @@ def hf_config(spec: BackboneSpec):
     return config
 
 
-def export_huggingface(model: DinoVisionTransformer, folder: str | Path, *, overwrite: bool = False) -> list[Path]:
+def dinov3_hf_config(model: DinoV3VisionTransformer):
+    """The ``transformers.DINOv3ViTConfig`` of a DINOv3 backbone; ExportError for what the class cannot express
+    (RoPE periods given as min/max instead of a base, another coordinate normalisation, an untied CLS norm)."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ExportError(f"the Hugging Face export needs transformers (pip install transformers): {exc}") from exc
+    rope = model.rope_embed
+    if rope.base is None:
+        raise ExportError("DINOv3ViTConfig sets RoPE by rope_theta (a base); this backbone uses min/max periods")
+    if rope.normalize_coords != "separate":
+        raise ExportError(f"DINOv3ViTModel normalises RoPE coordinates per axis ('separate'), this backbone by "
+                          f"{rope.normalize_coords!r}")
+    if model.cls_norm is not None:
+        raise ExportError("DINOv3ViTModel has one final norm; this backbone unties the CLS and patch norms")
+    block = model.blocks[0]
+    qkv, mlp = block.attn.qkv, block.mlp
+    gated = isinstance(mlp, DinoV3SwiGLUFFN)
+    masked_key_bias = getattr(qkv, "bias_mask", None) is not None
+    img_h, img_w = model.patch_embed.img_size
+    config = transformers.DINOv3ViTConfig(
+        image_size=img_h, patch_size=model.patch_size, num_channels=model.patch_embed.in_chans,
+        hidden_size=model.embed_dim, num_hidden_layers=model.n_blocks, num_attention_heads=model.num_heads,
+        intermediate_size=(mlp.w1 if gated else mlp.fc1).out_features, use_gated_mlp=gated,
+        hidden_act="silu" if gated else "gelu", layer_norm_eps=block.norm1.eps, layerscale_value=1.0,
+        num_register_tokens=model.n_storage_tokens, rope_theta=float(rope.base),
+        query_bias=qkv.bias is not None, key_bias=qkv.bias is not None and not masked_key_bias,
+        value_bias=qkv.bias is not None, proj_bias=block.attn.proj.bias is not None,
+        mlp_bias=(mlp.w3 if gated else mlp.fc2).bias is not None, drop_path_rate=0.0,
+        pos_embed_shift=rope.shift_coords, pos_embed_jitter=rope.jitter_coords, pos_embed_rescale=rope.rescale_coords,
+    )
+    config.architectures = ["DINOv3ViTModel"]
+    return config
+
+
+def dinov3_export_state_dict(model: DinoV3VisionTransformer) -> dict[str, torch.Tensor]:
+    """The DINOv3 backbone's weights in the Hugging Face layout (float32, CPU), with identity LayerScale where the
+    backbone has none (``DINOv3ViTModel`` always has it)."""
+    state = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.state_dict().items()}
+    for i in range(model.n_blocks):
+        for ls in ("ls1", "ls2"):
+            state.setdefault(f"blocks.{i}.{ls}.gamma", torch.ones(model.embed_dim))
+    try:
+        return dinov3_to_hf(state)
+    except WeightsLoadError as exc:
+        raise ExportError(str(exc)) from exc
+
+
+def export_huggingface(model: torch.nn.Module, folder: str | Path, *, overwrite: bool = False) -> list[Path]:
     """Write ``model`` as a Hugging Face folder (``config.json``, ``model.safetensors``); returns the files."""
-    spec = backbone_spec(model)
-    config = hf_config(spec)
-    tensors = dinov2_to_hf(export_state_dict(model))
+    if isinstance(model, DinoV3VisionTransformer):
+        config, tensors = dinov3_hf_config(model), dinov3_export_state_dict(model)
+    else:
+        config, tensors = hf_config(backbone_spec(model)), dinov2_to_hf(export_state_dict(model))
     folder = Path(folder)
     with staged_files(folder, FILES, overwrite) as staging:
         config.to_json_file(str(staging / "config.json"))

@@ -85,3 +85,44 @@ def test_a_non_integer_mlp_ratio_is_refused(tmp_path):
     with pytest.raises(ExportError, match="integer mlp_ratio"):
         export_huggingface(model, tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
+
+
+def tiny_dinov3(seed=0, **kwargs):
+    from dinoscale.models.vit_dinov3 import DinoV3VisionTransformer
+    from tests.hub.conftest import randomize_
+
+    args = dict(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=4, n_storage_tokens=4, mask_k_bias=True,
+                layerscale_init=1e-5, norm_layer="layernormbf16", pos_embed_rope_rescale_coords=2.0)
+    torch.manual_seed(seed)
+    return randomize_(DinoV3VisionTransformer(**{**args, **kwargs}), seed).eval()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"ffn_layer": "swiglu64", "ffn_ratio": 3, "layerscale_init": None,
+                                         "n_storage_tokens": 0, "mask_k_bias": False}], ids=["release", "swiglu_bare"])
+def test_transformers_dinov3_loads_the_folder_with_our_outputs(tmp_path, kwargs):
+    model = tiny_dinov3(**kwargs)
+    export_huggingface(model, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["DINOv3ViTModel"]
+    hf, info = transformers.DINOv3ViTModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    hf.eval()
+    n_prefix = 1 + model.n_storage_tokens
+    for size in [(32, 32), (48, 64)]:  # RoPE: any size divisible by the patch, nothing to interpolate
+        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(size[1]))
+        with torch.no_grad():
+            out, ref = model.forward_features(x), hf(pixel_values=x)
+        torch.testing.assert_close(ref.pooler_output, out["x_norm_clstoken"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ref.last_hidden_state[:, n_prefix:], out["x_norm_patchtokens"], atol=1e-5, rtol=1e-5)
+    # and back: dinoscale reads the folder into a fresh model with the same outputs (one with LayerScale: the
+    # folder always has it, identity where the exported backbone had none)
+    back = tiny_dinov3(seed=1, **{**kwargs, "layerscale_init": 1e-5})
+    assert load_state_dict_any(back, tmp_path / "hf") == "huggingface"
+    with torch.no_grad():
+        torch.testing.assert_close(back.forward_features(x)["x_norm_patchtokens"], out["x_norm_patchtokens"])
+
+
+def test_dinov3_untied_cls_norm_is_refused_before_writing(tmp_path):
+    with pytest.raises(ExportError, match="unties the CLS and patch norms"):
+        export_huggingface(tiny_dinov3(untie_cls_and_patch_norms=True), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
