@@ -90,7 +90,8 @@ def main(argv=None) -> int:
         print(f"low-shot logistic regression, {res['num_train']} train / {res['num_test']} test, "
               f"{args.draws} draw(s), test top-1 mean +- std:")
         for name, row in res["settings"].items():
-            print(f"  {name:>8s} ({row['num_labelled']:6d} labelled): {row['mean_top1']:6.2f} +- {row['std_top1']:.2f}%")
+            print(f"  {name:>8s} ({row['num_labelled']:6d} labelled): "
+                  f"{row['mean_top1']:6.2f} +- {row['std_top1']:.2f}%")
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(json.dumps(report, indent=2))

@@ -24,7 +24,8 @@ def _cache(n, num_classes=5, dim=16, noise=0.3, seed=0):
 
 
 def test_subset_is_class_balanced_and_seeded():
-    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)[torch.randperm(100, generator=torch.Generator().manual_seed(0))]
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)[order]
     idx = labelled_subset(labels, shots=5, seed=7)
     assert torch.bincount(labels[idx]).tolist() == [5, 5, 5]
     assert idx.unique().numel() == idx.numel() == 15
@@ -89,15 +90,17 @@ def test_C_is_chosen_on_the_labelled_subset_only():
     assert cross_validate_C(x[:5], train["labels"][:5].numpy(), Cs) is None
 
 
-@pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(), reason="Fashion-MNIST IDX files not installed")
+@pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
+                    reason="Fashion-MNIST IDX files not installed")
 def test_cli_runs_end_to_end_on_fashion_mnist(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("tool_eval_lowshot", REPO / "tools" / "eval_lowshot.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out = tmp_path / "lowshot.json"
     argv = ["--arch", "vit_small", "--model-arg", "embed_dim=32", "--model-arg", "depth=1", "--model-arg",
-            "num_heads=2", "--model-arg", "patch_size=7", "--model-arg", "img_size=28", "--train", "fashion-mnist:train",
-            "--test", "fashion-mnist:test", "--max-train", "300", "--max-test", "100", "--image-size", "28",
+            "num_heads=2", "--model-arg", "patch_size=7", "--model-arg", "img_size=28",
+            "--train", "fashion-mnist:train", "--test", "fashion-mnist:test", "--max-train", "300",
+            "--max-test", "100", "--image-size", "28",
             "--crop-ratio", "1.0", "--shots", "1", "5", "--percent", "10", "--draws", "2", "--batch-size", "100",
             "--autocast", "fp32", "--device", "cpu", "--no-progress", "--output", str(out)]
     torch.manual_seed(0)
