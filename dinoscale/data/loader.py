@@ -139,6 +139,7 @@ def build_pretrain_loader(
     streams: StreamGroups | None = None,
     shuffle_buffer: int = 1000,
     resampled: bool = True,
+    with_index: bool = False,
 ) -> PretrainLoader:
     """Infinite iterator of this rank's collated batches, starting exactly at global ``start_step``.
 
@@ -159,6 +160,8 @@ def build_pretrain_loader(
             :func:`dinoscale.data.steps.default_stream_groups`; ``num_workers`` must divide its groups and
             ``world_size`` its streams per group. Batches depend on it (not on ``num_workers`` nor, at the same
             global batch, on ``world_size``), so keep it fixed across resumes.
+        with_index: the collate's samples are ``(transformed image, label, dataset index)`` (map-style sources
+            only; see :class:`dinoscale.data.steps.BatchRecipe`).
     """
     if batch_size_per_rank < 1:
         raise ValueError(f"batch_size_per_rank must be >= 1, got {batch_size_per_rank}")
@@ -170,7 +173,8 @@ def build_pretrain_loader(
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
 
     recipe = BatchRecipe(transform, collate_fn, batch_size_per_rank=batch_size_per_rank, seed=seed, rank=rank,
-                         world_size=world_size, max_consecutive_failures=max_consecutive_failures)
+                         world_size=world_size, max_consecutive_failures=max_consecutive_failures,
+                         with_index=with_index)
     if isinstance(source, (str, IterableDataset)):
         if not isinstance(source, (str, ShardDataset)):
             raise TypeError(

@@ -65,7 +65,8 @@ class BatchRecipe:
     Each sample goes through ``transform`` (seeded per sample; None passes images through), the batch of
     ``batch_size_per_rank`` samples through ``collate_fn`` (seeded per step); ``rank`` of ``world_size``
     says which share of the global batch is this rank's. A run of ``max_consecutive_failures`` bad samples
-    raises.
+    raises. ``with_index``: the collate's samples are ``(image, label, index)``, ``index`` the dataset index of
+    the image actually loaded (a stable id in ``[0, len(dataset))``, e.g. for a memory bank; map-style only).
     """
 
     transform: Callable | None
@@ -75,6 +76,7 @@ class BatchRecipe:
     rank: int
     world_size: int
     max_consecutive_failures: int
+    with_index: bool = False
 
 
 def collate_step(collate_fn: Callable, samples: list, *, seed: int, step: int) -> Any:
@@ -139,8 +141,9 @@ class MapStyleSteps(Dataset):
         epoch, offset = divmod(position, self.num_samples)
         return int(self.permutation(epoch)[offset])
 
-    def load(self, position: int) -> tuple[Any, int]:
-        """Transformed sample at stream ``position``; a bad index is replaced by the next one."""
+    def load(self, position: int) -> tuple:
+        """Transformed sample ``(image, label)`` at stream ``position`` (``(image, label, index)`` with the recipe's
+        ``with_index``); a bad index is replaced by the next one."""
         first = self.index_at(position)
         aug_seed = derive_seed(self.recipe.seed, "augment", position)
         transform = self.recipe.transform
@@ -152,7 +155,7 @@ class MapStyleSteps(Dataset):
                 image, label = self.dataset[index]
                 if transform is not None:
                     image = run_seeded(aug_seed, transform, image)
-                return image, int(label)
+                return (image, int(label), index) if self.recipe.with_index else (image, int(label))
             except DECODE_ERRORS as exc:
                 last_error = exc
                 reason = f"{type(exc).__name__}: {exc}"
@@ -324,6 +327,9 @@ def build_shard_steps(
     ``num_workers`` must divide its groups and the world size its streams per group; within these, batches do
     not depend on either. ``image_format`` defaults to the ShardDataset's, or ``"pil"`` for a spec string.
     """
+    if recipe.with_index:
+        raise ValueError("this method needs each sample's dataset index (with_index), which only a map-style "
+                         "dataset gives (Fashion-MNIST, an image folder); shard samples carry no stable index")
     if isinstance(source, ShardDataset):
         shard_set, fmt = source.shard_set, source.image_format
     else:

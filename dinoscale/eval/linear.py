@@ -430,7 +430,30 @@ def _fit_logreg_torch(x: np.ndarray, y: np.ndarray, C: float, max_iter: int):
     return predict_logits, classes
 
 
-def _logreg_accuracy(predict_logits, classes: np.ndarray, x: np.ndarray, y: np.ndarray) -> Tuple[float, float]:
+def resolve_logreg_backend(backend: str = "auto") -> str:
+    """``"auto"`` -> ``"sklearn"`` when scikit-learn is installed, else ``"torch"``; other names checked."""
+    if backend == "auto":
+        try:
+            import sklearn  # noqa: F401
+
+            return "sklearn"
+        except ImportError:
+            return "torch"
+    if backend not in ("sklearn", "torch"):
+        raise ValueError(f"backend must be 'auto', 'sklearn' or 'torch', got {backend!r}")
+    return backend
+
+
+def fit_logistic_regression(x: np.ndarray, y: np.ndarray, C: float, *, max_iter: int = 1000, backend: str = "auto"):
+    """One multinomial L2 logistic regression (objective in the module docstring) on ``x`` (N, D), ``y`` (N,).
+
+    Returns ``(predict_logits, classes)``: ``predict_logits(z)`` gives (M, len(classes)) scores of the sorted
+    classes seen in ``y``. Score them with :func:`logreg_accuracy`."""
+    fit = {"sklearn": _fit_logreg_sklearn, "torch": _fit_logreg_torch}[resolve_logreg_backend(backend)]
+    return fit(x, y, float(C), max_iter)
+
+
+def logreg_accuracy(predict_logits, classes: np.ndarray, x: np.ndarray, y: np.ndarray) -> Tuple[float, float]:
     logits = predict_logits(x)
     # Map labels to the classifier's class positions; unseen classes can never be right.
     positions = np.searchsorted(classes, y)
@@ -476,16 +499,8 @@ def logistic_regression_probe(
         raise ValueError("give features and labels together (test_features/test_labels, val_features/val_labels)")
     if not Cs or min(Cs) <= 0:
         raise ValueError(f"Cs must be positive, got {Cs}")
-    if backend == "auto":
-        try:
-            import sklearn  # noqa: F401
-
-            backend = "sklearn"
-        except ImportError:
-            backend = "torch"
-    fit = {"sklearn": _fit_logreg_sklearn, "torch": _fit_logreg_torch}.get(backend)
-    if fit is None:
-        raise ValueError(f"backend must be 'auto', 'sklearn' or 'torch', got {backend!r}")
+    backend = resolve_logreg_backend(backend)
+    fit = {"sklearn": _fit_logreg_sklearn, "torch": _fit_logreg_torch}[backend]
 
     if val_features is None:
         train_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
@@ -500,7 +515,7 @@ def logistic_regression_probe(
     grid = []
     for C in Cs:
         predict, classes = fit(x_tr, y_tr, float(C), max_iter)
-        top1, top5 = _logreg_accuracy(predict, classes, x_va, y_va)
+        top1, top5 = logreg_accuracy(predict, classes, x_va, y_va)
         grid.append({"C": float(C), "val_top1": top1, "val_top5": top5})
     best = max(grid, key=lambda row: row["val_top1"])
     result: Dict[str, Any] = {
@@ -516,7 +531,7 @@ def logistic_regression_probe(
         else:
             x_fit, y_fit = x_tr, y_tr
         predict, classes = fit(x_fit, y_fit, best["C"], max_iter)
-        top1, top5 = _logreg_accuracy(predict, classes, as_np(test_features), test_labels.cpu().numpy())
+        top1, top5 = logreg_accuracy(predict, classes, as_np(test_features), test_labels.cpu().numpy())
         result["test_top1"], result["test_top5"] = top1, top5
         result["num_test"] = int(test_labels.numel())
     return result

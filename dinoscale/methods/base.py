@@ -16,7 +16,7 @@ One training step, as the loop runs it::
     loss.backward(); optimizer step; teacher EMA
     if the step was skipped: method's buffers <- saved
 
-Two optional extensions, used by distillation (``dinoscale.methods.distillation``) and read here:
+Optional extensions, read here (the first two used by distillation, ``dinoscale.methods.distillation``):
 
 * ``method.frozen_networks()``: the networks the method runs without ever training them (a frozen teacher),
   by name. The loop moves them to the device in the compute dtype and shards them (``parallel.parallelize_frozen``);
@@ -24,6 +24,9 @@ Two optional extensions, used by distillation (``dinoscale.methods.distillation`
 * further students: ``student["students"]`` (and the EMA teacher's) may be an ``nn.ModuleDict`` of complete
   students, each with its own ``backbone``, trained on the same batches. Each gets its own layer-wise lr decay
   and gradient clipping, and is exported beside the first (see :func:`student_units`).
+* ``method.sample_index = True``: the collate's samples are ``(transform(image), label, index)`` with ``index``
+  the sample's dataset index, a stable id in ``[0, len(dataset))`` (PIRL's memory bank, see
+  :func:`uses_sample_index`; the data loader gives it for map-style datasets only).
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-__all__ = ["FURTHER_STUDENTS", "Batch", "Collate", "Method", "frozen_networks", "split_students", "student_units"]
+__all__ = [
+    "FURTHER_STUDENTS", "Batch", "Collate", "Method", "frozen_networks", "split_students", "student_units",
+    "uses_sample_index",
+]
 
 FURTHER_STUDENTS = "students"
 """The key of a student's ``nn.ModuleDict`` of further students (and of its EMA teacher's)."""
@@ -153,6 +159,11 @@ def frozen_networks(method: nn.Module) -> dict[str, nn.Module]:
     distillation teacher), else none."""
     get = getattr(method, "frozen_networks", None)
     return dict(get()) if callable(get) else {}
+
+
+def uses_sample_index(method: nn.Module) -> bool:
+    """Whether ``method``'s collate takes ``(image, label, dataset index)`` samples (its ``sample_index``)."""
+    return bool(getattr(method, "sample_index", False))
 
 
 def student_units(network: nn.ModuleDict) -> dict[str, nn.ModuleDict]:

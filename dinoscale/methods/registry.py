@@ -18,6 +18,7 @@ from dinoscale.methods.distillation import Distillation
 from dinoscale.methods.dinov2 import DINOv2
 from dinoscale.methods.ibot import iBOT
 from dinoscale.methods.msn import MSN
+from dinoscale.methods.pirl import PIRL
 from dinoscale.methods.simclr import SimCLR
 from dinoscale.methods.simmim import SimMIM
 
@@ -31,6 +32,7 @@ METHODS: dict[str, Callable[[DictConfig], Method]] = {
     "barlow_twins": BarlowTwins,
     "simmim": SimMIM,
     "msn": MSN,
+    "pirl": PIRL,
     "distillation": Distillation,
 }
 

@@ -27,7 +27,7 @@ from dinoscale.data.seeding import derive_seed
 from dinoscale.data.steps import default_stream_groups, usable_workers
 from dinoscale.data.streams import StreamGroups
 from dinoscale.device import autocast as autocast_in, dtype_from_name, resolve_device, training_autocast_dtype
-from dinoscale.methods.base import frozen_networks, student_units
+from dinoscale.methods.base import frozen_networks, student_units, uses_sample_index
 from dinoscale.methods.registry import build_method
 from dinoscale.parallel import build_mesh, parallelize, parallelize_frozen, parallelize_student_teacher
 from dinoscale.train.continue_from import (
@@ -279,4 +279,5 @@ def build_data(cfg: DictConfig, method, *, patch_size: int, start_step: int, str
         rank=distributed.get_rank(),
         world_size=distributed.get_world_size(),
         streams=streams,
+        with_index=uses_sample_index(method),
     )

@@ -139,6 +139,24 @@ def test_map_systematic_failure_raises():
         take(make(ds), 1)
 
 
+def test_with_index_gives_each_sample_its_dataset_index():
+    """``with_index``: samples are (image, label, index), the index of the image actually loaded (a corrupt sample's
+    replacement brings its own index)."""
+    seen = []
+
+    def collate(samples, *, rng):
+        seen.append([(int(s[0]["index"]), s[1], s[2]) for s in samples])
+        return stack_collate([s[:2] for s in samples], rng=rng)
+
+    ds = ToyDataset(16, bad={5})
+    loader = build_pretrain_loader(ds, random_transform, collate, batch_size_per_rank=8, num_workers=0, seed=3,
+                                   start_step=0, rank=0, world_size=1, with_index=True)
+    take(loader, 2)
+    rows = [r for batch in seen for r in batch]
+    assert all(image_id == index and label == index % 7 for image_id, label, index in rows)
+    assert sorted(index for _, _, index in rows) == sorted([i for i in range(16) if i != 5] + [6])
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="batch_size_per_rank"):
         make(ToyDataset(4), batch_size_per_rank=0)
@@ -208,6 +226,12 @@ def test_shard_dataset_source_keeps_its_image_format(tmp_path, helpers):
     )  # fmt: skip
     take(loader, 1)
     assert received == [bytes, bytes]  # pretraining from open_dataset: the augmentation decodes
+
+
+def test_shards_refuse_with_index(tmp_path, helpers):
+    out = helpers.write_set(tmp_path, n=8, per_shard=4)
+    with pytest.raises(ValueError, match="map-style"):
+        make_shards_loader(out, helpers, with_index=True)
 
 
 # --------------------------------------------------------------------------- with the real pipeline

@@ -21,6 +21,8 @@ TINY = [
     "barlow_twins.proj_dims=[64,64]",
     "simmim.mask_patch_size=8",
     "msn.proj_hidden_dim=64", "msn.proj_out_dim=32", "msn.num_prototypes=64",
+    # PIRL: a bank as large as Fashion-MNIST's train set (the tiny runs draw any of its indices), 8 px tiles.
+    "pirl.embed_dim=16", "pirl.bank_size=60000", "pirl.num_negatives=64", "pirl.jigsaw_size=24", "pirl.tile_size=8",
 ]
 
 

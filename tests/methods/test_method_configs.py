@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dinoscale.config import CONFIG_DIR, DEFAULT_CONFIG, load_config
+from dinoscale.methods.base import uses_sample_index
 from dinoscale.methods.registry import METHODS, build_method
 
 # Distillation's configs need a teacher to build: tests/methods/test_distillation.py checks them.
@@ -35,8 +36,8 @@ def test_fmnist_networks_run_a_step(method):
         teacher.load_state_dict(student.state_dict())
     image = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
     transform = built.build_transform()
-    batch = built.build_collate(cfg.model.patch_size)([(transform(image), 0) for _ in range(4)],
-                                                      rng=random.Random(0))
+    samples = [(transform(image), 0, i) if uses_sample_index(built) else (transform(image), 0) for i in range(4)]
+    batch = built.build_collate(cfg.model.patch_size)(samples, rng=random.Random(0))
     loss, terms = built(student, teacher, batch, {"teacher_temp": 0.04})
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
     loss.backward()
@@ -44,7 +45,7 @@ def test_fmnist_networks_run_a_step(method):
 
 def test_method_sections_are_documented():
     text = DEFAULT_CONFIG.read_text()
-    for section in ("simclr", "barlow_twins", "simmim", "msn", "distillation"):
+    for section in ("simclr", "barlow_twins", "simmim", "msn", "pirl", "distillation"):
         body = re.search(rf"^{section}:\n((?:  .*\n)+)", text, flags=re.M)
         assert body, section
         for line in body.group(1).splitlines():

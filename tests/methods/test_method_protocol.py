@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dinoscale.methods.base import Method
+from dinoscale.methods.base import Method, uses_sample_index
 from dinoscale.methods.registry import METHODS, build_method
 from dinoscale.models.vit import DinoVisionTransformer
 from dinoscale.train.schedules import build_schedules
@@ -31,10 +31,13 @@ def _sched(cfg) -> dict:
 
 
 def _batch(method, patch_size: int, n_images: int = 4) -> dict:
-    """The method's own transform and collate on random uint8 images, as the data loader runs them."""
+    """The method's own transform and collate on random uint8 images, as the data loader runs them (with each
+    sample's dataset index for the methods that ask for it)."""
     transform = method.build_transform()
     images = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    return method.build_collate(patch_size)([(transform(image), 0) for image in images], rng=random.Random(0))
+    samples = [(transform(image), 0, i) if uses_sample_index(method) else (transform(image), 0)
+               for i, image in enumerate(images)]
+    return method.build_collate(patch_size)(samples, rng=random.Random(0))
 
 
 def test_the_protocol_rejects_what_is_not_a_method():

@@ -1,8 +1,9 @@
 """Two gloo processes training through the unmodified loop (FSDP2 over 2 ranks) end where one process does.
 
 The batch-coupled parts (NT-Xent negatives, Barlow Twins statistics, MSN's mean prediction, the projectors'
-global batch norm) and the world-size-independent data (batches, SimMIM masks) make a 2-rank run of a method
-the same computation as a 1-rank run on the same global batch, so losses and gradient norms must agree.
+global batch norm, PIRL's memory bank updated from every rank's samples and its negatives drawn alike on all)
+and the world-size-independent data (batches, SimMIM masks) make a 2-rank run of a method the same computation
+as a 1-rank run on the same global batch, so losses and gradient norms must agree.
 """
 
 import json
@@ -40,6 +41,7 @@ BASE = [
     "simmim.mask_patch_size=8",
     "msn.proj_hidden_dim=32", "msn.proj_out_dim=16", "msn.num_prototypes=32",
     "msn.patch_drop=0.0",  # MSN's masks come from each rank's own RNG stream
+    "pirl.embed_dim=16", "pirl.bank_size=60000", "pirl.num_negatives=64", "pirl.jigsaw_size=24", "pirl.tile_size=8",
 ]
 
 
@@ -72,7 +74,7 @@ def run(world_size, out_dir, method):
     return [r for r in rows if "type" not in r]
 
 
-@pytest.mark.parametrize("method", ["simclr", "barlow_twins", "simmim", "msn"])
+@pytest.mark.parametrize("method", ["simclr", "barlow_twins", "simmim", "msn", "pirl"])
 def test_two_ranks_train_like_one(tmp_path, method):
     torch.set_num_threads(1)
     one = run(1, tmp_path / "one", method)

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from dinoscale import distributed
-from dinoscale.methods.base import frozen_networks
+from dinoscale.methods.base import frozen_networks, uses_sample_index
 
 __all__ = [
     "ZERO_FLOP_OPS",
@@ -369,7 +369,8 @@ def example_batch(
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, generator=g)
-        samples = [(transform(img), -1) for img in images]
+        samples = [(transform(img), -1, i) if uses_sample_index(method) else (transform(img), -1)
+                   for i, img in enumerate(images)]
         batch = collate(samples, rng=random.Random(seed))
     out = {}
     for k, v in batch.items():
