@@ -69,15 +69,16 @@ def gram_loss(
         raise ValueError(f"per-image Gram matrices need (B, N, D) features, got {tuple(student.shape)}")
     if not per_image:
         student, teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
-    with torch.no_grad():
-        target = _gram(teacher.detach(), normalize)
-    sims = _gram(student, normalize)
-    if remove_neg:
-        target, sims = target.clamp(min=0), sims.clamp(min=0)
-    elif remove_only_teacher_neg:
-        both_negative = (target < 0) & (sims < 0)
-        target, sims = target.clamp(min=0), sims.masked_fill(both_negative, 0.0)
-    return F.mse_loss(sims, target)
+    with torch.autocast(student.device.type, enabled=False):  # fp32 products, also under training's autocast
+        with torch.no_grad():
+            target = _gram(teacher.detach(), normalize)
+        sims = _gram(student, normalize)
+        if remove_neg:
+            target, sims = target.clamp(min=0), sims.clamp(min=0)
+        elif remove_only_teacher_neg:
+            both_negative = (target < 0) & (sims < 0)
+            target, sims = target.clamp(min=0), sims.masked_fill(both_negative, 0.0)
+        return F.mse_loss(sims, target)
 
 
 class GramLoss(nn.Module):
