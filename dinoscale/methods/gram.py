@@ -17,9 +17,10 @@ holds it, see :meth:`GramAnchor.holds_weights_after`). Its weight is ``sched["gr
 
 Layout: ``network`` is an ``nn.ModuleDict`` with a ``backbone`` of the student's architecture (drop path 0). The
 method hands it to the loop as a frozen network (moved to the device in the compute dtype, sharded with
-``parallel.parallelize_frozen`` like the EMA teacher, block by block) and as a checkpointed one. Its features
-may come from larger crops (``batch["gram_crops"]``, when the collate makes them): the ``(h, w)`` grid of
-patch features is then resized to the student's grid (``gram.global_teacher_resize_method``).
+``parallel.parallelize_frozen`` like the EMA teacher, block by block) and as a checkpointed one. Its input is
+``batch["global_crops"]``; a batch that also holds ``batch["gram_crops"]`` (the same crops at a higher
+resolution, DINOv3's ``crops.gram_teacher_crops_size``) gives it those instead, and its ``(h, w)`` grid of patch
+features is resized to the student's (``gram.global_teacher_resize_method``). No collate makes such crops yet.
 """
 
 from __future__ import annotations
