@@ -1,13 +1,14 @@
 """Checkpoints: one place for what a run saves, where, how it is checked, and how it comes back.
 
 Layout of ``OUTPUT_DIR/checkpoints/step_000001250/``:
-  ``.metadata`` + ``__*.distcp``  torch.distributed.checkpoint (DCP) of ``student``, ``teacher``, ``optimizer`` and
-                                  ``method`` (the loss centers); sharded parameters are saved as shards and
-                                  resharded on load, so a run may resume on a different number of ranks.
+  ``.metadata`` + ``__*.distcp``  torch.distributed.checkpoint (DCP) of ``student``, ``teacher``, ``optimizer``,
+                                  ``method`` (the loss centers) and ``networks`` (the method's frozen networks
+                                  that are training state: a Gram teacher); sharded parameters are saved as
+                                  shards and resharded on load, so a run may resume on a different number of ranks.
   ``rank_K.pt``                   per-rank RNG states (torch, numpy, python, CUDA) and the loader state of rank K,
                                   as tensors and plain Python values (loaded with ``weights_only=True``).
   ``trainer.json``                step, world size, consecutive bad steps, data position (the global step the
-                                  data stream resumes at), written by rank 0.
+                                  data stream resumes at), the names under ``networks``, written by rank 0.
   ``manifest.json``               every other file of the checkpoint with its size in bytes, written last.
 
 Saving is atomic: everything is written to ``step_X.tmp``, checked (every extent DCP's ``.metadata`` refers to
@@ -31,7 +32,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -196,7 +197,8 @@ def _load_rank_file(path: Path) -> dict[str, Any]:
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
 
 
-def _app_state(student: nn.Module, teacher: nn.Module | None, optimizer, method: nn.Module) -> dict[str, Any]:
+def _app_state(student: nn.Module, teacher: nn.Module | None, optimizer, method: nn.Module,
+               networks: dict[str, nn.Module] | None = None) -> dict[str, Any]:
     # The torch.distributed.checkpoint.state_dict helpers give fully-qualified names for plain and FSDP2
     # modules alike, so the same code saves a single-process run and a sharded one.
     state = {
@@ -206,6 +208,8 @@ def _app_state(student: nn.Module, teacher: nn.Module | None, optimizer, method:
     }
     if teacher is not None:  # methods without an EMA teacher (SimCLR, Barlow Twins, SimMIM) have none
         state["teacher"] = get_model_state_dict(teacher)
+    if networks:  # the method's checkpointed frozen networks (a Gram teacher)
+        state["networks"] = {name: get_model_state_dict(net) for name, net in networks.items()}
     return state
 
 
@@ -274,6 +278,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     rank_state: dict[str, Any] | None = None,
     keep: int = 3,
+    networks: dict[str, nn.Module] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically on all ranks; returns its directory.
 
@@ -281,12 +286,15 @@ def save_checkpoint(
     every rank raise the same :class:`CheckpointError` (nobody waits at a barrier for a rank that gave up):
     rank 0 makes the ``.tmp`` directory; every rank writes its DCP shards and its rank file; rank 0 writes
     ``trainer.json``, checks the whole directory, writes the manifest and renames it.
+
+    ``networks``: the method's frozen networks whose weights are training state (a Gram teacher), saved under
+    ``networks.<name>`` and listed in ``trainer.json`` (``"networks"``).
     """
     rank = distributed.get_rank()
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:09d}"
     tmp = root / f"step_{step:09d}.tmp"
-    state = _app_state(student, teacher, optimizer, method)
+    state = _app_state(student, teacher, optimizer, method, networks)
     buffer = io.BytesIO()
     torch.save({"rng": rng_state(), **(rank_state or {})}, buffer)
     rank_bytes = buffer.getvalue()
@@ -300,7 +308,8 @@ def save_checkpoint(
         (tmp / f"rank_{rank}.pt").write_bytes(rank_bytes)
 
     def finish() -> None:
-        meta = {"step": step, "world_size": distributed.get_world_size(), **trainer_state}
+        meta = {"step": step, "world_size": distributed.get_world_size(), **trainer_state,
+                "networks": sorted(networks or {})}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
         check_checkpoint(tmp)
         (tmp / MANIFEST).write_text(json.dumps({"files": _file_sizes(tmp)}, indent=1))
@@ -337,8 +346,12 @@ def load_checkpoint(
     teacher: nn.Module | None,
     optimizer: torch.optim.Optimizer,
     method: nn.Module,
+    networks: Callable[[int], dict[str, nn.Module]] | None = None,
 ) -> dict[str, Any]:
     """Load checkpoint ``path`` into the given (possibly sharded) modules and optimizer, in place.
+
+    ``networks(step)`` names the frozen networks a checkpoint of ``step`` must hold (a Gram teacher once copied);
+    they are loaded too, and a checkpoint without one of them is refused. Other networks it holds are ignored.
 
     Returns ``trainer.json``'s content, with ``rank_state`` (this rank's RNG and loader state) added when the
     checkpoint was written by the same world size (otherwise RNG streams cannot be matched rank to rank and
@@ -346,7 +359,15 @@ def load_checkpoint(
     """
     path = Path(path)
     meta = check_checkpoint(path)
-    state = _app_state(student, teacher, optimizer, method)
+    needed = networks(int(meta["step"])) if networks is not None else {}
+    missing = sorted(set(needed) - set(meta.get("networks", [])))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} (step {meta['step']}) holds no {', '.join(missing)}, which this run needs from "
+            f"that step on. For a Gram stage resumed from a checkpoint, set gram.it_load_ema_teacher to the "
+            f"checkpoint's step (or later), so that the Gram teacher is copied from its EMA teacher."
+        )
+    state = _app_state(student, teacher, optimizer, method, needed)
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
@@ -360,6 +381,8 @@ def load_checkpoint(
         set_model_state_dict(teacher, state["teacher"])
     set_optimizer_state_dict(student, optimizer, state["optimizer"])
     method.load_state_dict(state["method"])
+    for name, network in needed.items():
+        set_model_state_dict(network, state["networks"][name])
 
     if meta.get("world_size") == distributed.get_world_size():
         meta["rank_state"] = _load_rank_file(path / f"rank_{distributed.get_rank()}.pt")

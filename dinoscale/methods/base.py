@@ -16,11 +16,19 @@ One training step, as the loop runs it::
     loss.backward(); optimizer step; teacher EMA
     if the step was skipped: method's buffers <- saved
 
-Optional extensions, read here (the first two used by distillation, ``dinoscale.methods.distillation``):
+Optional extensions, used by distillation (``dinoscale.methods.distillation``) and by the Gram anchoring of the
+DINOv2 family (``dinoscale.methods.gram``), read here:
 
-* ``method.frozen_networks()``: the networks the method runs without ever training them (a frozen teacher),
-  by name. The loop moves them to the device in the compute dtype and shards them (``parallel.parallelize_frozen``);
-  they are neither optimized nor checkpointed (see :func:`frozen_networks`).
+* ``method.frozen_networks()``: the networks the method runs without ever training them (a frozen teacher,
+  the Gram teacher), by name. The loop moves them to the device in the compute dtype and shards them
+  (``parallel.parallelize_frozen``); they are never optimized (see :func:`frozen_networks`).
+* ``method.checkpointed_networks(step)``: those of them whose weights are part of the training state after
+  ``step`` optimizer steps (the Gram teacher, a copy of an earlier EMA teacher), by name: saved in every
+  checkpoint and required when resuming one (see :func:`checkpointed_networks`). The others are rebuilt from
+  their source on every start.
+* ``method.before_step(step, teacher)``: called by the loop on every rank before each step's forward, with the
+  EMA teacher (the Gram teacher's copy of it when due). What it does must depend on ``step`` only, so that a
+  resumed run does the same (see :func:`before_step`).
 * further students: ``student["students"]`` (and the EMA teacher's) may be an ``nn.ModuleDict`` of complete
   students, each with its own ``backbone``, trained on the same batches. Each gets its own layer-wise lr decay
   and gradient clipping, and is exported beside the first (see :func:`student_units`).
@@ -38,8 +46,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 __all__ = [
-    "FURTHER_STUDENTS", "Batch", "Collate", "Method", "frozen_networks", "split_students", "student_units",
-    "uses_sample_index",
+    "FURTHER_STUDENTS", "Batch", "Collate", "Method", "before_step", "checkpointed_networks", "frozen_networks",
+    "split_students", "student_units", "uses_sample_index",
 ]
 
 FURTHER_STUDENTS = "students"
@@ -114,8 +122,8 @@ class Method(Protocol):
                 weights (the EMA update is the loop's).
             batch: this rank's collated batch, tensors on the device.
             sched: this step's schedule values ``lr``, ``wd``, ``momentum``, ``teacher_temp`` and
-                ``last_layer_lr`` (``dinoscale.train.schedules``); methods read what they need, e.g.
-                ``teacher_temp``.
+                ``last_layer_lr`` (``dinoscale.train.schedules``), with ``gram.enabled`` also
+                ``gram_loss_weight``; methods read what they need, e.g. ``teacher_temp``.
 
         Returns:
             ``(loss, terms)``: ``loss`` the scalar to backpropagate, this rank's loss (gradients are averaged
@@ -164,6 +172,20 @@ def frozen_networks(method: nn.Module) -> dict[str, nn.Module]:
 def uses_sample_index(method: nn.Module) -> bool:
     """Whether ``method``'s collate takes ``(image, label, dataset index)`` samples (its ``sample_index``)."""
     return bool(getattr(method, "sample_index", False))
+
+
+def checkpointed_networks(method: nn.Module, step: int) -> dict[str, nn.Module]:
+    """The frozen networks whose weights a checkpoint after ``step`` optimizer steps holds, by name: the method's
+    ``checkpointed_networks(step)`` if it has one (the Gram teacher once copied), else none."""
+    get = getattr(method, "checkpointed_networks", None)
+    return dict(get(step)) if callable(get) else {}
+
+
+def before_step(method: nn.Module, step: int, teacher: nn.Module | None) -> None:
+    """The method's ``before_step(step, teacher)`` before ``step``'s forward, if it has one."""
+    hook = getattr(method, "before_step", None)
+    if callable(hook):
+        hook(step, teacher)
 
 
 def student_units(network: nn.ModuleDict) -> dict[str, nn.ModuleDict]:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dinoscale.data.transforms.multicrop import MultiCropAugmentation
+from dinoscale.methods.gram import GramAnchor
 from dinoscale.methods.views import multicrop_collate, multicrop_transform
 
 from dinoscale.losses.center import CenteredPrototypeLoss
@@ -112,6 +113,10 @@ class DINOv2(nn.Module):
 
     The class attributes ``use_ibot`` and ``use_koleo`` switch parts of the objective off; the ``dino`` and
     ``ibot`` methods are subclasses that do just that (``dinoscale/methods/dino.py``, ``ibot.py``).
+
+    With ``gram.enabled`` the loss adds DINOv3's Gram anchoring of the student's global-crop patch features
+    (``dinoscale.methods.gram``): the Gram teacher is a frozen and checkpointed network of the method
+    (:meth:`frozen_networks`, :meth:`checkpointed_networks`), copied from the EMA teacher in :meth:`before_step`.
     """
 
     uses_teacher = True
@@ -132,6 +137,7 @@ class DINOv2(nn.Module):
             self.ibot_loss = iBOTPatchLoss(ibot_dim, cfg.dino.student_temp, cfg.dino.center_momentum)
         if self.use_koleo:
             self.koleo_loss = KoLeoLoss(distributed=cfg.dino.koleo_distributed)
+        self.gram = GramAnchor(cfg) if cfg.gram.enabled else None  # not a submodule: no method state
 
     def build_networks(self) -> tuple[nn.ModuleDict, nn.ModuleDict]:
         student, teacher = build_networks(self.cfg, with_ibot=self.use_ibot)
@@ -139,7 +145,24 @@ class DINOv2(nn.Module):
             # Never masked, so never given a gradient: keep it out of the optimizer (whose checkpointed state
             # must cover every parameter it optimizes). It is still exported with the backbone.
             student["backbone"].mask_token.requires_grad_(False)
+        if self.gram is not None:
+            self.gram.build_network(self.cfg.model)
         return student, teacher
+
+    def frozen_networks(self) -> dict[str, nn.Module]:
+        """The Gram teacher (with ``gram.enabled``), for the loop to place, cast and shard."""
+        return {"gram_teacher": self.gram.network} if self.gram is not None else {}
+
+    def checkpointed_networks(self, step: int) -> dict[str, nn.Module]:
+        """The Gram teacher once it holds a copy of the EMA teacher (after ``gram.it_load_ema_teacher``)."""
+        if self.gram is None or not self.gram.holds_weights_after(step):
+            return {}
+        return {"gram_teacher": self.gram.network}
+
+    def before_step(self, step: int, teacher: nn.ModuleDict) -> None:
+        """Before ``step``'s forward: the Gram teacher's copy of the EMA teacher when due."""
+        if self.gram is not None:
+            self.gram.before_step(step, teacher)
 
     def build_transform(self) -> MultiCropAugmentation:
         return multicrop_transform(self.cfg.crops, local_crops_number=self.cfg.crops.local_crops_number)
@@ -218,4 +241,9 @@ class DINOv2(nn.Module):
                 masks_weight=batch["masks_weight"],
             )
             total = total + self.cfg.ibot.loss_weight * terms["ibot"]
+        if self.gram is not None:
+            p = student["backbone"].patch_size
+            grid = (batch["global_crops"].shape[-2] // p, batch["global_crops"].shape[-1] // p)
+            terms["gram"] = self.gram(outs[0]["x_norm_patchtokens"], batch, grid)
+            total = total + sched.get("gram_loss_weight", self.cfg.gram.loss_weight) * terms["gram"]
         return total, {k: v.detach() for k, v in terms.items()}

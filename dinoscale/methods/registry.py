@@ -36,9 +36,15 @@ METHODS: dict[str, Callable[[DictConfig], Method]] = {
     "distillation": Distillation,
 }
 
+# The methods that take ``gram:`` (the DINOv2 family: its EMA teacher is what the Gram teacher copies).
+GRAM_METHODS = frozenset({"dinov2", "dino", "ibot"})
+
 
 def build_method(cfg: DictConfig) -> Method:
     """The method ``cfg.method`` names, built from ``cfg``."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method '{cfg.method}'; choose one of {sorted(METHODS)}")
+    if cfg.gram.enabled and cfg.method not in GRAM_METHODS:
+        raise ValueError(f"gram.enabled: Gram anchoring needs an EMA teacher's patch features, method "
+                         f"'{cfg.method}' has none; use one of {sorted(GRAM_METHODS)}")
     return METHODS[cfg.method](cfg)

@@ -84,14 +84,16 @@ _CONFIG_ARGS = {
 }
 # ``model:`` keys that override the architecture's size when set (small runs and tests).
 _SIZE_OVERRIDES = ("embed_dim", "depth", "num_heads")
-# The ``model:`` keys a DINOv3 architecture takes from the config; the rest of its architecture (patch size, FFN,
-# storage tokens, LayerScale, biases, RoPE) is the release's, whatever the DINOv2-oriented keys say.
-_DINOV3_CONFIG_ARGS = {"img_size": "img_size", "drop_path_uniform": "drop_path_uniform", "attn_backend": "attn_backend"}
+# The ``model:`` keys a DINOv3 architecture takes from the config; the rest of its architecture (FFN, storage
+# tokens, LayerScale, biases, RoPE) is the release's, whatever the DINOv2-oriented keys say. ``patch_size`` is
+# taken as a size (default.yaml's 16 is every release's; small images, e.g. Fashion-MNIST, need a smaller one).
+_DINOV3_CONFIG_ARGS = {"img_size": "img_size", "patch_size": "patch_size", "drop_path_uniform": "drop_path_uniform",
+                       "attn_backend": "attn_backend"}
 
 
 def backbone_kwargs(model_cfg: Mapping) -> dict[str, Any]:
     """The backbone arguments a ``model:`` config section sets (all but ``arch``): for a DINOv3 architecture
-    only ``img_size``, ``drop_path_uniform``, ``attn_backend`` and the size overrides."""
+    only ``img_size``, ``patch_size``, ``drop_path_uniform``, ``attn_backend`` and the size overrides."""
     args = _DINOV3_CONFIG_ARGS if model_cfg["arch"] in DINOV3_ARCHS else _CONFIG_ARGS
     kwargs = {arg: model_cfg[key] for key, arg in args.items()}
     kwargs.update({key: model_cfg[key] for key in _SIZE_OVERRIDES if model_cfg[key] is not None})

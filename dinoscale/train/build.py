@@ -196,7 +196,8 @@ def planned_steps(cfg: DictConfig) -> int:
 
 
 def schedules_from_config(cfg: DictConfig, global_batch: int) -> Schedules:
-    """lr, weight decay, teacher momentum and temperature per step; the lr scaled with the global batch when
+    """lr, weight decay, teacher momentum and temperature per step (``optim.schedule``: DINOv2's cosines or
+    DINOv3's constants), the Gram loss weight with ``gram.enabled``; the lr scaled with the global batch when
     ``optim.scale_lr_with_batch``."""
     base_lr = scale_lr(cfg.optim.base_lr, global_batch) if cfg.optim.scale_lr_with_batch else cfg.optim.base_lr
     epoch_length = cfg.train.official_epoch_length
@@ -214,7 +215,20 @@ def schedules_from_config(cfg: DictConfig, global_batch: int) -> Schedules:
         warmup_teacher_temp=cfg.teacher.warmup_teacher_temp,
         warmup_teacher_temp_epochs=cfg.teacher.warmup_teacher_temp_epochs,
         freeze_last_layer_epochs=cfg.optim.freeze_last_layer_epochs,
+        shape=cfg.optim.schedule,
+        gram_loss_weight=gram_loss_weight(cfg.gram),
     )
+
+
+def gram_loss_weight(gram: DictConfig) -> dict | float | None:
+    """The Gram loss weight's schedule (``gram.loss_weight_schedule`` when enabled, else the constant
+    ``gram.loss_weight``); None without Gram anchoring."""
+    if not gram.enabled:
+        return None
+    schedule = gram.loss_weight_schedule
+    if not schedule.enabled:
+        return float(gram.loss_weight)
+    return {k: schedule[k] for k in ("start", "peak", "end", "warmup_epochs", "cosine_epochs")}
 
 
 def compute_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:

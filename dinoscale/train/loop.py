@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from dinoscale import checkpoint, distributed
 from dinoscale.data.seeding import derive_seed
 from dinoscale.data.loader import PretrainLoader
+from dinoscale.methods.base import before_step
 from dinoscale.train.build import Run, build_data, build_run
 from dinoscale.train.cadence import should_checkpoint, should_evaluate, should_log, stop_agreed
 from dinoscale.train.evaluate import evaluate_during_training, export_network, final_knn
@@ -62,6 +63,7 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
             seed = derive_seed(cfg.train.seed, "photometric", step, rank) if on_device else None
             batch = device_batch(next(batches), run.device, photometric_seed=seed)
             sched = run.schedules.at(step)
+            before_step(run.method, step, run.teacher)  # e.g. the Gram teacher's copy of the EMA teacher, when due
             out = train_step(run.method, run.student, run.teacher, run.optimizer, batch, sched, bad_run,
                              clip_grad=cfg.optim.clip_grad, autocast=run.autocast,
                              backbone_frozen=step < cfg.continued.backbone_warmup_steps)  # heads-only warm-up
@@ -119,4 +121,5 @@ def log_step(metrics: MetricLogger, run: Run, step: int, out: StepResult, sched:
     metrics.log(step, {**extra, "loss": loss, **{f"loss/{k}": v for k, v in terms.items()},
                        "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"],
                        "teacher_temp": sched["teacher_temp"], "grad_norm": out.grad_norm,
+                       **({"gram_loss_weight": sched["gram_loss_weight"]} if "gram_loss_weight" in sched else {}),
                        "skipped_steps_in_a_row": out.bad_run}, n_images=run.global_batch)

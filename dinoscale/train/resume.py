@@ -1,7 +1,7 @@
-"""A run's checkpoints as the loop writes and reads them: the networks, optimizer and loss state
-(``dinoscale.checkpoint``), each rank's RNG streams, and the trainer state beside them: the count of consecutive
-skipped steps and the data position (the step, the global batch it was counted in, and the shard stream groups
-fixed at the run's first start).
+"""A run's checkpoints as the loop writes and reads them: the networks (with the method's checkpointed frozen
+ones, a Gram teacher), optimizer and loss state (``dinoscale.checkpoint``), each rank's RNG streams, and the
+trainer state beside them: the count of consecutive skipped steps and the data position (the step, the global
+batch it was counted in, and the shard stream groups fixed at the run's first start).
 
 A resume continues the data exactly where the checkpoint left it, or refuses with :class:`ResumeError`: the
 global batch (unless ``train.allow_global_batch_change``) and the shard stream groups are the checkpoint's.
@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from dinoscale import checkpoint, distributed
 from dinoscale.data.steps import default_stream_groups
 from dinoscale.data.streams import StreamGroups
+from dinoscale.methods.base import checkpointed_networks
 from dinoscale.train.build import Run
 
 log = logging.getLogger("dinoscale")
@@ -30,6 +31,7 @@ def save_run(run: Run, step: int, *, bad_steps: int, streams: StreamGroups) -> N
     """Checkpoint ``run`` after ``step`` optimizer steps (collective: every rank calls it)."""
     checkpoint.save_checkpoint(
         run.output_dir, step, student=run.student, teacher=run.teacher, optimizer=run.optimizer, method=run.method,
+        networks=checkpointed_networks(run.method, step),
         trainer_state={"consecutive_bad_steps": bad_steps, "data_position_step": step,
                        "global_batch_size": run.global_batch, "shard_stream_groups": streams.groups,
                        "shard_streams_per_group": streams.streams_per_group},
@@ -52,7 +54,8 @@ def resume_run(run: Run) -> tuple[int, int, StreamGroups]:
             log.info("starting a new run in %s", run.output_dir)
         return 0, 0, configured_stream_groups(cfg, world_size)
     meta = checkpoint.load_checkpoint(
-        latest, student=run.student, teacher=run.teacher, optimizer=run.optimizer, method=run.method
+        latest, student=run.student, teacher=run.teacher, optimizer=run.optimizer, method=run.method,
+        networks=lambda step: checkpointed_networks(run.method, step),
     )
     start_step, bad_steps = meta["step"], meta.get("consecutive_bad_steps", 0)
     check_global_batch(cfg, meta.get("global_batch_size", run.global_batch), run.global_batch, start_step)

@@ -13,7 +13,14 @@ With ``W`` warmup steps, ``T`` total steps and ``s`` the step:
     teacher_temp(s)  = warmup_temp + (temp - warmup_temp) * s / W_temp   for s < W_temp, else temp
     last_layer_lr(s) = 0 for s < F (frozen prototypes), else lr(s)
 
-and every schedule holds its value at ``T`` for ``s >= T``. The curve shapes come from fvcore's param
+and every schedule holds its value at ``T`` for ``s >= T``. ``shape="constant"`` gives DINOv3's schedules
+instead: the same lr warm-up, then ``lr(s) = base_lr``; ``wd(s) = wd`` and ``momentum(s) = m`` throughout (the
+temperature as above).
+
+With Gram anchoring, ``gram_loss_weight(s)`` is DINOv3's ``linear_warmup_cosine_decay`` of the weight: ``start`` to
+``peak`` linearly over ``W_g`` steps, a cosine from ``peak`` to ``end`` over ``C_g`` steps, then ``end`` (the cosine
+here is evaluated at ``i / C_g``, ``i < C_g``, so it reaches ``end`` one step later than DINOv3's endpoint-inclusive
+grid); or the constant ``gram.loss_weight``. The curve shapes come from fvcore's param
 schedulers (``LinearParamScheduler``, ``CosineParamScheduler``, ``ConstantParamScheduler``); pieces are joined on
 integer step boundaries here rather than with ``CompositeParamScheduler``, whose boundary test adds a 1e-6
 tolerance to the progress fraction: beyond a million steps (DINOv3-length runs) that moves a boundary by a step,
@@ -33,7 +40,9 @@ from fvcore.common.param_scheduler import (
     ParamScheduler,
 )
 
-__all__ = ["Schedules", "build_schedules", "scale_lr"]
+__all__ = ["SCHEDULE_SHAPES", "Schedules", "build_schedules", "scale_lr", "warmup_cosine_constant"]
+
+SCHEDULE_SHAPES = ("cosine", "constant")
 
 
 class _StepSchedule:
@@ -78,6 +87,7 @@ class Schedules:
     momentum: _StepSchedule
     teacher_temp: _StepSchedule
     freeze_last_layer_steps: int
+    gram_loss_weight: _StepSchedule | None = None  # with Gram anchoring (``gram.enabled``)
 
     def at(self, step: int) -> dict[str, float]:
         """Values for optimizer step ``step`` (0-based); steps past ``total_steps`` hold the final values."""
@@ -85,13 +95,31 @@ class Schedules:
             raise ValueError(f"schedule step must be >= 0, got {step}")
         step = min(int(step), self.total_steps)
         lr = self.lr(step)
-        return {
+        values = {
             "lr": lr,
             "wd": self.wd(step),
             "momentum": self.momentum(step),
             "teacher_temp": self.teacher_temp(step),
             "last_layer_lr": 0.0 if step < self.freeze_last_layer_steps else lr,
         }
+        if self.gram_loss_weight is not None:
+            values["gram_loss_weight"] = self.gram_loss_weight(step)
+        return values
+
+
+def warmup_cosine_constant(*, start: float, peak: float, end: float, warmup_steps: int, cosine_steps: int | None,
+                           total_steps: int) -> _StepSchedule:
+    """``start`` -> ``peak`` linearly over ``warmup_steps``, a cosine ``peak`` -> ``end`` over ``cosine_steps``
+    (``None``: the rest of ``total_steps``), then ``end``."""
+    if cosine_steps is None:
+        cosine_steps = max(total_steps - warmup_steps, 0)
+    if warmup_steps < 0 or cosine_steps < 0:
+        raise ValueError(f"warm-up and cosine lengths must be >= 0, got {warmup_steps} and {cosine_steps}")
+    return _StepSchedule(
+        [(warmup_steps, LinearParamScheduler(start_value=start, end_value=peak)),
+         (cosine_steps, CosineParamScheduler(start_value=peak, end_value=end))],
+        final_value=end,
+    )
 
 
 def build_schedules(
@@ -109,12 +137,18 @@ def build_schedules(
     warmup_teacher_temp: float,
     warmup_teacher_temp_epochs: float,
     freeze_last_layer_epochs: float,
+    shape: str = "cosine",
+    gram_loss_weight: dict | float | None = None,
 ) -> Schedules:
-    """Build DINOv2's schedules over ``total_steps`` optimizer steps of ``epoch_length`` steps per epoch.
+    """Build DINOv2's schedules (``shape="cosine"``) or DINOv3's (``"constant"``) over ``total_steps`` optimizer
+    steps of ``epoch_length`` steps per epoch.
 
     ``base_lr`` is the peak lr, already scaled for the batch size (see :func:`scale_lr`). Epoch counts may be
-    fractional; they are converted to steps with ``round(epochs * epoch_length)``.
+    fractional; they are converted to steps with ``round(epochs * epoch_length)``. ``gram_loss_weight``: a
+    constant, or ``{start, peak, end, warmup_epochs, cosine_epochs}`` (see :func:`warmup_cosine_constant`).
     """
+    if shape not in SCHEDULE_SHAPES:
+        raise ValueError(f"the schedule shape must be one of {SCHEDULE_SHAPES}, got {shape!r}")
     if total_steps <= 0:
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
     if epoch_length <= 0:
@@ -138,6 +172,8 @@ def build_schedules(
             f"warmup_teacher_temp={warmup_teacher_temp}"
         )
 
+    if shape == "constant":  # DINOv3: nothing decays after the lr warm-up
+        min_lr, weight_decay_end, final_momentum_teacher = base_lr, weight_decay, momentum_teacher
     lr = _StepSchedule(
         [
             (warmup_steps, LinearParamScheduler(start_value=0.0, end_value=base_lr)),
@@ -162,6 +198,17 @@ def build_schedules(
         ],
         final_value=teacher_temp,
     )
+    gram = None
+    if isinstance(gram_loss_weight, (int, float)):
+        gram = _StepSchedule([], final_value=float(gram_loss_weight))
+    elif gram_loss_weight is not None:
+        w = gram_loss_weight
+        gram = warmup_cosine_constant(
+            start=w["start"], peak=w["peak"], end=w["end"],
+            warmup_steps=_epochs_to_steps("gram loss weight warmup_epochs", w["warmup_epochs"], epoch_length),
+            cosine_steps=_epochs_to_steps("gram loss weight cosine_epochs", w["cosine_epochs"], epoch_length),
+            total_steps=total_steps,
+        )
     return Schedules(
         total_steps=int(total_steps),
         lr=lr,
@@ -169,6 +216,7 @@ def build_schedules(
         momentum=momentum,
         teacher_temp=temp,
         freeze_last_layer_steps=freeze_steps,
+        gram_loss_weight=gram,
     )
 
 

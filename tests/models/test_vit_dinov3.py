@@ -271,8 +271,8 @@ def test_factory_config_and_names():
     # the release's FFN and storage tokens win over the DINOv2-oriented keys of the config
     assert isinstance(model, DinoV3VisionTransformer) and hasattr(model.blocks[0].mlp, "w1")
     assert model.n_storage_tokens == 4 and (model.embed_dim, model.n_blocks) == (64, 1)
-    assert set(backbone_kwargs(cfg)) == {"img_size", "drop_path_uniform", "attn_backend", "embed_dim", "depth",
-                                         "num_heads"}
+    assert set(backbone_kwargs(cfg)) == {"img_size", "patch_size", "drop_path_uniform", "attn_backend",
+                                         "embed_dim", "depth", "num_heads"}
     with pytest.raises(ValueError, match="dinov3_vits16"):
         build_backbone("dinov3_vitz16")
 

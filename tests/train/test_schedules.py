@@ -138,3 +138,27 @@ def test_scale_lr_sqrt_rule():
     assert scale_lr(0.004, 4096) == pytest.approx(0.008)
     with pytest.raises(ValueError):
         scale_lr(0.004, 0)
+
+
+def test_constant_shape_is_dinov3s():
+    # DINOv3: the lr warms up as before, then stays at its peak; wd and teacher momentum never move; the
+    # temperature still warms up. The DINOv2 end values (min_lr, weight_decay_end, final momentum) are unused.
+    s = make(shape="constant")
+    assert s.at(0)["lr"] == 0.0 and s.at(50)["lr"] == pytest.approx(5e-4, rel=1e-12)
+    assert [s.at(t)["lr"] for t in (100, 550, 999, 1000, 10**6)] == [1e-3] * 5
+    assert {s.at(t)["wd"] for t in (0, 500, 1000, 10**6)} == {0.04}
+    assert {s.at(t)["momentum"] for t in (0, 500, 1000, 10**6)} == {0.992}
+    assert s.at(150)["teacher_temp"] == pytest.approx(0.04 + 0.03 * 150 / 300) and s.at(300)["teacher_temp"] == 0.07
+    assert s.at(49)["last_layer_lr"] == 0.0 and s.at(50)["last_layer_lr"] == s.at(50)["lr"]
+    with pytest.raises(ValueError, match="shape"):
+        make(shape="linear")
+
+
+def test_gram_loss_weight_warmup_cosine_constant():
+    s = make(gram_loss_weight={"start": 0.0, "peak": 1.0, "end": 3.0, "warmup_epochs": 1, "cosine_epochs": 2})
+    assert s.at(0)["gram_loss_weight"] == 0.0 and s.at(50)["gram_loss_weight"] == pytest.approx(0.5)
+    assert s.at(100)["gram_loss_weight"] == 1.0  # the peak, where the cosine starts
+    assert s.at(200)["gram_loss_weight"] == pytest.approx(2.0)  # the cosine's midpoint
+    assert [s.at(t)["gram_loss_weight"] for t in (300, 999, 10**6)] == [3.0] * 3
+    assert make(gram_loss_weight=0.25).at(10)["gram_loss_weight"] == 0.25
+    assert "gram_loss_weight" not in make().at(10)
