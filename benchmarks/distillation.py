@@ -158,8 +158,8 @@ def teacher_steps(results: dict) -> str:
     """The teacher run's scheduled length, and how it differs from the long recipe's 8000 steps."""
     steps = results["teacher"].get("train_steps")
     if steps is None or steps == 8000:
-        return "8000"
-    return f"{steps} (`optim.epochs={results['teacher']['train_epochs']}` instead of 80, its schedules ending there)"
+        return "8000 steps"
+    return f"{steps} steps (`optim.epochs={results['teacher']['train_epochs']}` instead of 80, its schedules ending there)"
 
 
 def teacher_command(results: dict) -> str:
@@ -208,7 +208,7 @@ def write_report(results: dict, args, path: Path) -> None:
         "",
         f"Student: {results['student_model']}, 28 px (`configs/methods/distillation_fmnist.yaml`). Teacher: "
         f"{results['teacher']['model']}, trained with the long recipe of [`fmnist.md`](fmnist.md) for "
-        f"{teacher_steps(results)} steps (`{teacher_command(results)}`): {teacher_note}. Every student run takes "
+        f"{teacher_steps(results)}, `{teacher_command(results)}`: {teacher_note}. Every student run takes "
         f"**{results['steps']} optimizer steps** of batch 128 (schedules "
         f"compressed to the budget: {EPOCHS} \"epochs\", the first one of warmup, cosine decay to the end), bf16 "
         "autocast; evaluated is the exported EMA of the student. kNN: weighted cosine, k=20, T=0.07, 60,000 "
