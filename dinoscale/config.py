@@ -45,7 +45,7 @@ NULLABLE_TYPES = {
     "evaluation.knn_train_dataset": "", "evaluation.knn_test_dataset": "",
     "evaluation.knn_max_train_samples": 1, "evaluation.knn_max_test_samples": 1,
     "distillation.teacher": "", "distillation.teacher_weights": "",
-    "gram.max_updates": 1,
+    "gram.max_updates": 1, "crops.gram_crops_size": 1,
 }
 
 

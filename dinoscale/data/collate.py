@@ -75,7 +75,9 @@ def collate_multicrop(
     Returns a dict with ``global_crops`` (2B,3,G,G), ``local_crops`` (nL*B,3,L,L),
     ``masks`` (2B, n_tokens) bool, ``mask_indices`` (M,) long (flat indices into
     ``masks.flatten()``), ``masks_weight`` (M,) float, ``n_masked_patches`` (1,) long = M,
-    ``upperbound`` (int, >= M, for fixed-size buffers) and ``labels`` (B,) long. Crop dtypes are
+    ``upperbound`` (int, >= M, for fixed-size buffers) and ``labels`` (B,) long; samples with
+    ``gram_crops`` (the global crops at the Gram teacher's size) add ``gram_crops`` (2B,3,S,S), crop-major
+    like ``global_crops``. Crop dtypes are
     kept (uint8 when the photometric part runs on the device). With no local crops,
     ``local_crops`` is (0,3,L,L) when ``local_crops_size`` is given, else (0,3,0,0).
 
@@ -117,6 +119,12 @@ def collate_multicrop(
         size = local_crops_size or 0
         local_crops = torch.empty(0, global_crops.shape[1], size, size, dtype=global_crops.dtype)
     labels = torch.tensor([_label(s[1], i) for i, s in enumerate(samples)], dtype=torch.long)
+    with_gram = {"gram_crops" in s[0] for s in samples}
+    if len(with_gram) != 1:
+        raise ValueError("some samples have gram_crops and some do not")
+    gram_crops = _stack_crop_major(samples, "gram_crops") if with_gram.pop() else None
+    if gram_crops is not None and gram_crops.shape[0] != 2 * batch_size:
+        raise ValueError(f"expected 2 gram crops per sample, got {gram_crops.shape[0] // batch_size}")
 
     n_images = global_crops.shape[0]  # 2B on this rank
     if not 0 <= rank < world_size:
@@ -147,7 +155,7 @@ def collate_multicrop(
     mask_indices = mask_tensor.flatten().nonzero().squeeze(1)
     per_image = mask_tensor.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
     masks_weight = (1.0 / per_image).expand_as(mask_tensor)[mask_tensor]
-    return {
+    batch = {
         "global_crops": global_crops,
         "local_crops": local_crops,
         "masks": mask_tensor,
@@ -157,6 +165,9 @@ def collate_multicrop(
         "upperbound": upperbound,
         "labels": labels,
     }
+    if gram_crops is not None:
+        batch["gram_crops"] = gram_crops
+    return batch
 
 
 def collate_masked_views(

@@ -31,7 +31,10 @@ untouched when ``num_workers == 0``). The collate gets ``rng=random.Random(seed_
 on every rank: a collate draws batch-level randomness for the GLOBAL batch and derives per-sample
 randomness from the sample's global position (see ``collate_multicrop``'s ``rank``/``world_size``), so
 a step's batch is the same whether it is split over 1 or N ranks. A shard sample is augmented with a seed
-from its stream and position in it, the same on whichever rank reads it.
+from its stream and position in it, the same on whichever rank reads it. A transform with an
+``at_step(step, seed)`` method (multi-resolution crops) is asked for step ``k``'s transform first
+(:meth:`BatchRecipe.transform_at`), so what it draws per step (the crop sizes) is a function of ``(seed, k)``
+too, the same on every rank and after a resume.
 
 Bad data. A sample whose loading or transform raises one of
 :data:`dinoscale.data.transforms.decode.DECODE_ERRORS` is replaced by the next dataset index
@@ -77,6 +80,12 @@ class BatchRecipe:
     world_size: int
     max_consecutive_failures: int
     with_index: bool = False
+
+    def transform_at(self, step: int) -> Callable | None:
+        """The transform of global ``step``: ``transform.at_step(step, seed)`` when it draws something per step
+        (e.g. :class:`dinoscale.data.transforms.multicrop.MultiCropAugmentation`'s crop sizes), else ``transform``."""
+        at_step = getattr(self.transform, "at_step", None)
+        return self.transform if at_step is None else at_step(step, self.seed)
 
 
 def collate_step(collate_fn: Callable, samples: list, *, seed: int, step: int) -> Any:
@@ -141,12 +150,12 @@ class MapStyleSteps(Dataset):
         epoch, offset = divmod(position, self.num_samples)
         return int(self.permutation(epoch)[offset])
 
-    def load(self, position: int) -> tuple:
-        """Transformed sample ``(image, label)`` at stream ``position`` (``(image, label, index)`` with the recipe's
-        ``with_index``); a bad index is replaced by the next one."""
+    def load(self, position: int, transform: Callable | None) -> tuple:
+        """Sample ``(image, label)`` at stream ``position`` through ``transform`` (its step's:
+        :meth:`BatchRecipe.transform_at`) (``(image, label, index)`` with the recipe's ``with_index``); a bad
+        index is replaced by the next one."""
         first = self.index_at(position)
         aug_seed = derive_seed(self.recipe.seed, "augment", position)
-        transform = self.recipe.transform
         max_failures = min(self.recipe.max_consecutive_failures, self.num_samples)
         last_error: BaseException | None = None
         for attempt in range(max_failures):
@@ -170,7 +179,8 @@ class MapStyleSteps(Dataset):
         r = self.recipe
         start = step * r.batch_size_per_rank * r.world_size + r.rank * r.batch_size_per_rank
         with collect_skips() as events:
-            samples = [self.load(start + i) for i in range(r.batch_size_per_rank)]
+            transform = r.transform_at(step)
+            samples = [self.load(start + i, transform) for i in range(r.batch_size_per_rank)]
             batch = collate_step(r.collate_fn, samples, seed=r.seed, step=step)
         return step, batch, list(events)
 
@@ -224,21 +234,23 @@ class ShardSteps(IterableDataset):
         G = self.layout.streams.groups
         return max(0, (self.start_step - group + G - 1) // G) * self.chunk
 
-    def _prepare(self, sample: RawSample, aug_seed: int) -> tuple[Any, int]:
+    def _prepare(self, sample: RawSample, aug_seed: int, transform: Callable | None) -> tuple[Any, int]:
         image: Any = load_rgb(sample.data) if self.image_format == "pil" else sample.data
-        if self.recipe.transform is not None:
-            image = run_seeded(aug_seed, self.recipe.transform, image)
+        if transform is not None:
+            image = run_seeded(aug_seed, transform, image)
         return image, sample.label
 
-    def _chunk(self, group: int, member: int, raws: list[RawSample], first_position: int) -> list:
-        """Prepared ``(image, label)`` per slot; failed slots get a donor sample, own seed."""
+    def _chunk(self, group: int, member: int, raws: list[RawSample], first_position: int,
+               transform: Callable | None) -> list:
+        """Prepared ``(image, label)`` per slot (through the step's ``transform``); failed slots get a donor
+        sample, own seed."""
         r = self.recipe
         seeds = [derive_seed(r.seed, "augment", member, group, first_position + i) for i in range(len(raws))]
         out: list = [None] * len(raws)
         failed = []
         for i, sample in enumerate(raws):
             try:
-                out[i] = self._prepare(sample, seeds[i])
+                out[i] = self._prepare(sample, seeds[i], transform)
             except DECODE_ERRORS as exc:
                 failed.append(i)
                 report_skip("corrupt_sample", sample.url, sample.key, f"{type(exc).__name__}: {exc}")
@@ -251,11 +263,11 @@ class ShardSteps(IterableDataset):
                 # The next good slot after i in chunk order (cyclic).
                 donor = raws[next((i + d) % n for d in range(1, n) if (i + d) % n in good)]
             else:
-                donor = self._donor_ahead(group, member, first_position + n)
-            out[i] = self._prepare(donor, seeds[i])
+                donor = self._donor_ahead(group, member, first_position + n, transform)
+            out[i] = self._prepare(donor, seeds[i], transform)
         return out
 
-    def _donor_ahead(self, group: int, member: int, position: int) -> RawSample:
+    def _donor_ahead(self, group: int, member: int, position: int, transform: Callable | None) -> RawSample:
         """First decodable sample of stream ``(group, member)`` from ``position`` on (read silently, not
         consumed)."""
         last_error: BaseException | None = None
@@ -263,7 +275,7 @@ class ShardSteps(IterableDataset):
         max_failures = self.recipe.max_consecutive_failures
         for _, candidate in zip(range(max_failures), ahead):
             try:
-                self._prepare(candidate, 0)
+                self._prepare(candidate, 0, transform)
                 return candidate
             except DECODE_ERRORS as exc:
                 last_error = exc
@@ -285,13 +297,14 @@ class ShardSteps(IterableDataset):
         while True:
             group = step % G
             first_position = (step // G) * self.chunk
+            transform = r.transform_at(step)
             with collect_skips() as events:
                 samples = []
                 for member in self.members:
                     if (group, member) not in streams:
                         streams[group, member] = self._stream(group, member).samples(skip=self.consumed(group))
                     raws = [next(streams[group, member]) for _ in range(self.chunk)]
-                    samples += self._chunk(group, member, raws, first_position)
+                    samples += self._chunk(group, member, raws, first_position, transform)
                 batch = collate_step(r.collate_fn, samples, seed=r.seed, step=step)
             yield step, batch, list(events)
             step += workers

@@ -165,7 +165,8 @@ class DINOv2(nn.Module):
             self.gram.before_step(step, teacher)
 
     def build_transform(self) -> MultiCropAugmentation:
-        return multicrop_transform(self.cfg.crops, local_crops_number=self.cfg.crops.local_crops_number)
+        return multicrop_transform(self.cfg.crops, local_crops_number=self.cfg.crops.local_crops_number,
+                                   gram=self.gram is not None)
 
     def build_collate(self, patch_size: int):
         """Multi-crop collate with iBOT block masks on the global crops' patch grid (none without iBOT)."""

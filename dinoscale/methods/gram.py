@@ -19,8 +19,9 @@ Layout: ``network`` is an ``nn.ModuleDict`` with a ``backbone`` of the student's
 method hands it to the loop as a frozen network (moved to the device in the compute dtype, sharded with
 ``parallel.parallelize_frozen`` like the EMA teacher, block by block) and as a checkpointed one. Its input is
 ``batch["global_crops"]``; a batch that also holds ``batch["gram_crops"]`` (the same crops at a higher
-resolution, DINOv3's ``crops.gram_teacher_crops_size``) gives it those instead, and its ``(h, w)`` grid of patch
-features is resized to the student's (``gram.global_teacher_resize_method``). No collate makes such crops yet.
+resolution: ``crops.gram_crops_size``, DINOv3's ``crops.gram_teacher_crops_size``, made by
+``dinoscale.data.transforms.multicrop``) gives it those instead, and its ``(h, w)`` grid of patch features is
+resized to the student's (``gram.global_teacher_resize_method``).
 """
 
 from __future__ import annotations

@@ -70,6 +70,8 @@ class JigsawViews:
     def __init__(self, crops: DictConfig, jigsaw_size: int, tile_size: int):
         if crops.photometric_on_device:
             raise ValueError("pirl needs crops.photometric_on_device=false (its tiles are cut in the data loader)")
+        if crops.multi_resolution.enabled:
+            raise ValueError("pirl's jigsaw tiles have fixed sizes: crops.multi_resolution is not for it")
         self.crops = multicrop_transform(crops, local_crops_number=0)
         self.jigsaw_size = jigsaw_size
         self.tile_size = tile_size

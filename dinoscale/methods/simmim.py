@@ -49,6 +49,8 @@ class SimMIM(nn.Module):
         return nn.ModuleDict({"backbone": backbone, "decoder": decoder}), None
 
     def build_transform(self) -> RandomResizedCropFlip:
+        if self.cfg.crops.multi_resolution.enabled:
+            raise ValueError("simmim's single crop has one size: crops.multi_resolution is for the multi-crop methods")
         return RandomResizedCropFlip(self.cfg.crops.global_crops_size, scale=tuple(self.cfg.simmim.crop_scale))
 
     def build_collate(self, patch_size: int):

@@ -53,6 +53,25 @@ def test_keys_shapes_dtypes_and_crop_major_order():
     assert out["labels"].tolist() == [-1, 1, 2, -1]
 
 
+def test_gram_crops_are_stacked_crop_major_like_the_global_crops():
+    b = 3
+    samples = make_samples(b)
+    for i, (crops, _) in enumerate(samples):
+        crops["gram_crops"] = [torch.full((3, 16, 16), 10 * i + k, dtype=torch.float32) for k in range(2)]
+    out = collate(samples)
+    plain = collate(make_samples(b))
+    assert set(out) == KEYS | {"gram_crops"} and set(plain) == KEYS
+    assert out["gram_crops"].shape == (2 * b, 3, 16, 16)
+    for k in range(2):
+        for i in range(b):
+            assert (out["gram_crops"][k * b + i] == 10 * i + k).all()  # row j: the image of global crop j
+    assert all(torch.equal(out[k], plain[k]) for k in KEYS - {"upperbound"})  # nothing else changes
+    assert out["upperbound"] == plain["upperbound"]
+    del samples[1][0]["gram_crops"]
+    with pytest.raises(ValueError, match="gram_crops"):
+        collate(samples)
+
+
 def test_uint8_crops_keep_their_dtype_and_empty_local_crops():
     out = collate(make_samples(2, n_local=0, dtype=torch.uint8), local_crops_size=4)
     assert out["global_crops"].dtype == torch.uint8

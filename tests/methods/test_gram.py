@@ -1,19 +1,25 @@
 """The Gram teacher of DINOv3's Gram anchoring (``dinoscale.methods.gram``) in the DINOv2 method and the loop:
 when it is copied from the EMA teacher, the exact resume across the stage boundary and across its refreshes, the
-checkpoint's refusal when a Gram stage starts after a checkpoint without one, the loss-weight schedule."""
+checkpoint's refusal when a Gram stage starts after a checkpoint without one, the loss-weight schedule; the
+higher-resolution Gram crops and a multi-resolution stage (DINOv3's high-resolution adaptation)."""
 
 import json
+import math
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from dinoscale import checkpoint
-from dinoscale.config import load_config
+from dinoscale.config import CONFIG_DIR, load_config
+from dinoscale.methods import gram as gram_module
 from dinoscale.methods.gram import GramAnchor, resize_patch_features
 from dinoscale.methods.registry import build_method
+from dinoscale.methods.views import crop_resolutions
 from dinoscale.train import loop
-from dinoscale.train.build import schedules_from_config
+from dinoscale.train.build import planned_steps, schedules_from_config
+from dinoscale.train.teacher import init_teacher_from_student_
 from tests.tiny import TINY_RUN
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -125,3 +131,77 @@ def test_a_gram_stage_after_a_checkpoint_without_its_teacher_is_refused(tmp_path
     loop.train(config("train.max_steps=4", f"train.output_dir={tmp_path}"))
     with pytest.raises(checkpoint.CheckpointError, match="it_load_ema_teacher"):
         loop.train(config(*GRAM, "train.max_steps=6", f"train.output_dir={tmp_path}"))  # s0=3 < 4
+
+
+def test_gram_crops_feed_the_gram_teacher_at_their_size(monkeypatch):
+    """With ``crops.gram_crops_size``, the Gram teacher sees ``batch["gram_crops"]`` (a 2x larger patch grid),
+    resized to the student's grid before the loss."""
+    cfg = config("gram.enabled=true", "gram.it_load_ema_teacher=0", "crops.gram_crops_size=32")
+    method = build_method(cfg)
+    student, teacher = method.build_networks()
+    init_teacher_from_student_(teacher, student)
+    student.eval()  # no drop path: the two forwards below differ in the Gram teacher's input only
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 28, 28), dtype=torch.uint8, generator=g)
+    transform, collate = method.build_transform(), method.build_collate(cfg.model.patch_size)
+    torch.manual_seed(0)
+    batch = collate([(transform(image), 0) for image in images], rng=random.Random(0))
+    assert batch["global_crops"].shape == (6, 3, 16, 16) and batch["gram_crops"].shape == (6, 3, 32, 32)
+
+    calls = []
+    resize = gram_module.resize_patch_features
+
+    def recording_resize(patches, grid, size, **kw):
+        calls.append((tuple(patches.shape), grid, size))
+        return resize(patches, grid, size, **kw)
+
+    monkeypatch.setattr(gram_module, "resize_patch_features", recording_resize)
+    method.before_step(0, teacher)  # the Gram teacher <- the EMA teacher
+    sched = {"teacher_temp": 0.04, "gram_loss_weight": 1.0}
+    _, terms = method(student, teacher, batch, sched)
+    assert calls == [((6, 64, 32), (8, 8), (4, 4))]  # 32 px / 4 px patches: an 8x8 grid, resized to 16 / 4
+    _, plain = method(student, teacher, {k: v for k, v in batch.items() if k != "gram_crops"}, sched)
+    assert calls[1] == ((6, 16, 32), (4, 4), (4, 4))  # without them: the global crops, the student's grid
+    assert terms["gram"] > 0 and plain["gram"] > 0 and terms["gram"] != plain["gram"]
+
+
+MULTI_RES = ["gram.enabled=true", "gram.it_load_ema_teacher=0", "crops.multi_resolution.enabled=true",
+             "crops.multi_resolution.global_crops_sizes=[16,24]", "crops.multi_resolution.local_crops_sizes=[8,12]",
+             "crops.multi_resolution.gram_crops_sizes=[32,48]", "crops.multi_resolution.weights=[1,1]"]
+
+
+@needs_fmnist
+def test_a_multi_resolution_stage_with_gram_crops_trains_and_resumes_exactly(tmp_path):
+    """DINOv3's high-resolution adaptation in small: two (global, local, Gram) sizes drawn per step; the seed is
+    one whose steps 0 and 1 draw different sizes. A run resumed after its first step repeats the second."""
+    resolutions = crop_resolutions(config(*MULTI_RES).crops)
+    seed = next(s for s in range(100) if resolutions.at_step(0, s) != resolutions.at_step(1, s))
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    loop.train(config(*MULTI_RES, f"train.seed={seed}", "train.max_steps=2", f"train.output_dir={full}"))
+    loop.train(config(*MULTI_RES, f"train.seed={seed}", "train.max_steps=1", f"train.output_dir={resumed}"))
+    loop.train(config(*MULTI_RES, f"train.seed={seed}", "train.max_steps=2", f"train.output_dir={resumed}"))
+    a, b = rows(full), rows(resumed)
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in (1, 2):
+        assert math.isfinite(a[step]["loss"]) and a[step]["loss/gram"] > 0, step
+    for key in ("loss", "loss/dino_global", "loss/ibot", "loss/gram", "grad_norm"):
+        assert a[2][key] == b[2][key], key
+
+
+def test_the_high_resolution_stage_continues_the_gram_stage():
+    """configs/train/dinov3_vits16_highres.yaml resumes the Gram stage's last checkpoint with its networks, global
+    batch and Gram teacher (which no step of the stage copies again), and its crop table fits the patch size."""
+    gram_stage = load_config(CONFIG_DIR / "train" / "dinov3_vits16_gram.yaml")
+    highres = load_config(CONFIG_DIR / "train" / "dinov3_vits16_highres.yaml")
+    start, end = planned_steps(gram_stage), planned_steps(highres)
+    assert (start, end) == (1_200_000, 1_230_000)
+    for section in ("model", "dino", "ibot"):
+        assert highres[section] == gram_stage[section], section
+    assert highres.train.batch_size_per_rank == gram_stage.train.batch_size_per_rank
+    anchor = GramAnchor(highres)
+    assert anchor.holds_weights_after(start) and all(s < start for s in anchor.refresh_steps(end))
+    resolutions = crop_resolutions(highres.crops)
+    assert set(resolutions.global_sizes) == {512, 768} and all(g % 16 == 0 for g in resolutions.gram_sizes)
+    method = build_method(highres)
+    method.build_transform()
+    method.build_collate(highres.model.patch_size)  # every global size is a multiple of the patch size

@@ -13,19 +13,78 @@ memory to the kernel after every call (measured: hue rotation of a 224 x 224 cro
 
 All randomness comes from torch's random number generators, so a data loader that seeds torch per
 sample makes every sample reproducible.
+
+Two DINOv3 options (both off by default, and then the output is exactly the one above):
+
+* ``gram_crops_size``: each global crop also comes at that size for the Gram teacher (``"gram_crops"``). The
+  crop box is cut once at ``max(global, gram)`` size, the photometry runs there, and the result is resized
+  (bicubic, antialiased) to each size, so both are the same view with the same photometric result, the Gram
+  crop with more pixels (DINOv3's ``crops.gram_teacher_crops_size``, its order when the Gram crop shares the
+  distortions). The photometry of the global crops then costs as much as at the larger size.
+* ``resolutions`` (:class:`CropResolutions`): the crop sizes are drawn per training step (DINOv3's
+  high-resolution adaptation). The step sources call :meth:`MultiCropAugmentation.at_step` and transform the
+  step's samples with the returned transform, so all images of a step share their sizes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+import copy
+import random
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from dinoscale.cpu_malloc import keep_freed_memory
+from dinoscale.data.seeding import derive_seed
 from dinoscale.data.transforms.decode import ImageInput, decode_for_boxes, open_image
 from dinoscale.data.transforms.geometry import resized_crop, sample_crop_boxes
 from dinoscale.data.transforms.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dinoscale.data.transforms.photometric import photometric_batch
+
+
+@dataclass(frozen=True)
+class CropResolutions:
+    """Crop sizes drawn per step: entry ``i`` is ``(global_sizes[i], local_sizes[i], gram_sizes[i])``, drawn with
+    probability ``weights[i] / sum(weights)`` (a gram size of None: no Gram crops at that step).
+
+    The draw of a step is a function of ``(seed, step)`` alone (:meth:`at_step`), so every rank and every resume
+    draws the same sizes for the same step. (DINOv3 pairs the sizes the same way, ``crops.global_crops_size``,
+    ``local_crops_size``, ``gram_teacher_crops_size`` and ``global_local_crop_pairs_ratios`` as lists.)
+    """
+
+    global_sizes: Tuple[int, ...]
+    local_sizes: Tuple[int, ...]
+    gram_sizes: Tuple[Optional[int], ...]
+    weights: Tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.global_sizes)
+        if n == 0 or not len(self.local_sizes) == len(self.gram_sizes) == len(self.weights) == n:
+            raise ValueError(
+                f"the multi-resolution crop sizes need one global size, local size, gram size and weight per entry, "
+                f"got {len(self.global_sizes)}, {len(self.local_sizes)}, {len(self.gram_sizes)} and "
+                f"{len(self.weights)}"
+            )
+        sizes = [*self.global_sizes, *self.local_sizes, *(g for g in self.gram_sizes if g is not None)]
+        if any(int(x) <= 0 for x in sizes):
+            raise ValueError(f"crop sizes must be positive, got {self}")
+        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise ValueError(f"the weights must be >= 0 with a positive sum, got {list(self.weights)}")
+
+    def at_step(self, step: int, seed: int) -> Tuple[int, int, Optional[int]]:
+        """``(global size, local size, gram size or None)`` of global ``step`` of a run seeded ``seed``."""
+        rng = random.Random(derive_seed(seed, "crop-resolution", step))
+        i = rng.choices(range(len(self.weights)), weights=self.weights)[0]
+        return self.global_sizes[i], self.local_sizes[i], self.gram_sizes[i]
+
+
+def _resize(crops: torch.Tensor, size: int) -> torch.Tensor:
+    """Finished (B,3,S,S) crops -> (B,3,size,size), bicubic with antialiasing (nothing to do at S == size)."""
+    if crops.shape[-1] == size:
+        return crops
+    return F.interpolate(crops, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
 
 
 class MultiCropAugmentation:
@@ -39,6 +98,10 @@ class MultiCropAugmentation:
     :func:`photometric_batch` per slot) to the collated batch on its device. ``ratio`` is the
     RandomResizedCrop aspect-ratio range; ``tune_allocator`` calls
     :func:`dinoscale.cpu_malloc.keep_freed_memory` on the first call in each process.
+
+    ``gram_crops_size`` adds ``"gram_crops": [g1, g2]``, the global crops at that size (see the module
+    docstring; needs the photometry here, not on the device). With ``resolutions``, :meth:`at_step` gives the
+    transform of a step; called directly, the transform uses the sizes given here.
     """
 
     def __init__(
@@ -53,6 +116,8 @@ class MultiCropAugmentation:
         photometric_on_device: bool = False,
         ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
         tune_allocator: bool = True,
+        gram_crops_size: Optional[int] = None,
+        resolutions: Optional[CropResolutions] = None,
     ):
         for name, scale in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
             if len(scale) != 2 or not (0.0 < scale[0] <= scale[1] <= 1.0):
@@ -63,6 +128,16 @@ class MultiCropAugmentation:
             raise ValueError(
                 f"crop sizes must be positive, got global_crops_size={global_crops_size}, "
                 f"local_crops_size={local_crops_size}"
+            )
+        if gram_crops_size is not None and gram_crops_size <= 0:
+            raise ValueError(f"gram_crops_size must be positive or None, got {gram_crops_size}")
+        gram_anywhere = gram_crops_size is not None or (
+            resolutions is not None and any(g is not None for g in resolutions.gram_sizes)
+        )
+        if gram_anywhere and photometric_on_device:
+            raise ValueError(
+                "Gram crops share the global crops' photometry, which runs once at the larger size in the data "
+                "loader: set photometric_on_device=False (crops.photometric_on_device)"
             )
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ValueError(f"mean and std must have 3 entries with std > 0, got mean={mean}, std={std}")
@@ -76,13 +151,26 @@ class MultiCropAugmentation:
         self.photometric_on_device = bool(photometric_on_device)
         self.ratio = tuple(ratio)
         self.tune_allocator = bool(tune_allocator)
+        self.gram_crops_size = None if gram_crops_size is None else int(gram_crops_size)
+        self.resolutions = resolutions
+
+    def at_step(self, step: int, seed: int) -> "MultiCropAugmentation":
+        """The transform of global ``step`` of a run seeded ``seed``: with ``resolutions``, a copy with the step's
+        crop sizes (:meth:`CropResolutions.at_step`); else this transform."""
+        if self.resolutions is None:
+            return self
+        out = copy.copy(self)
+        out.global_crops_size, out.local_crops_size, out.gram_crops_size = self.resolutions.at_step(step, seed)
+        out.resolutions = None
+        return out
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(global_crops_scale={self.global_crops_scale}, "
             f"local_crops_scale={self.local_crops_scale}, local_crops_number={self.local_crops_number}, "
             f"global_crops_size={self.global_crops_size}, local_crops_size={self.local_crops_size}, "
-            f"photometric_on_device={self.photometric_on_device})"
+            f"photometric_on_device={self.photometric_on_device}, gram_crops_size={self.gram_crops_size}, "
+            f"resolutions={self.resolutions})"
         )
 
     def sample_geometry(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +193,10 @@ class MultiCropAugmentation:
         source, height, width = open_image(image)
         boxes, flips = self.sample_geometry(height, width)
         n_local = self.local_crops_number
-        sizes = [self.global_crops_size] * 2 + [self.local_crops_size] * n_local
+        gram_size = self.gram_crops_size
+        # with Gram crops, each global box is cut once, at the larger of the two sizes
+        cut = self.global_crops_size if gram_size is None else max(self.global_crops_size, gram_size)
+        sizes = [cut] * 2 + [self.local_crops_size] * n_local
         own_pil = isinstance(image, (bytes, bytearray, memoryview))
         chw, pixel_boxes = decode_for_boxes(source, height, width, boxes, torch.tensor(sizes), allow_draft=own_pil)
         crops = [
@@ -129,6 +220,10 @@ class MultiCropAugmentation:
             else:
                 local_list = []
             out = {"global_crops": [g1[0], g2[0]], "local_crops": local_list}
+            if gram_size is not None:
+                both = torch.cat([g1, g2])
+                out["global_crops"] = list(_resize(both, self.global_crops_size).unbind(0))
+                out["gram_crops"] = list(_resize(both, gram_size).unbind(0))
         if return_params:
             return out, params
         return out

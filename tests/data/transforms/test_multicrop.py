@@ -1,4 +1,5 @@
-"""MultiCropAugmentation: inputs, shapes, the documented probabilities, reproducibility, draft decoding."""
+"""MultiCropAugmentation: inputs, shapes, the documented probabilities, reproducibility, draft decoding; DINOv3's
+Gram crops and per-step crop sizes."""
 
 import math
 import random
@@ -6,9 +7,11 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from dinoscale.data.transforms.multicrop import MultiCropAugmentation
+from dinoscale.data.transforms.geometry import resized_crop
+from dinoscale.data.transforms.multicrop import CropResolutions, MultiCropAugmentation
 from dinoscale.data.transforms.photometric import photometric_batch
 
 
@@ -121,3 +124,86 @@ def test_draft_decoded_bytes_give_nearly_the_crops_of_the_full_image(photo, mult
     for a, b in zip(from_bytes["global_crops"] + from_bytes["local_crops"],
                     from_pixels["global_crops"] + from_pixels["local_crops"]):
         assert (a.float() - b.float()).abs().mean() < 6.0
+
+
+# ---------------------------------------------------------------- DINOv3: Gram crops and per-step crop sizes
+
+
+def crops_from_parts(aug, chw, seed, cut):
+    """``aug``'s crops rebuilt from the parts the module docstring names, in its order of random draws: the boxes
+    and flips, each box resized to its size (the global ones to ``cut``), the photometry per slot. Returns
+    ``(global crops (2,3,cut,cut), local crops (nL,3,L,L))``."""
+    torch.manual_seed(seed)
+    boxes, flips = aug.sample_geometry(chw.shape[1], chw.shape[2])
+    sizes = [cut] * 2 + [aug.local_crops_size] * aug.local_crops_number
+    crops = [resized_crop(chw, b, s, f) for b, s, f in zip(boxes.tolist(), sizes, flips.tolist())]
+    g1, g2 = photometric_batch(crops[0], "global1"), photometric_batch(crops[1], "global2")
+    return torch.cat([g1, g2]), photometric_batch(torch.cat(crops[2:]), "local")
+
+
+def bicubic(x, size):
+    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+
+
+def test_without_gram_crops_the_crops_are_the_pipeline_of_their_parts(photo, multicrop):
+    """The options off (and a multi-resolution transform at a step): exactly the DINOv2 pipeline, no new key."""
+    chw = torch.from_numpy(photo).permute(2, 0, 1).contiguous()
+    resolutions = CropResolutions(global_sizes=(48,), local_sizes=(24,), gram_sizes=(None,), weights=(1.0,))
+    for aug, size in ((multicrop.small_aug(), multicrop.G),
+                      (multicrop.small_aug(resolutions=resolutions).at_step(3, seed=0), 48)):
+        torch.manual_seed(11)
+        out = aug(chw)
+        expected_global, expected_local = crops_from_parts(aug, chw, 11, size)
+        assert set(out) == {"global_crops", "local_crops"}
+        assert torch.equal(torch.stack(out["global_crops"]), expected_global)
+        assert torch.equal(torch.stack(out["local_crops"]), expected_local)
+
+
+@pytest.mark.parametrize("gram_size", [64, 16])
+def test_gram_crops_are_the_global_boxes_at_the_gram_size(photo, multicrop, gram_size):
+    """The same box, flip and photometric draws, rendered at max(global, gram) and resized to each size."""
+    G = multicrop.G
+    chw = torch.from_numpy(photo).permute(2, 0, 1).contiguous()
+    aug = multicrop.small_aug(gram_crops_size=gram_size)
+    torch.manual_seed(5)
+    out, params = aug(chw, return_params=True)
+    cut = max(G, gram_size)
+    rendered, expected_local = crops_from_parts(aug, chw, 5, cut)
+    torch.manual_seed(5)
+    assert torch.equal(params["boxes"], aug.sample_geometry(chw.shape[1], chw.shape[2])[0])
+    gram, glob = torch.stack(out["gram_crops"]), torch.stack(out["global_crops"])
+    assert gram.shape == (2, 3, gram_size, gram_size) and glob.shape == (2, 3, G, G)
+    assert torch.equal(gram, rendered if gram_size == cut else bicubic(rendered, gram_size))
+    assert torch.equal(glob, rendered if G == cut else bicubic(rendered, G))
+    assert torch.equal(torch.stack(out["local_crops"]), expected_local)  # the local crops do not change
+    with pytest.raises(ValueError, match="photometric_on_device"):
+        multicrop.small_aug(gram_crops_size=64, photometric_on_device=True)
+
+
+def test_crop_sizes_are_drawn_per_step_from_the_seed_and_step_alone(photo, multicrop):
+    table = dict(global_sizes=(32, 48), local_sizes=(16, 24), gram_sizes=(64, None), weights=(0.25, 0.75))
+    rank0, rank1 = CropResolutions(**table), CropResolutions(**table)  # two processes build their own
+    draws = [rank0.at_step(step, seed=5) for step in range(400)]
+    assert draws == [rank1.at_step(step, seed=5) for step in range(400)]
+    assert set(draws) == {(32, 16, 64), (48, 24, None)}
+    assert 0.65 < draws.count((48, 24, None)) / 400 < 0.85  # weight 0.75 (binomial sd 0.022)
+    assert draws != [rank0.at_step(step, seed=6) for step in range(400)]  # another run draws otherwise
+    # a step's transform has that step's sizes, also in a new process (a resume)
+    aug = multicrop.small_aug(resolutions=rank0)
+    resumed = multicrop.small_aug(resolutions=CropResolutions(**table))
+    chw = torch.from_numpy(photo).permute(2, 0, 1).contiguous()
+    for step in (7, 8, 9, 10):
+        g, l, gram = draws[step]
+        for transform in (aug.at_step(step, seed=5), resumed.at_step(step, seed=5)):
+            out = transform(chw)
+            assert out["global_crops"][0].shape == (3, g, g) and out["local_crops"][0].shape == (3, l, l)
+            assert ("gram_crops" in out) == (gram is not None)
+            if gram is not None:
+                assert out["gram_crops"][0].shape == (3, gram, gram)
+    assert aug.global_crops_size == multicrop.G and aug.resolutions is rank0  # at_step leaves it as it was
+    with pytest.raises(ValueError, match="one global size, local size, gram size and weight"):
+        CropResolutions(global_sizes=(32, 48), local_sizes=(16,), gram_sizes=(None, None), weights=(1.0, 1.0))
+    with pytest.raises(ValueError, match="positive sum"):
+        CropResolutions(global_sizes=(32,), local_sizes=(16,), gram_sizes=(None,), weights=(0.0,))
+    with pytest.raises(ValueError, match="photometric_on_device"):
+        multicrop.small_aug(resolutions=rank0, photometric_on_device=True)
