@@ -28,6 +28,14 @@ FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
 _TOKEN_PARAMS = ("cls_token", "pos_embed", "mask_token", "register_tokens")
 
 
+def drop_path_rates(drop_path_rate: float, depth: int, uniform: bool) -> list[float]:
+    """Each block's stochastic-depth rate: all ``drop_path_rate`` (``uniform``), or linear from 0 to it. Plain
+    floats, so a model can be built on the meta device."""
+    if uniform:
+        return [drop_path_rate] * depth
+    return [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
 class PatchEmbed(nn.Module):
     """Split an image into ``patch_size`` x ``patch_size`` patches and project each to ``embed_dim``."""
 
@@ -330,11 +338,7 @@ class DinoVisionTransformer(nn.Module):
             self.register_tokens = None
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
 
-        if drop_path_uniform:
-            dpr = [drop_path_rate] * depth
-        else:
-            # linear 0 -> drop_path_rate; plain floats so the model can be built on the meta device
-            dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        dpr = drop_path_rates(drop_path_rate, depth, uniform=drop_path_uniform)
         self.blocks = nn.ModuleList(
             [
                 Block(

@@ -38,6 +38,7 @@ from dinoscale.models.vit import (
     PatchEmbed,
     _gamma,
     block_indices,
+    drop_path_rates,
     pack_crops,
     unpack_crops,
 )
@@ -318,10 +319,7 @@ class DinoV3VisionTransformer(nn.Module):
             rescale_coords=pos_embed_rope_rescale_coords,
             dtype=ROPE_DTYPES[pos_embed_rope_dtype],
         )
-        if drop_path_uniform:
-            dpr = [drop_path_rate] * depth
-        else:
-            dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        dpr = drop_path_rates(drop_path_rate, depth, uniform=drop_path_uniform)
         self.blocks = nn.ModuleList(
             [
                 Dinov3Block(
