@@ -28,6 +28,19 @@ FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
 _TOKEN_PARAMS = ("cls_token", "pos_embed", "mask_token", "register_tokens")
 
 
+def crop_masks(
+    x_list: Sequence[torch.Tensor], masks_list: Sequence[torch.Tensor | None] | None
+) -> Sequence[torch.Tensor | None]:
+    """One mask (or None) per image batch of a multi-crop list; ValueError for an empty list or a count mismatch."""
+    if len(x_list) == 0:
+        raise ValueError("forward_features got an empty list of image batches")
+    if masks_list is None:
+        return [None] * len(x_list)
+    if len(masks_list) != len(x_list):
+        raise ValueError(f"got {len(x_list)} image batches but {len(masks_list)} masks")
+    return masks_list
+
+
 def drop_path_rates(drop_path_rate: float, depth: int, uniform: bool) -> list[float]:
     """Each block's stochastic-depth rate: all ``drop_path_rate`` (``uniform``), or linear from 0 to it. Plain
     floats, so a model can be built on the meta device."""
@@ -454,12 +467,7 @@ class DinoVisionTransformer(nn.Module):
         self, x_list: Sequence[torch.Tensor], masks_list: Sequence[torch.Tensor | None] | None = None
     ) -> list[dict]:
         """One pass through the blocks for several batches of different resolutions; one dict per batch."""
-        if len(x_list) == 0:
-            raise ValueError("forward_features got an empty list of image batches")
-        if masks_list is None:
-            masks_list = [None] * len(x_list)
-        if len(masks_list) != len(x_list):
-            raise ValueError(f"got {len(x_list)} image batches but {len(masks_list)} masks")
+        masks_list = crop_masks(x_list, masks_list)
         x, shapes = pack_crops([self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)])
         for blk in self.blocks:
             x = blk(x, shapes)

@@ -38,6 +38,7 @@ from dinoscale.models.vit import (
     PatchEmbed,
     _gamma,
     block_indices,
+    crop_masks,
     drop_path_rates,
     pack_crops,
     unpack_crops,
@@ -450,12 +451,7 @@ class DinoV3VisionTransformer(nn.Module):
         self, x_list: Sequence[torch.Tensor], masks_list: Sequence[torch.Tensor | None] | None = None
     ) -> list[dict]:
         """One pass through the blocks for several batches of different resolutions; one dict per batch."""
-        if len(x_list) == 0:
-            raise ValueError("forward_features got an empty list of image batches")
-        if masks_list is None:
-            masks_list = [None] * len(x_list)
-        if len(masks_list) != len(x_list):
-            raise ValueError(f"got {len(x_list)} image batches but {len(masks_list)} masks")
+        masks_list = crop_masks(x_list, masks_list)
         x, shapes = pack_crops([self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)])
         for blk, ropes in zip(self.blocks, self._ropes([self._grid(x) for x in x_list])):
             x = blk(x, shapes, ropes)
