@@ -127,7 +127,7 @@ def dinov3_backbone_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict
     dim = state_dict["cls_token"].shape[-1]
     blocks = {key.split(".")[1] for key in state_dict if key.startswith("blocks.")}
     w1 = state_dict.get("blocks.0.mlp.w1.weight")
-    fc1 = state_dict.get("blocks.0.mlp.fc1.weight")
+    ffn_in = w1 if w1 is not None else state_dict.get("blocks.0.mlp.fc1.weight")
     storage = state_dict.get("storage_tokens")
     periods = state_dict.get("rope_embed.periods")
     heads = dim // (4 * periods.numel()) if periods is not None and periods.numel() else None
@@ -138,7 +138,7 @@ def dinov3_backbone_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict
         "num_heads": heads,
         "storage_tokens": 0 if storage is None else storage.shape[1],
         "ffn": "swiglu" if w1 is not None else "mlp",
-        "ffn_hidden": (w1 if w1 is not None else fc1).shape[0] if (w1 is not None or fc1 is not None) else None,
+        "ffn_hidden": None if ffn_in is None else ffn_in.shape[0],
         "qkv_bias": "blocks.0.attn.qkv.bias" in state_dict,
         "layerscale": "blocks.0.ls1.gamma" in state_dict,
         "cls_norm": "cls_norm.weight" in state_dict,
