@@ -5,6 +5,7 @@
     python tools/export.py runs/fm --to hf --output fm_hf/
     python tools/export.py runs/fm/checkpoints/step_000001000 --to timm --output fm_timm/
     python tools/export.py dinov2_vits14 --weights dinov2_vits14_pretrain.pth --to onnx --output vits14.onnx
+    python tools/export.py dinov3_vits16 --weights dinov3-vits16-pretrain-lvd1689m/ --to timm --output v3s_timm/
     python tools/export.py --arch vit_small --model-arg patch_size=14 --weights w.pth --to official --output out/w
 
 SOURCE: a training run directory (its exported teacher, else its newest checkpoint), a checkpoint
@@ -19,9 +20,13 @@ Targets (``--output``):
   final norm. ``onnxruntime.InferenceSession(path).run(None, {"pixel_values": images})``.
 * ``hf``: a folder for ``transformers.Dinov2Model.from_pretrained`` (``Dinov2WithRegistersModel`` with
   registers): ``last_hidden_state[:, 0]`` is the CLS token, ``[:, 1 + registers:]`` the patch tokens.
-* ``timm``: a folder (model.safetensors, config.json, README.txt with the ``timm.create_model`` call).
-* ``official``: ``PATH.pth`` and ``PATH.safetensors`` in dinoscale's own layout. To export a checkpoint's
-  teacher and heads without building the model, see ``tools/export_backbone.py``.
+* ``timm``: a folder (model.safetensors, config.json, README.txt with the ``timm.create_model`` call);
+  ``vit_*_patch14_dinov2`` for a DINOv2-layout backbone, ``vit_*_patch16_dinov3`` for a DINOv3 one.
+* ``official``: ``PATH.pth`` and ``PATH.safetensors`` in dinoscale's own layout (the official DINOv3 layout for
+  a DINOv3 backbone). To export a checkpoint's teacher and heads without building the model, see
+  ``tools/export_backbone.py``.
+
+DINOv3 backbones (``model.arch: dinov3_*`` runs, ``dinov3_*`` names) export to ``hf``, ``timm`` and ``official``.
 
 An existing output is refused unless ``--overwrite``. The module is ``dinoscale.export``.
 """
@@ -36,6 +41,7 @@ from dinoscale.checkpoint import CheckpointError  # noqa: E402
 from dinoscale.eval.backbones import add_backbone_args, parse_model_args  # noqa: E402
 from dinoscale.export import EXPORTERS, ExportError, backbone_from_source, backbone_spec, export_backbone  # noqa: E402
 from dinoscale.export import huggingface as hf_export, timm as timm_export  # noqa: E402
+from dinoscale.models.vit_dinov3 import DinoV3VisionTransformer  # noqa: E402
 
 # How each target resizes position embeddings, if not like the backbone: printed after the export.
 _INTERPOLATION_MATCHES = {"hf": hf_export.interpolation_matches, "timm": timm_export.interpolation_matches}
@@ -71,6 +77,8 @@ def main(argv=None) -> int:
     named = args.source is None or not Path(args.source).expanduser().exists()
     if named and args.weights is None and args.config is None:
         print("note: no --weights given: the export holds randomly initialised weights", file=sys.stderr)
+    if isinstance(model, DinoV3VisionTransformer):
+        return 0  # RoPE: no position embedding to resize, the targets agree at every size
     spec = backbone_spec(model)
     matches = _INTERPOLATION_MATCHES.get(args.to)
     if matches is not None and not matches(spec):

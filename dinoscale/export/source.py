@@ -14,8 +14,9 @@ from typing import Any, Optional, Sequence
 from dinoscale import hub
 from dinoscale.eval.backbones import load_backbone
 from dinoscale.export.backbone import ExportError
-from dinoscale.models.factory import ARCHS
+from dinoscale.models.factory import ARCHS, DINOV3_ARCHS
 from dinoscale.models.vit import DinoVisionTransformer
+from dinoscale.models.vit_dinov3 import DinoV3VisionTransformer
 
 RUN_CONFIG = "config.yaml"
 
@@ -36,7 +37,7 @@ def backbone_from_source(
     config: Optional[str] = None,
     overrides: Sequence[str] = (),
     model_kwargs: Optional[dict[str, Any]] = None,
-) -> DinoVisionTransformer:
+) -> DinoVisionTransformer | DinoV3VisionTransformer:
     """The frozen backbone ``source`` names (see the module docstring); ``source`` None: the options alone."""
     options = dict(config=config, overrides=overrides, model_kwargs=model_kwargs)
     if source is None:
@@ -55,11 +56,11 @@ def backbone_from_source(
                 )
             options["config"] = str(found)
         return load_backbone(arch, str(path), **options)
-    if source in hub.MODELS or source in ARCHS:
+    if source in hub.MODELS or source in hub.DINOV3_MODELS or source in ARCHS or source in DINOV3_ARCHS:
         if arch is not None:
             raise ExportError(f"SOURCE {source} is an architecture already; drop --arch {arch}")
         return load_backbone(source, weights, **options)
     raise ExportError(
         f"source not found: {source} is neither an existing path nor a known architecture "
-        f"({', '.join(sorted(hub.MODELS) + sorted(ARCHS))})"
+        f"({', '.join(sorted(hub.MODELS) + sorted(hub.DINOV3_MODELS) + sorted(ARCHS))})"
     )

@@ -60,6 +60,7 @@ from dinoscale.methods.views import multicrop_collate, multicrop_transform
 from dinoscale.models.factory import build_backbone
 from dinoscale.models.heads import DINOHead
 from dinoscale.models.vit import DinoVisionTransformer
+from dinoscale.models.vit_dinov3 import DinoV3VisionTransformer
 
 log = logging.getLogger("dinoscale")
 
@@ -152,12 +153,13 @@ def load_frozen_teacher(section: DictConfig) -> nn.ModuleDict:
 def backbone_tokens(backbone: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """``([CLS] (B, D), patch tokens (B, N, D), patch grid (h, w))`` of a backbone's normalised output.
 
-    A ``DinoVisionTransformer`` (any layout dinoscale loads) gives its ``x_norm_*`` tokens; a timm ViT its
+    A ``DinoVisionTransformer`` or ``DinoV3VisionTransformer`` (any layout dinoscale loads, e.g. a released DINOv3
+    teacher from its Hugging Face folder) gives its ``x_norm_*`` tokens; a timm ViT its
     ``forward_features`` (after the final norm) without the prefix tokens ([CLS], registers), and the mean of its
     patch tokens as [CLS] when it has no class token.
     """
     height, width = images.shape[-2:]
-    if isinstance(backbone, DinoVisionTransformer):
+    if isinstance(backbone, (DinoVisionTransformer, DinoV3VisionTransformer)):
         out = backbone(images, is_training=True)
         p = backbone.patch_size
         return out["x_norm_clstoken"], out["x_norm_patchtokens"], (height // p, width // p)

@@ -4,8 +4,10 @@ Released DINOv2/DINOv3 backbones come without the DINO/iBOT heads they were trai
 with fresh random heads pulls the backbone towards arbitrary targets and its kNN accuracy collapses. This module
 owns what makes continuing work, in the order :func:`dinoscale.train.build.build_networks` runs it:
 
-1. :func:`load_pretrained_backbone`: the weights into the student's backbone; an architecture that differs from
-   the configured one is an error naming both and the config keys that would match, raised before training.
+1. :func:`load_pretrained_backbone`: the weights into the student's backbone (a DINOv2-layout ViT or a DINOv3 one,
+   ``model.arch: dinov3_*``, from any layout ``dinoscale.hub`` reads); an architecture that differs from the
+   configured one (another size, FFN, register count, or the other family) is an error naming both and the config
+   keys that would match, raised before training.
 2. :func:`init_heads_from_data_` (``continued.head_init=kmeans``, new runs only: :func:`will_resume`): each head's
    prototypes from k-means of the features it is applied to, on a few training batches. The method says which
    features feed which head (``head_init_inputs``), ``dinoscale.methods.head_init`` does the k-means; here the
@@ -34,6 +36,7 @@ from dinoscale.data.seeding import derive_seed
 from dinoscale.hub import (
     WeightsLoadError,
     convert_to_dinov2,
+    convert_to_dinov3,
     flatten_state_dict,
     load_state_dict_any,
     read_checkpoint,
@@ -41,7 +44,8 @@ from dinoscale.hub import (
     strip_wrapper_keys,
 )
 from dinoscale.methods.head_init import bottleneck_features, prototypes_from_features, set_prototypes_
-from dinoscale.models.factory import ARCHS
+from dinoscale.models.factory import ARCHS, DINOV3_ARCHS
+from dinoscale.models.vit_dinov3 import DINOV3_FFN_LAYERS, DinoV3VisionTransformer, swiglu_hidden_features
 
 log = logging.getLogger("dinoscale")
 
@@ -49,6 +53,7 @@ __all__ = [
     "PretrainedArchitectureError",
     "backbone_architecture",
     "check_continued",
+    "dinov3_backbone_architecture",
     "init_heads_from_data_",
     "load_pretrained_backbone",
     "will_resume",
@@ -112,31 +117,164 @@ def _matching_settings(found: Mapping[str, object], model_cfg: DictConfig) -> st
     return " ".join(settings)
 
 
+def dinov3_backbone_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict[str, object] | None:
+    """What an official-layout DINOv3 backbone state dict says of its architecture (None if it is not one):
+    ``embed_dim``, ``depth``, ``patch_size``, ``num_heads`` (from the RoPE periods, ``head_dim / 4`` of them; None
+    when the weights do not hold them: timm, Hugging Face), ``storage_tokens``, ``ffn`` (``mlp`` or ``swiglu``),
+    ``ffn_hidden``, ``qkv_bias``, ``layerscale`` and ``cls_norm`` (untied class-token norm)."""
+    if "cls_token" not in state_dict or "patch_embed.proj.weight" not in state_dict:
+        return None
+    dim = state_dict["cls_token"].shape[-1]
+    blocks = {key.split(".")[1] for key in state_dict if key.startswith("blocks.")}
+    w1 = state_dict.get("blocks.0.mlp.w1.weight")
+    ffn_in = w1 if w1 is not None else state_dict.get("blocks.0.mlp.fc1.weight")
+    storage = state_dict.get("storage_tokens")
+    periods = state_dict.get("rope_embed.periods")
+    heads = dim // (4 * periods.numel()) if periods is not None and periods.numel() else None
+    return {
+        "embed_dim": dim,
+        "depth": len(blocks),
+        "patch_size": state_dict["patch_embed.proj.weight"].shape[-1],
+        "num_heads": heads,
+        "storage_tokens": 0 if storage is None else storage.shape[1],
+        "ffn": "swiglu" if w1 is not None else "mlp",
+        "ffn_hidden": None if ffn_in is None else ffn_in.shape[0],
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state_dict,
+        "layerscale": "blocks.0.ls1.gamma" in state_dict,
+        "cls_norm": "cls_norm.weight" in state_dict,
+    }
+
+
+_FAMILY_NAMES = {"dinov2": "DINOv2-layout ViT (learned position embedding)", "dinov3": "DINOv3 ViT (RoPE)"}
+
+
+def _checkpoint_architecture(raw: object) -> tuple[str, dict[str, object]] | None:
+    """``(family, architecture)`` of the backbone in a checkpoint: ``"dinov2"`` when it has a learned position
+    embedding (:func:`backbone_architecture`), else ``"dinov3"`` (:func:`dinov3_backbone_architecture`). None if it
+    holds no backbone we can describe."""
+    try:
+        backbone = select_backbone(strip_wrapper_keys(flatten_state_dict(raw)))[0]
+        as_dinov2 = convert_to_dinov2(backbone)[0]
+        if "pos_embed" in as_dinov2:
+            found = "dinov2", backbone_architecture(as_dinov2)
+        else:
+            found = "dinov3", dinov3_backbone_architecture(convert_to_dinov3(backbone)[0])
+    except (WeightsLoadError, ValueError, KeyError, AttributeError, TypeError):
+        return None  # not a backbone we can describe: the hub's message says what is there
+    return None if found[1] is None else found
+
+
+def _dinov3_summary(arch: Mapping[str, object]) -> str:
+    heads = f", {arch['num_heads']} heads" if arch["num_heads"] else ""
+    return (f"embed_dim {arch['embed_dim']}, depth {arch['depth']}{heads}, patch {arch['patch_size']}, "
+            f"{arch['storage_tokens']} storage tokens, {arch['ffn']} FFN of width {arch['ffn_hidden']}, "
+            f"{'with' if arch['qkv_bias'] else 'no'} qkv bias, {'with' if arch['layerscale'] else 'no'} LayerScale"
+            + (", untied CLS norm" if arch["cls_norm"] else ""))
+
+
+def _differing(found: Mapping[str, object], configured: Mapping[str, object]) -> list[str]:
+    """The architecture entries that differ, leaving out what the loader makes up for: a DINOv3 checkpoint without
+    qkv bias loads as a zero bias (timm's plain ``vit_*_dinov3``), and one without RoPE periods has no head count."""
+    differ = []
+    for key, value in found.items():
+        if value == configured[key] or (key == "num_heads" and value is None):
+            continue
+        if key == "qkv_bias" and not value:
+            continue
+        differ.append(key)
+    return differ
+
+
+def _dinov3_ffn_hidden(args: Mapping[str, object], embed_dim: int) -> int:
+    """The FFN width a DINOv3 architecture's arguments give at ``embed_dim`` (as ``Dinov3Block`` computes it)."""
+    hidden = int(embed_dim * args["ffn_ratio"])
+    align = DINOV3_FFN_LAYERS[args["ffn_layer"]]
+    return hidden if align is None else swiglu_hidden_features(hidden, align)
+
+
+def _dinov3_fits(found: Mapping[str, object], args: Mapping[str, object]) -> bool:
+    """Whether the DINOv3 architecture ``args`` (a ``DINOV3_ARCHS`` entry) builds ``found`` once its sizes are set."""
+    return (
+        (DINOV3_FFN_LAYERS[args["ffn_layer"]] is not None) == (found["ffn"] == "swiglu")
+        and _dinov3_ffn_hidden(args, found["embed_dim"]) == found["ffn_hidden"]
+        and args.get("n_storage_tokens", 0) == found["storage_tokens"]
+        and (args.get("layerscale_init") is not None) == found["layerscale"]
+        and (args.get("qkv_bias", True) or not found["qkv_bias"])
+        and args.get("untie_cls_and_patch_norms", False) == found["cls_norm"]
+    )
+
+
+def _dinov3_matching_settings(found: Mapping[str, object], model_cfg: DictConfig) -> str | None:
+    """The ``model.KEY=VALUE`` overrides under which the config builds a DINOv3 ``found``; None if no
+    ``DINOV3_ARCHS`` entry has its FFN, storage tokens and norms (the config sets sizes only)."""
+    fitting = [name for name, args in DINOV3_ARCHS.items() if _dinov3_fits(found, args)]
+    if not fitting:
+        return None
+    sized = [name for name in fitting
+             if (DINOV3_ARCHS[name]["embed_dim"], DINOV3_ARCHS[name]["depth"]) == (found["embed_dim"], found["depth"])
+             and found["num_heads"] in (None, DINOV3_ARCHS[name]["num_heads"])]
+    wanted: dict[str, object] = {}
+    if sized:  # a release's size: its own sizes, no overrides
+        wanted.update(arch=sized[0], embed_dim=None, depth=None, num_heads=None)
+    else:  # the configured arch if it fits, else the first that does, with the sizes set
+        wanted.update(arch=model_cfg.arch if model_cfg.arch in fitting else fitting[0],
+                      embed_dim=found["embed_dim"], depth=found["depth"])
+        if found["num_heads"] is not None:
+            wanted["num_heads"] = found["num_heads"]
+    wanted["patch_size"] = found["patch_size"]
+    settings = [f"model.{key}={'null' if value is None else value}" for key, value in wanted.items()
+                if model_cfg[key] != value]
+    if not sized and found["num_heads"] is None and model_cfg.embed_dim != found["embed_dim"]:
+        settings.append(f"(and a model.num_heads with 4 * num_heads dividing {found['embed_dim']})")
+    return " ".join(settings)
+
+
+def _dinov2_matching_settings(found: Mapping[str, object], model_cfg: DictConfig) -> str:
+    """:func:`_matching_settings`, with a DINOv2-layout arch named when the config builds a DINOv3 ViT."""
+    settings = _matching_settings(found, model_cfg)
+    if model_cfg.arch in DINOV3_ARCHS and "model.arch=" not in settings:
+        # the sizes are set explicitly: any DINOv2-layout arch will do
+        settings = " ".join(("model.arch=vit_small", settings)).strip()
+    return settings
+
+
 def load_pretrained_backbone(backbone: nn.Module, model_cfg: DictConfig) -> str:
-    """Load ``model_cfg.pretrained_weights`` (any layout ``dinoscale.hub`` reads) into ``backbone``, strictly;
-    returns the detected layout. Raises :class:`PretrainedArchitectureError` naming the checkpoint's and the
-    configured architecture and the settings that match the checkpoint when they differ, else the hub's
-    :class:`~dinoscale.hub.WeightsLoadError` (missing, unexpected and mis-shaped keys)."""
+    """Load ``model_cfg.pretrained_weights`` (any layout ``dinoscale.hub`` reads, for a DINOv2-layout or a DINOv3
+    backbone) into ``backbone``, strictly; returns the detected layout. Raises :class:`PretrainedArchitectureError`
+    naming the checkpoint's and the configured architecture and the settings that match the checkpoint when they
+    differ, else the hub's :class:`~dinoscale.hub.WeightsLoadError` (missing, unexpected and mis-shaped keys)."""
     source = str(model_cfg.pretrained_weights)
     raw = read_checkpoint(source)  # read once: the check below and the load share it
     try:
         # The config's interpolate_* keys decide, for the student and the teacher alike (not the weights' source).
         return load_state_dict_any(backbone, raw, interpolation="model")
     except WeightsLoadError as exc:
-        try:
-            found = backbone_architecture(convert_to_dinov2(select_backbone(strip_wrapper_keys(
-                flatten_state_dict(raw)))[0])[0])
-        except (WeightsLoadError, ValueError, KeyError):
-            found = None  # not a backbone we can describe: the hub's message says what is there
-        configured = backbone_architecture(backbone.state_dict())
-        if found is None or found == configured:
+        described = _checkpoint_architecture(raw)
+        if described is None:
             raise WeightsLoadError(f"model.pretrained_weights={source}: {exc}") from exc
-        differ = ", ".join(key for key in found if found[key] != configured[key])
+        family = "dinov3" if isinstance(backbone, DinoV3VisionTransformer) else "dinov2"
+        describe = dinov3_backbone_architecture if family == "dinov3" else backbone_architecture
+        configured = describe(backbone.state_dict())
+        found_family, found = described
+        summaries = {"dinov2": _summary, "dinov3": _dinov3_summary}
+        if found_family == family:
+            differ = _differing(found, configured)
+            if not differ:
+                raise WeightsLoadError(f"model.pretrained_weights={source}: {exc}") from exc
+            what, has, builds = f"{', '.join(differ)} differ", "has", "builds"
+        else:  # the other model family: say which each is
+            what = f"a {_FAMILY_NAMES[found_family].split(' (')[0]} checkpoint"
+            has, builds = f"is a {_FAMILY_NAMES[found_family]} with", f"builds a {_FAMILY_NAMES[family]} with"
+        if found_family == "dinov3":
+            settings = _dinov3_matching_settings(found, model_cfg)
+        else:
+            settings = _dinov2_matching_settings(found, model_cfg)
+        advice = (f"To continue from these weights set {settings}" if settings is not None else
+                  "No model.arch=dinov3_* has this FFN, storage tokens and norms (a config sets their sizes only)")
         raise PretrainedArchitectureError(
-            f"model.pretrained_weights={source} does not fit the configured model ({differ} differ): the "
-            f"checkpoint has {_summary(found)}; the config (model.arch={model_cfg.arch}) builds "
-            f"{_summary(configured)}. To continue from these weights set {_matching_settings(found, model_cfg)}\n"
-            + str(exc)
+            f"model.pretrained_weights={source} does not fit the configured model ({what}): the checkpoint {has} "
+            f"{summaries[found_family](found)}; the config (model.arch={model_cfg.arch}) {builds} "
+            f"{summaries[family](configured)}. {advice}\n" + str(exc)
         ) from exc
 
 

@@ -194,6 +194,30 @@ def test_visualize_cli_writes_pngs(released_pth, tmp_path):
         assert im.size == (56, 56)
 
 
+@needs_fmnist
+def test_a_dinov3_backbone_through_the_linear_probe_and_the_pictures(tmp_path):
+    """The released DINOv3 layout (official .pth, 4 storage tokens, RoPE) through eval_linear (the last two
+    blocks' class tokens: get_intermediate_layers) and visualize (attention past the storage tokens, PCA)."""
+    torch.manual_seed(0)
+    path = tmp_path / "dinov3_vits16_tiny_pretrain.pth"
+    torch.save(hub.dinov3_vits16(pretrained=False, patch_size=4, **TINY).state_dict(), path)
+    base = ["--arch", "dinov3_vits16", "--weights", str(path), *TINY_ARGS, "--model-arg", "patch_size=4"]
+    out = tmp_path / "linear.json"
+    assert tool("eval_linear").main([
+        *base, "--max-train", "100", "--max-test", "20", "--image-size", "28", "--crop-ratio", "1.0", "--mode",
+        "linear", "--n-last-blocks", "1", "2", "--lrs", "0.01", "--epochs", "1", "--autocast", "fp32",
+        "--no-progress", "--output-json", str(out)]) == 0
+    report = json.loads(out.read_text())["linear"]
+    assert len(report["grid"]) == 2 * 2 and 0 <= report["test_top1"] <= 100
+    viz = tmp_path / "viz"
+    assert tool("visualize").main([*base, "--images", "coffee", "--image-size", "32", "--output-dir", str(viz)]) == 0
+    assert sorted(p.name for p in viz.iterdir()) == sorted([
+        "coffee_attention.png", "coffee_attn_mean.png", "coffee_attn_head0.png", "coffee_attn_head1.png",
+        "coffee_pca.png", "coffee_pca_figure.png", "pca_grid.png"])
+    with Image.open(viz / "coffee_attn_mean.png") as im:
+        assert im.size == (48, 32)  # 400 x 600 -> 32 x 48, patch multiples
+
+
 def test_plot_metrics_cli_writes_png(tmp_path):
     rows = []
     for step in range(1, 31):

@@ -126,3 +126,70 @@ def test_errors(trained_run, tmp_path, capsys):
     assert main(args) == 2
     assert "error: Hugging Face's Dinov2Config takes an integer mlp_ratio" in capsys.readouterr().err
     assert not (tmp_path / "ratio").exists()
+
+
+@pytest.fixture(scope="module")
+def dinov3_run(tmp_path_factory):
+    """A tiny DINOv3 run directory as a finished run leaves it (config.yaml, export/teacher_backbone.*), random
+    weights, no training: what tools/export.py reads of a run."""
+    from dinoscale.checkpoint import save_backbone
+    from dinoscale.config import load_config, save_config
+    from dinoscale.models.factory import build_backbone
+    from tests.hub.conftest import randomize_
+    from tests.tiny import TINY_RUN
+
+    run_dir = tmp_path_factory.mktemp("dinov3_run")
+    cfg = load_config("quickstart", [*TINY_RUN, "model.arch=dinov3_vits16", f"train.output_dir={run_dir}"])
+    save_config(cfg, run_dir / "config.yaml")
+    backbone = randomize_(build_backbone(cfg.model, drop_path_rate=0.0), seed=7)
+    save_backbone(backbone.state_dict(), run_dir / "export" / "teacher_backbone")
+    return run_dir
+
+
+def dinov3_tokens(out: dict) -> torch.Tensor:
+    """Our forward_features as the libraries' ``[cls, storage, patches]`` tokens."""
+    return torch.cat([out["x_norm_clstoken"][:, None], out["x_storage_tokens"], out["x_norm_patchtokens"]], dim=1)
+
+
+@pytest.mark.parametrize("to", ["timm", "hf", "official"])
+def test_a_dinov3_run_exports(dinov3_run, tmp_path, capsys, to):
+    from dinoscale.models.vit_dinov3 import DinoV3VisionTransformer
+
+    run_backbone = load_backbone(weights=str(dinov3_run))
+    assert isinstance(run_backbone, DinoV3VisionTransformer)
+    out = tmp_path / to
+    assert export_tool()([str(dinov3_run), "--to", to, "--output", str(out)]) == 0
+    assert capsys.readouterr().err == ""  # no position embedding, so no note on resizing it
+    if to == "official":  # the official DINOv3 layout: the run's weights, bitwise
+        back = load_backbone(config=str(dinov3_run / "config.yaml"), weights=str(tmp_path / "official.safetensors"))
+        expected = run_backbone.state_dict()
+        assert back.state_dict().keys() == expected.keys()
+        assert all(torch.equal(v, expected[k]) for k, v in back.state_dict().items())
+        return
+    x = images(2, 16, 24)
+    with torch.no_grad():
+        if to == "timm":
+            assert json.loads((out / "config.json").read_text())["architecture"] == "vit_small_patch16_dinov3_qkvb"
+            tokens = timm.create_model(f"local-dir:{out}", pretrained=True).eval().forward_features(x)
+        else:
+            tokens = transformers.DINOv3ViTModel.from_pretrained(out).eval()(pixel_values=x).last_hidden_state
+        assert_close_tokens(tokens, dinov3_tokens(run_backbone.forward_features(x)), atol=1e-5)
+
+
+def test_a_dinov3_hub_name_with_hugging_face_weights_to_timm(tmp_path):
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from tests.hub.conftest import randomize_
+
+    torch.manual_seed(0)
+    hf = randomize_(DINOv3ViTModel(DINOv3ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_register_tokens=4, intermediate_size=128,
+        layerscale_value=1e-5))).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    sizes = ["--model-arg", "embed_dim=32", "--model-arg", "depth=2", "--model-arg", "num_heads=2"]
+    argv = ["dinov3_vits16", "--weights", str(tmp_path / "hf"), *sizes, "--to", "timm", "--output", str(tmp_path / "t")]
+    assert export_tool()(argv) == 0
+    model = timm.create_model(f"local-dir:{tmp_path / 't'}", pretrained=True).eval()
+    x = images(1, 32, 48)
+    with torch.no_grad():
+        assert_close_tokens(model.forward_features(x), hf(pixel_values=x).last_hidden_state, atol=1e-5)

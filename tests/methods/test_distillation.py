@@ -129,6 +129,27 @@ def test_hf_and_timm_layouts_and_timm_by_name_give_their_librarys_tokens(tmp_pat
         assert grid == (4, 4), name
 
 
+def test_a_dinov3_teacher_from_its_hugging_face_folder_gives_its_tokens(tmp_path, tiny_config):
+    """A released DINOv3 backbone by its hub name, the weights a DINOv3ViTModel folder (the Hub's layout)."""
+    import transformers
+
+    hf_ref = randomize_(transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
+        hidden_size=24, num_hidden_layers=1, num_attention_heads=2, num_register_tokens=4, image_size=16,
+        patch_size=4, intermediate_size=96, layerscale_value=1e-5))).eval()
+    hf_ref.save_pretrained(tmp_path / "hf")
+    x = torch.randn(3, 3, 16, 20, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = hf_ref(pixel_values=x).last_hidden_state
+    teacher = load_frozen_teacher(tiny_config(
+        "distillation", "distillation.teacher=dinov3_vits16", f"distillation.teacher_weights={tmp_path / 'hf'}",
+        f"distillation.teacher_model_args=[{','.join(TEACHER_ARGS)}]").distillation)
+    with torch.no_grad():
+        cls, patches, grid = backbone_tokens(teacher["backbone"], x)
+    tokens_close(cls, reference[:, 0])
+    tokens_close(patches, reference[:, 5:])  # after the 4 storage tokens
+    assert grid == (4, 5)
+
+
 def test_patch_grids_of_another_size_are_resampled():
     tokens = torch.randn(2, 16, 5)
     assert resize_patch_grid(tokens, (4, 4), (4, 4)) is tokens

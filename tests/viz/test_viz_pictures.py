@@ -50,6 +50,29 @@ def test_attention_maps_drop_registers_and_match_last_block():
         attention_maps(model, torch.zeros(3, 40, 64))
 
 
+def test_dinov3_attention_maps_are_transformers_attention_over_the_patches():
+    """A DINOv3 backbone (4 storage tokens before the patches) against transformers' DINOv3ViTModel (eager
+    attention, the same random weights): the [CLS] row of the last block over the patch tokens, per head."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from dinoscale.hub import load_state_dict_any
+    from tests.hub.conftest import randomize_
+
+    torch.manual_seed(0)
+    config = DINOv3ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_register_tokens=4,
+                             intermediate_size=128, layerscale_value=1e-5)
+    config._attn_implementation = "eager"  # the only one that returns the attention probabilities
+    hf = randomize_(DINOv3ViTModel(config)).eval()
+    model = build_backbone("dinov3_vits16", embed_dim=32, depth=2, num_heads=2)
+    load_state_dict_any(model, hf.state_dict())
+    x, _ = prepare_image(skimage_data.coffee(), 16, image_size=48)  # 48 x 64: a 3 x 4 patch grid
+    maps = attention_maps(model.eval(), x)
+    with torch.no_grad():
+        reference = hf(pixel_values=x[None], output_attentions=True).attentions[-1]
+    assert maps.shape == (2, 3, 4)
+    torch.testing.assert_close(maps, reference[0, :, 0, 5:].reshape(2, 3, 4), rtol=0, atol=1e-6)
+
+
 def test_threshold_keeps_smallest_set_with_the_mass():
     maps = torch.tensor([[[0.5, 0.3], [0.15, 0.05]]])
     assert threshold_maps(maps, 0.6).tolist() == [[[True, True], [False, False]]]
