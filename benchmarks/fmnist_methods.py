@@ -4,8 +4,12 @@ For each method with a ``configs/methods/<method>_fmnist.yaml`` (the quickstart'
 scale), pretrain for ``--steps`` optimizer steps with the schedules compressed to that budget (5 "epochs" of
 ``steps / 5`` steps: 1 epoch of warmup, cosine decay to the end), then evaluate the exported backbone (the EMA
 teacher's when the method has one, else the student's) with the weighted cosine kNN (k=20) of the trained
-loop (``dinoscale.train.evaluate.evaluate_knn``) on the Fashion-MNIST test set. The random-init baseline is the
+loop (``dinoscale.train.evaluate.evaluate_knn``: its ``knn_features`` and ``knn_top1``) on the Fashion-MNIST test set. The random-init baseline is the
 backbone every method starts from (same seed, same model config), evaluated once.
+
+The same features (final-norm CLS token, eval transform) also go through the label-efficient protocol of
+``dinoscale.eval.lowshot`` (MSN's: a logistic regression on 1, 2, 5 and 13 labelled images per class and on 1%
+of the labels, ``--lowshot-draws`` random draws each, mean and standard deviation of the test top-1).
 
 Writes a markdown table (default ``benchmarks/fmnist_methods.md``) and a JSON file with the raw numbers next
 to the run outputs. On a shared 2-core CPU a step of the quickstart ViT at batch 128 takes 0.1-0.5 s, so
@@ -21,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,9 +39,11 @@ from dinoscale.device import resolve_device  # noqa: E402
 from dinoscale.config import CONFIG_DIR, load_config  # noqa: E402
 from dinoscale.models.factory import build_backbone  # noqa: E402
 from dinoscale.train import loop  # noqa: E402
-from dinoscale.train.evaluate import evaluate_knn  # noqa: E402
+from dinoscale.eval.lowshot import lowshot_probe  # noqa: E402
+from dinoscale.train.evaluate import knn_features, knn_top1  # noqa: E402
 
-METHODS = ("dino", "ibot", "simclr", "barlow_twins", "simmim", "msn")
+METHODS = ("dino", "ibot", "simclr", "barlow_twins", "simmim", "msn", "pirl")
+SHOTS = (1, 2, 5, 13)  # MSN's label-efficient settings, plus 1% of the labels (60 images of each class here)
 EPOCHS = 5  # the budget is split into this many scheduling "epochs"
 
 
@@ -85,7 +92,20 @@ def random_init_backbone(cfg) -> torch.nn.Module:
     return build_backbone(cfg.model, drop_path_rate=0.0)
 
 
-def run(args) -> tuple[list[dict], float | None]:
+def evaluate(cfg, network: torch.nn.Module, device, draws: int) -> dict:
+    """kNN top-1 and the low-shot settings' mean/std top-1 of one network, from one feature extraction."""
+    train_feats, test_feats = knn_features(cfg, network.to(device), device)
+    knn = knn_top1(cfg, train_feats, test_feats)[f"knn/top1@{cfg.evaluation.knn_k}"]
+    if draws <= 0:
+        return {"knn": knn, "lowshot": {}}
+    caches = [{"cls_blocks": f["cls"].float(), "labels": f["labels"]} for f in (train_feats, test_feats)]
+    probe = lowshot_probe(*caches, shots=SHOTS, percents=(1.0,), draws=draws, seed=cfg.train.seed)
+    lowshot = {name: {"mean": row["mean_top1"], "std": row["std_top1"], "num_labelled": row["num_labelled"]}
+               for name, row in probe["settings"].items()}
+    return {"knn": knn, "lowshot": lowshot}
+
+
+def run(args) -> tuple[list[dict], dict | None]:
     device = resolve_device(args.device)
     results, baselines, pixels = [], {}, None
     for method in args.methods:
@@ -101,13 +121,11 @@ def run(args) -> tuple[list[dict], float | None]:
         # The random-init baseline depends only on the model config and the seed.
         key = json.dumps([dict(cfg.model), cfg.train.seed], sort_keys=True, default=str)
         if key not in baselines:
-            baselines[key] = evaluate_knn(cfg, random_init_backbone(cfg).to(device), device)
+            baselines[key] = evaluate(cfg, random_init_backbone(cfg), device, args.lowshot_draws)
         if pixels is None:
-            pixels = evaluate_knn(cfg, Pixels(cfg.model.patch_size).to(device), device)[
-                f"knn/top1@{cfg.evaluation.knn_k}"]
+            pixels = evaluate(cfg, Pixels(cfg.model.patch_size), device, args.lowshot_draws)
         backbone, which = trained_backbone(cfg, result)
-        knn = evaluate_knn(cfg, backbone.to(device), device)
-        top1 = f"knn/top1@{cfg.evaluation.knn_k}"
+        trained = evaluate(cfg, backbone, device, args.lowshot_draws)
         entry = {
             "method": method,
             "steps": result.step,
@@ -117,8 +135,10 @@ def run(args) -> tuple[list[dict], float | None]:
             "s_per_step": round(train_s / max(result.step, 1), 2),
             "final_loss": round(sum(final_losses) / len(final_losses), 4) if final_losses else None,
             "evaluated": which,
-            "knn_random_init": baselines[key][top1],
-            "knn_trained": knn[top1],
+            "knn_random_init": baselines[key]["knn"],
+            "knn_trained": trained["knn"],
+            "lowshot_random_init": baselines[key]["lowshot"],
+            "lowshot_trained": trained["lowshot"],
             "overrides": args.set,
             "model": (f"embed {cfg.model.embed_dim}, depth {cfg.model.depth}, patch {cfg.model.patch_size}, "
                       f"{cfg.crops.global_crops_size} px, LayerScale {cfg.model.layerscale}"),
@@ -146,13 +166,44 @@ def _pct(value: float) -> str:
     return f"{value:.2f}"
 
 
-def write_table(results: list[dict], pixels: float | None, args, path: Path) -> None:
+def _mean_std(cell: dict | None) -> str:
+    return "-" if not cell else f"{cell['mean']:.1f} ± {cell['std']:.1f}"
+
+
+def lowshot_table(results: list[dict], pixels: dict | None, draws: int) -> list[str]:
+    """The label-efficient table: one row per trained method, then random init and raw pixels."""
+    names = [f"{k}-shot" for k in SHOTS] + ["1%"]
+    rows = [(f"{r['method']} ({r['evaluated']})", r["lowshot_trained"]) for r in results]
+    if results:
+        rows.append(("random init", results[0]["lowshot_random_init"]))
+    if pixels is not None:
+        rows.append(("raw pixels", pixels["lowshot"]))
+    counts = next((cells for _, cells in rows if cells), {})
+    lines = [
+        "## Label-efficient evaluation (MSN's protocol)",
+        "",
+        f"The same frozen features (final-norm CLS token) through `dinoscale.eval.lowshot`: a logistic regression "
+        f"(C = 1, features centred and L2-normalised) trained on k labelled images per class or on 1% of the "
+        f"labels, {draws} random draws of the labelled subset each, test top-1 (%) as mean ± standard deviation "
+        "over the draws, on the 10,000 test images.",
+        "",
+        "| features | " + " | ".join(f"{n} ({counts[n]['num_labelled']} images)" if n in counts else n
+                                    for n in names) + " |",
+        "| --- |" + " ---: |" * len(names),
+    ]
+    for label, cells in rows:
+        lines.append(f"| {label} | " + " | ".join(_mean_std(cells.get(n)) for n in names) + " |")
+    return lines
+
+
+def write_table(results: list[dict], pixels: dict | None, args, path: Path) -> None:
     lines = [
         "# Self-supervised methods on Fashion-MNIST: kNN after a small budget",
         "",
         f"Generated by `python benchmarks/fmnist_methods.py --steps {args.steps}"
         + (f" --knn-train-samples {args.knn_train_samples}" if args.knn_train_samples else "")
-        + "".join(f" --set {s}" for s in args.set) + "`.",
+        + (f" --lowshot-draws {args.lowshot_draws}" if args.lowshot_draws != 5 else "")
+        + "".join(f" --set {s}" for s in args.set) + f"` at commit {args.commit}.",
         "",
         f"Each method trains the quickstart-sized ViT ({results[0]['model'] if results else '-'}) from its "
         f"`configs/methods/<method>_fmnist.yaml` for **{args.steps} optimizer steps** (schedules compressed to the "
@@ -183,16 +234,18 @@ def write_table(results: list[dict], pixels: float | None, args, path: Path) -> 
     lines += ["", "Every method beats its random initialisation at this budget." if not beaten else
               f"Not above their random initialisation at this budget: {', '.join(beaten)}."]
     if pixels is not None:
-        above = [r["method"] for r in results if r["knn_trained"] > pixels]
+        above = [r["method"] for r in results if r["knn_trained"] > pixels["knn"]]
         lines += [
             "",
-            f"Reference: the same kNN on raw pixels (flattened, normalised 28 px images) reaches {_pct(pixels)}%; "
+            f"Reference: the same kNN on raw pixels (flattened, normalised 28 px images) reaches {_pct(pixels['knn'])}%; "
             f"{len(above)} of {len(results)} methods exceed it at this budget"
             + (f" ({', '.join(above)})" if above else "") + "."
             + (" A random-init backbone with LayerScale scores far below the pixels: its residual branches start "
                "scaled by a tiny factor, so its [CLS] output hardly depends on the image."
                if any(r["layerscale"] for r in results) else ""),
         ]
+    if args.lowshot_draws > 0:
+        lines += [""] + lowshot_table(results, pixels, args.lowshot_draws)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -204,6 +257,8 @@ def main(argv=None) -> int:
                         help="kNN memory: the first N training images (0: all 60,000)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied to every method (repeatable)")
+    parser.add_argument("--lowshot-draws", type=int, default=5,
+                        help="random labelled subsets per low-shot setting (0: no low-shot table)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out-dir", type=Path, default=REPO / "outputs" / "fmnist_methods")
     parser.add_argument("--table", type=Path, default=REPO / "benchmarks" / "fmnist_methods.md")
@@ -215,11 +270,13 @@ def main(argv=None) -> int:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     args.knn_train_samples = args.knn_train_samples or None
 
+    args.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                 text=True).stdout.strip() or "unknown"
     args.load_before = os.getloadavg()[0]
     results, pixels = run(args)
     args.load_after = os.getloadavg()[0]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "results.json").write_text(json.dumps({"methods": results, "pixels_knn": pixels}, indent=1))
+    (args.out_dir / "results.json").write_text(json.dumps({"methods": results, "pixels": pixels}, indent=1))
     write_table(results, pixels, args, args.table)
     print(f"wrote {args.table}")
     failed = [r["method"] for r in results if r["delta"] <= 0]

@@ -36,8 +36,9 @@ def export_network(network: torch.nn.Module, export_dir: Path, name: str) -> Non
     distributed.barrier()
 
 
-def evaluate_knn(cfg: DictConfig, backbone: torch.nn.Module, device: torch.device) -> dict[str, float]:
-    """Weighted cosine kNN of ``backbone``'s CLS features on the configured labeled datasets."""
+def knn_features(cfg: DictConfig, backbone: torch.nn.Module, device: torch.device) -> tuple[dict, dict]:
+    """``backbone``'s CLS features (and labels) of the configured kNN train and test sets, with the eval transform
+    (``extract_features``'s dicts): what :func:`evaluate_knn` classifies."""
     ev = cfg.evaluation
     transform = eval_transform(ev.knn_image_size, backbone.patch_size)
     train_set = open_dataset(ev.knn_train_dataset, transform=transform, max_samples=ev.knn_max_train_samples)
@@ -48,10 +49,21 @@ def evaluate_knn(cfg: DictConfig, backbone: torch.nn.Module, device: torch.devic
     train_feats = extract_features(backbone, train_set, **kw)
     test_feats = extract_features(backbone, test_set, **kw)
     backbone.train(was_training)
+    return train_feats, test_feats
+
+
+def knn_top1(cfg: DictConfig, train_feats: dict, test_feats: dict) -> dict[str, float]:
+    """Weighted cosine kNN (``evaluation.knn_k``, ``knn_temperature``) of :func:`knn_features`' output."""
+    ev = cfg.evaluation
     results = knn_classify(train_feats["cls"], train_feats["labels"], test_feats["cls"], test_feats["labels"],
                            ks=(ev.knn_k,), temperature=ev.knn_temperature)
     return {f"knn/top1@{k}": v["top1"] for k, v in results.items()} | {
         f"knn/top5@{k}": v["top5"] for k, v in results.items()}
+
+
+def evaluate_knn(cfg: DictConfig, backbone: torch.nn.Module, device: torch.device) -> dict[str, float]:
+    """Weighted cosine kNN of ``backbone``'s CLS features on the configured labeled datasets."""
+    return knn_top1(cfg, *knn_features(cfg, backbone, device))
 
 
 def evaluate_during_training(run: Run, step: int, metrics: MetricLogger) -> None:
