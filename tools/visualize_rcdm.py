@@ -116,19 +116,24 @@ def resolve_backbone(spec: str, specs: list[str]) -> tuple[torch.nn.Module, str]
 
 def first_of_each_class(dataset, num_classes: int) -> list[int]:
     """Dataset positions of the first sample of classes 0, 1, ... (up to ``num_classes`` classes present)."""
-    targets = getattr(dataset, "targets", None)
-    labels = targets.tolist() if targets is not None else [int(dataset[i][1]) for i in range(len(dataset))]
+    targets, samples = getattr(dataset, "targets", None), getattr(dataset, "samples", None)
+    if targets is not None:  # Fashion-MNIST
+        labels = [int(t) for t in targets]
+    elif samples is not None:  # an image folder: (path, label) pairs, no image read
+        labels = [int(label) for _, label in samples]
+    else:
+        labels = [int(dataset[i][1]) for i in range(len(dataset))]
     first: dict[int, int] = {}
     for i, label in enumerate(labels):
         first.setdefault(int(label), i)
     return [first[c] for c in sorted(first)[:num_classes]]
 
 
-def dataset_images(dataset, indices: list[int]) -> torch.Tensor:
-    """(N, C, H, W) images of ``indices`` as the dataset gives them (uint8 tensors or [0, 1] floats)."""
+def decoder_images_of(dataset, indices: list[int], image_size: int) -> torch.Tensor:
+    """(N, 1, S, S) decoder images in [-1, 1] of the samples ``indices`` (any size, PIL or tensor)."""
     from dinoscale.eval.transforms import to_uint8_or_float_chw
 
-    return torch.stack([to_uint8_or_float_chw(dataset[i][0]) for i in indices])
+    return torch.cat([rcdm.decoder_images(to_uint8_or_float_chw(dataset[i][0])[None], image_size) for i in indices])
 
 
 def slug(text: str) -> str:
@@ -147,7 +152,7 @@ def main(argv=None) -> int:
     train_indices = list(range(min(args.train_samples, len(train_set))))
     test_set = open_dataset(args.test)
     test_indices = first_of_each_class(test_set, args.images)
-    real = rcdm.decoder_images(dataset_images(test_set, test_indices), args.image_size)
+    real = decoder_images_of(test_set, test_indices, args.image_size)
     train_images = None  # decoded once, shared by every decoder trained
 
     groups, labels = [], []
@@ -173,7 +178,7 @@ def main(argv=None) -> int:
             reps = rcdm.backbone_representations(backbone, Subset(train_set, train_indices), **represent)
             logger.info("[%s] %d representations (%d-d) in %.0f s", label, *reps.shape, time.perf_counter() - start)
             if train_images is None:
-                train_images = rcdm.decoder_images(dataset_images(train_set, train_indices), args.image_size)
+                train_images = decoder_images_of(train_set, train_indices, args.image_size)
             torch.manual_seed(args.seed)
             decoder = rcdm.RCDMDecoder(
                 reps.shape[1], image_size=args.image_size, block_out_channels=args.channels,

@@ -192,8 +192,10 @@ def decoder_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
         x = x[:, None]
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"images must be (N, H, W) or (N, 1|3, H, W), got {tuple(images.shape)}")
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    x = x.mean(dim=1, keepdim=True)
+    if x.dtype == torch.uint8:  # integer sum, one division: equal channels give exactly gray / 255
+        x = x.sum(dim=1, keepdim=True, dtype=torch.float32) / (255.0 * x.shape[1])
+    else:
+        x = x.float().mean(dim=1, keepdim=True)
     if x.shape[-2:] != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     return (x.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
