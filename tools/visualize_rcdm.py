@@ -59,7 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--train", default="fashion-mnist:train", help="decoder training images")
     parser.add_argument("--test", default="fashion-mnist:test", help="images whose representations are sampled")
     parser.add_argument("--train-samples", type=int, default=20000, help="the first N training images")
-    parser.add_argument("--images", type=int, default=10, help="test images: the first one of each of the first N classes")
+    parser.add_argument("--images", type=int, default=10,
+                        help="test images: the first one of each of the first N classes")
     parser.add_argument("--samples", type=int, default=4, help="samples per test image and backbone")
     parser.add_argument("--steps", type=int, default=600, help="decoder training steps")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -166,11 +167,17 @@ def main(argv=None) -> int:
         if decoder_dir != "-":
             decoder, meta = rcdm.load_decoder(decoder_dir)
             if decoder.cond_dim != backbone.embed_dim:
-                raise SystemExit(f"{decoder_dir} expects {decoder.cond_dim}-d representations, {spec} gives {backbone.embed_dim}")
+                raise SystemExit(
+                    f"{decoder_dir} expects {decoder.cond_dim}-d representations, {spec} gives {backbone.embed_dim}"
+                )
             if decoder.image_size != args.image_size:
-                raise SystemExit(f"{decoder_dir} makes {decoder.image_size} px images, --image-size is {args.image_size}")
+                raise SystemExit(
+                    f"{decoder_dir} makes {decoder.image_size} px images, --image-size is {args.image_size}"
+                )
             if meta.get("backbone") not in (None, spec):
-                logger.warning("%s was trained on backbone %s, now conditioned on %s", decoder_dir, meta["backbone"], spec)
+                logger.warning(
+                    "%s was trained on backbone %s, now conditioned on %s", decoder_dir, meta["backbone"], spec
+                )
             decoder = decoder.to(device)
             logger.info("[%s] decoder %s (%s steps)", label, decoder_dir, meta.get("steps", "?"))
         else:

@@ -110,7 +110,9 @@ class RCDMDecoder(nn.Module):
             )
         factor = 2 ** (len(block_out_channels) - 1)
         if image_size % factor:
-            raise ValueError(f"image_size {image_size} must be a multiple of {factor} for {len(block_out_channels)} levels")
+            raise ValueError(
+                f"image_size {image_size} must be a multiple of {factor} for {len(block_out_channels)} levels"
+            )
         self.cond_dim = int(cond_dim)
         self.image_size = int(image_size)
         self.in_channels = int(in_channels)
@@ -392,7 +394,8 @@ def sample(
 def sample_noise(decoder: RCDMDecoder, num_samples: int, seed: int) -> torch.Tensor:
     """(S, C, H, W) starting noise, sample ``s`` drawn from a generator seeded with ``seed + s``."""
     shape = (decoder.in_channels, decoder.image_size, decoder.image_size)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + s)) for s in range(num_samples)])
+    generators = [torch.Generator().manual_seed(seed + s) for s in range(num_samples)]
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
 def samples_per_image(
