@@ -32,6 +32,8 @@ setup(
         "xformers": ["xformers"],
         # Optional experiment trackers (trackers.enabled=[wandb, mlflow]); the local MLflow store needs full mlflow.
         "trackers": ["wandb", "mlflow"],
+        # The representation-conditioned diffusion decoder (dinoscale/viz/rcdm.py, tools/visualize_rcdm.py).
+        "viz": ["diffusers>=0.30"],
         "dev": [
             "pytest",
             "timm>=1.0.20",  # parity checks and export round trips ("local-dir:" model names)
@@ -41,6 +43,7 @@ setup(
             "onnxruntime",  # checks the exported ONNX graphs
             "scikit-image",  # sample photos for tests and benchmarks
             "scikit-learn",  # logistic-regression probe, sample photos
+            "diffusers>=0.30",  # the RCDM decoder's tests (the "viz" extra)
         ],
     },
 )
