@@ -87,6 +87,7 @@ from fmnist import current_commit  # noqa: E402
 from fmnist_methods import machine_description, random_init_backbone  # noqa: E402
 
 CONFIG = "configs/dinov3_fmnist.yaml"
+BOOTSTRAP = 200  # resamples of the probe's test images for the spread of its mIoU
 HIGHRES = ["optim.epochs=5", "train.checkpoint_every=100", "crops.multi_resolution.enabled=true",
            "crops.multi_resolution.global_crops_sizes=[32,48]", "crops.multi_resolution.local_crops_sizes=[16,24]",
            "crops.multi_resolution.gram_crops_sizes=[48,64]", "crops.multi_resolution.weights=[0.5,0.5]"]
@@ -183,25 +184,34 @@ def knn_config(config: Path, size: int, args):
 
 def evaluate_backbone(model: torch.nn.Module, config: Path, args, device: torch.device) -> dict:
     cfg = load_config(config)
-    out: dict = {"knn": {}, "probe": {}, "patch_knn": {}, "similarity": {}}
+    out: dict = {"knn": {}, "probe": {}, "patch_knn": {}, "similarity": {}, "grid": {}, "foreground_share": {},
+                 "seconds": {}}
     for size in args.knn_sizes:
+        t = time.time()
         kcfg = knn_config(config, size, args)
         out["knn"][size] = evaluate_knn(kcfg, model, device)[f"knn/top1@{kcfg.evaluation.knn_k}"]
+        out["seconds"][f"knn {size} px"] = round(time.time() - t, 1)
     extract = dict(batch_size=256, num_workers=min(cfg.train.num_workers, 4), device=device)
     train_set = open_dataset(cfg.evaluation.knn_train_dataset, max_samples=args.probe_train)
     test_set = open_dataset(cfg.evaluation.knn_test_dataset, max_samples=args.probe_test)
     for size in args.probe_sizes:
+        t = time.time()
         train = pp.extract_patch_data(model, train_set, image_size=size, threshold=args.threshold, **extract)
         test = pp.extract_patch_data(model, test_set, image_size=size, threshold=args.threshold, **extract)
+        out["seconds"][f"patch tokens {size} px"] = round(time.time() - t, 1)
+        t = time.time()
         out["probe"][size] = pp.fit_patch_probe(train["patches"], train["labels"], test["patches"], test["labels"],
-                                                Cs=args.probe_cs)
+                                                Cs=args.probe_cs, bootstrap=BOOTSTRAP)
+        out["seconds"][f"probe {size} px"] = round(time.time() - t, 1)
         if args.patch_knn_train and args.patch_knn_test:
+            t = time.time()
             n, m = args.patch_knn_train, args.patch_knn_test
             out["patch_knn"][size] = pp.patch_knn(train["patches"][:n], train["labels"][:n], test["patches"][:m],
                                                   test["labels"][:m])
+            out["seconds"][f"patch kNN {size} px"] = round(time.time() - t, 1)
         out["similarity"][size] = pp.patch_similarity_stats(test["patches"], test["labels"], cls=test["cls"])
-        out["grid"] = out.get("grid", {}) | {size: list(test["grid"])}
-        out["foreground_share"] = out.get("foreground_share", {}) | {size: float((test["labels"] > 0).float().mean())}
+        out["grid"][size] = list(test["grid"])
+        out["foreground_share"][size] = float((test["labels"] > 0).float().mean())
     return out
 
 
@@ -275,7 +285,8 @@ def run(args) -> dict:
         results["backbones"].append(row)
         print(f"== {entry['name']} ({row['eval_s']:.0f} s): " + ", ".join(
             f"kNN {s} px {v:.2f}%" for s, v in row["knn"].items()) + ", " + ", ".join(
-            f"probe mIoU {s} px {100 * p['miou']:.1f}" for s, p in row["probe"].items()), flush=True)
+            f"probe mIoU {s} px {100 * p['miou']:.1f}" for s, p in row["probe"].items())
+            + "; seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in row["seconds"].items()), flush=True)
     if pca_columns:
         from dinoscale.data.sources.fashion_mnist import FASHION_MNIST_CLASSES
 
@@ -286,8 +297,42 @@ def run(args) -> dict:
     return results
 
 
+def binomial_note(rows: list[dict], args) -> str:
+    """The binomial standard error of one kNN accuracy like the trained ones, on the table's and the runs' sets."""
+    trained = [b["knn"][args.knn_sizes[0]] / 100 for b in rows if b["step"] is not None]
+    acc = sum(trained) / len(trained) if trained else 0.7
+    n = args.knn_test_samples or 10000
+    se = lambda m: 100 * math.sqrt(acc * (1 - acc) / m)  # noqa: E731
+    return (f"one accuracy near {100 * acc:.0f}% on {n:,} test images has a binomial standard error of "
+            f"{se(n):.2f} points, on the runs' 10,000 {se(10000):.2f}")
+
+
+def seconds_by_part(rows: list[dict]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for b in rows:
+        for part, seconds in b.get("seconds", {}).items():
+            total[part] = total.get(part, 0.0) + seconds
+    return total
+
+
 def cap(n: int | None, total: int) -> str:
     return f"the first {n:,}" if n else f"all {total:,}"
+
+
+def _std(values: list[float]) -> float:
+    return float(torch.tensor(values, dtype=torch.float64).std())
+
+
+def stage_differences(rows: list[dict], args) -> list[tuple[str, dict, dict]]:
+    """(label, later, earlier) of the comparisons the stages make, among the evaluated backbones."""
+    by_name = {b["name"]: b for b in rows if "knn" in b}
+    pairs = [(f"A@{args.gram_end} - A@{args.gram_start}", f"A@{args.gram_end}", f"A@{args.gram_start}",
+              f"{args.gram_end - args.gram_start} more steps without Gram anchoring"),
+             (f"B@{args.gram_end} - A@{args.gram_end}", f"B@{args.gram_end}", f"A@{args.gram_end}",
+              "the same steps with Gram anchoring instead of without: the Gram stage's effect"),
+             (f"C@{args.highres_end} - B@{args.gram_end}", f"C@{args.highres_end}", f"B@{args.gram_end}",
+              f"{args.highres_end - args.gram_end} high-resolution steps after the Gram stage")]
+    return [(label, what, by_name[a], by_name[b]) for label, a, b, what in pairs if a in by_name and b in by_name]
 
 
 def _pct(value, digits: int = 2) -> str:
@@ -312,7 +357,9 @@ def markdown(results: dict, args, command: str) -> str:
         "",
         f"Machine: {results['machine']}, {results['cores']} cores, {results['threads']} torch threads, no GPU; "
         f"1-minute load average {results['load_before']:.1f} before and {results['load_after']:.1f} after; "
-        f"{results['total_s'] / 60:.1f} min in all.",
+        f"{results['total_s'] / 60:.1f} min in all"
+        + (" (" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds_by_part(done).items()) + ", summed over the "
+           "backbones)" if done else "") + ".",
         "",
         "## kNN@20 of the CLS token",
         "",
@@ -342,7 +389,7 @@ def markdown(results: dict, args, command: str) -> str:
             f"the patch's pixels are above {args.threshold:g}; {100 * share:.0f}% of the test patches are foreground). "
             f"Logistic regression (C={', '.join(f'{c:g}' for c in args.probe_cs)}) on the final-norm patch tokens of "
             f"the first {args.probe_train:,} training images, scored on the first {args.probe_test:,} test images "
-            "(scores in %)"
+            f"(scores in %; ± the standard deviation of the mIoU over {BOOTSTRAP} resamples of the test images)"
             + (f"; patch kNN (k=20): the patches of the first {args.patch_knn_train:,} training images as memory, "
                f"those of the first {args.patch_knn_test:,} test images as queries" if args.patch_knn_train else "")
             + ".",
@@ -354,8 +401,37 @@ def markdown(results: dict, args, command: str) -> str:
         for b in done:
             p = b["probe"][size]
             knn = f" {_pct(100 * b['patch_knn'][size]['miou'], 1)} |" if size in b.get("patch_knn", {}) else ""
-            lines.append(f"| {b['name']} | {_pct(100 * p['miou'], 1)} | {_pct(100 * p['patch_accuracy'], 1)} | "
+            spread = f" ± {100 * _std(p['miou_bootstrap']):.1f}" if p.get("miou_bootstrap") else ""
+            lines.append(f"| {b['name']} | {_pct(100 * p['miou'], 1)}{spread} | {_pct(100 * p['patch_accuracy'], 1)} | "
                          f"{_pct(100 * p['foreground_iou'], 1)} | {_pct(100 * p['background_iou'], 1)} |{knn}")
+    differences = stage_differences(rows, args)
+    if differences:
+        lines += [
+            "",
+            "## What each stage changes",
+            "",
+            "Differences between backbones, in points. Probe mIoU: ± the standard deviation of the difference over the "
+            f"same {BOOTSTRAP} resamples of the test images for both (paired; the spread of the test sample, not of "
+            f"training). kNN@20: no spread computed; {binomial_note(done, args)}.",
+            "",
+            "| difference | what | " + " | ".join(f"probe mIoU {s} px" for s in args.probe_sizes) + " | "
+            + " | ".join(f"kNN@20 {s} px" for s in args.knn_sizes) + " | run's final kNN@20 |",
+            "| --- | --- |" + " ---: |" * (len(args.probe_sizes) + len(args.knn_sizes) + 1),
+        ]
+        for label, what, later, earlier in differences:
+            cells = []
+            for size in args.probe_sizes:
+                p, q = later["probe"][size], earlier["probe"][size]
+                delta = 100 * (p["miou"] - q["miou"])
+                if p.get("miou_bootstrap") and q.get("miou_bootstrap"):
+                    paired = [x - y for x, y in zip(p["miou_bootstrap"], q["miou_bootstrap"])]
+                    cells.append(f"{delta:+.1f} ± {100 * _std(paired):.1f}")
+                else:
+                    cells.append(f"{delta:+.1f}")
+            cells += [f"{later['knn'][s] - earlier['knn'][s]:+.2f}" for s in args.knn_sizes]
+            logged = (later.get("logged_final_knn"), earlier.get("logged_final_knn"))
+            cells.append(f"{logged[0] - logged[1]:+.2f}" if None not in logged else "-")
+            lines.append(f"| {label} | {what} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Within-image cosine similarities of the tokens",
@@ -402,7 +478,7 @@ def parse_args(argv=None):
     parser.add_argument("--print-stage-commands", action="store_true",
                         help="print the commands of the three runs for these run directories and exit")
     parser.add_argument("--knn-sizes", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--knn-train-samples", type=int, default=10000,
+    parser.add_argument("--knn-train-samples", type=int, default=5000,
                         help="kNN memory: the first N training images (0: all 60,000)")
     parser.add_argument("--knn-test-samples", type=int, default=2000, help="kNN queries: the first N test images "
                         "(0: all 10,000)")

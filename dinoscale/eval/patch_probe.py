@@ -22,6 +22,9 @@ over every test patch::
     patch accuracy = trace(M) / sum(M)
     foreground / background IoU: IoU of label > 0 / label 0 on the 2 x 2 matrix that ignores the class
 
+``bootstrap_miou``: the mIoU of resamples of the test images (the same resamples for every backbone scored on the
+same images, so differences between backbones get a paired spread).
+
 ``patch_similarity_stats``: the mean cosine similarity of two distinct patch tokens of one image, of all pairs and
 of foreground-foreground, background-background and foreground-background pairs, and of the CLS token with the
 patch tokens of its image: patch tokens that lose their locality (what DINOv3's Gram anchoring counters: over long
@@ -149,6 +152,30 @@ def segmentation_scores(confusion: torch.Tensor) -> Dict[str, Any]:
     }
 
 
+def image_confusions(target: torch.Tensor, pred: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """(N, num_labels, num_labels): the confusion matrix of each image's (N, P) patches; their sum over images is
+    ``confusion_matrix`` of all patches."""
+    if target.shape != pred.shape or target.ndim != 2:
+        raise ValueError(f"expected (N, P) targets and predictions, got {tuple(target.shape)}, {tuple(pred.shape)}")
+    n = target.shape[0]
+    image = torch.arange(n)[:, None].expand_as(target)
+    flat = (image * num_labels + target.long()) * num_labels + pred.long()
+    return torch.bincount(flat.reshape(-1), minlength=n * num_labels**2).reshape(n, num_labels, num_labels)
+
+
+def bootstrap_miou(confusions: torch.Tensor, *, samples: int = 200, seed: int = 0) -> list[float]:
+    """The mIoU of ``samples`` resamples (with replacement) of the images of ``image_confusions``. The draws depend
+    only on ``seed`` and the number of images, so two backbones scored on the same test images get the same
+    resamples: the spread of their difference is a paired one."""
+    g = torch.Generator().manual_seed(seed)
+    n = confusions.shape[0]
+    out = []
+    for _ in range(samples):
+        idx = torch.randint(0, n, (n,), generator=g)
+        out.append(float(_iou(confusions[idx].sum(dim=0)).nanmean()))
+    return out
+
+
 def _rows(patches: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if patches.ndim != 3 or labels.shape != patches.shape[:2]:
         raise ValueError(f"expected patches (N, P, D) and labels (N, P), got {tuple(patches.shape)} and "
@@ -168,12 +195,14 @@ def fit_patch_probe(
     max_iter: int = 200,
     backend: str = "auto",
     seed: int = 0,
+    bootstrap: int = 0,
 ) -> Dict[str, Any]:
     """The logistic-regression patch probe: fit on the (N, P, D) training patches, score the test patches.
 
     With several ``Cs``, each is fitted on the training images but a seeded ``val_fraction`` of them and scored
     (mIoU) on those; the best is refit on all training images. Returns ``segmentation_scores`` of the test patches
-    plus ``C``, ``grid`` (``[{C, val_miou}]``, empty with one C), ``num_train_patches``.
+    plus ``C``, ``grid`` (``[{C, val_miou}]``, empty with one C), ``num_train_patches``; with ``bootstrap`` > 0
+    also ``miou_bootstrap``: ``bootstrap_miou`` over the test images (the spread of the test sample, not of the fit).
     """
     if not Cs or min(Cs) <= 0:
         raise ValueError(f"Cs must be positive, got {list(Cs)}")
@@ -198,8 +227,13 @@ def fit_patch_probe(
         best_C = float(Cs[0])
     x_train, y_train = _rows(train_patches, train_labels)
     predict = fit_logistic_regression(x_train.numpy(), y_train.numpy(), best_C, max_iter=max_iter, backend=backend)
-    scores = segmentation_scores(confusion_matrix(y_test, _predict(*predict, x_test), num_labels))
-    return {**scores, "C": best_C, "grid": grid, "num_train_patches": int(y_train.numel())}
+    pred = _predict(*predict, x_test)
+    scores = segmentation_scores(confusion_matrix(y_test, pred, num_labels))
+    out = {**scores, "C": best_C, "grid": grid, "num_train_patches": int(y_train.numel())}
+    if bootstrap:
+        per_image = image_confusions(test_labels, pred.reshape(test_labels.shape), num_labels)
+        out["miou_bootstrap"] = bootstrap_miou(per_image, samples=bootstrap, seed=seed)
+    return out
 
 
 def _predict(predict_logits, classes: np.ndarray, x: torch.Tensor) -> torch.Tensor:

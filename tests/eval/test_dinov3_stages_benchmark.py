@@ -79,14 +79,19 @@ def test_stage_commands_are_the_three_stages(bench, tmp_path):
 
 def test_report_has_every_table_and_the_placeholder(bench, tmp_path):
     args = bench.parse_args(["--report", str(tmp_path / "r.md"), "--pictures-dir", str(tmp_path / "pics")])
-    probe = dict(miou=0.25, patch_accuracy=0.65, foreground_iou=0.97, background_iou=0.973)
+    probe = dict(miou=0.25, patch_accuracy=0.65, foreground_iou=0.97, background_iou=0.973,
+                 miou_bootstrap=[0.24, 0.25, 0.26])
+    better = dict(probe, miou=0.27, miou_bootstrap=[0.26, 0.27, 0.29])
     sim = dict(all=0.24, fg_fg=0.27, bg_bg=0.82, fg_bg=-0.12, cls_patch=0.1, cls_fg=0.3, cls_bg=-0.1)
     done = dict(knn={32: 76.4, 64: 70.1}, probe={64: probe, 32: probe}, patch_knn={64: probe, 32: probe},
                 similarity={64: sim, 32: sim}, grid={64: [8, 8], 32: [4, 4]}, foreground_share={64: 0.5, 32: 0.5},
                 logged_final_knn=76.44)
     entries = bench.backbones_to_evaluate(args)
     rows = [dict(entries[0], source="seed", **done), dict(entries[1], source="ckpt", **done),
-            dict(entries[2], source="/runs/x/checkpoints/step_000000400 not found")]
+            dict(entries[2], source="/runs/x/checkpoints/step_000000400 not found"),
+            dict(entries[3], source="ckpt", **dict(done, probe={64: better, 32: better}, knn={32: 77.0, 64: 70.0},
+                                                   logged_final_knn=76.5)),
+            dict(entries[4], source="ckpt", **done)]
     results = dict(backbones=rows, machine="cpu", cores=2, threads=2, load_before=1.0, load_after=1.5, total_s=300,
                    commit="abc1234", logged_knn_sets="32 px, all 60,000 training images as memory, all 10,000 test "
                    "images", pca_figure=str(tmp_path / "pics" / "pca_64px.png"), pca_test_indices=[19, 2])
@@ -96,7 +101,12 @@ def test_report_has_every_table_and_the_placeholder(bench, tmp_path):
     assert "| A@400 | no Gram anchoring, 400 steps | not evaluated: /runs/x/checkpoints/step_000000400 not found |" \
         in text
     assert "## Patch probe at 64 px (8 x 8 patches)" in text and "## Patch probe at 32 px (4 x 4 patches)" in text
-    assert "| A@300 | 25.0 | 65.0 | 97.0 | 97.3 | 25.0 |" in text
+    assert "| A@300 | 25.0 ± 1.0 | 65.0 | 97.0 | 97.3 | 25.0 |" in text
+    # the stage differences: A@400 is missing, so only C@500 - B@400 (paired spread: std of [-2, -2, -3] points)
+    assert "A@400 - A@300" not in text and "B@400 - A@400" not in text
+    assert ("| C@500 - B@400 | 100 high-resolution steps after the Gram stage | -2.0 ± 0.6 | -2.0 ± 0.6 | -0.60 | "
+            "+0.10 | -0.06 |") in text
+    assert "near 77% on 2,000 test images has a binomial standard error of 0.95 points" in text
     assert "| A@300 | 64 px | 0.240 | 0.270 | 0.820 | -0.120 | 0.300 | -0.100 |" in text
     assert "![PCA of the patch tokens](pics/pca_64px.png)" in text
     assert text.rstrip().endswith("## Reading\n\n_To be written from the numbers above._")

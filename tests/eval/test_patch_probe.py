@@ -133,3 +133,19 @@ def test_within_image_similarities():
     assert stats["all"] == pytest.approx(4 / 12)  # 4 of the 12 ordered distinct pairs are alike
     assert stats["cls_fg"] == 1.0 and stats["cls_bg"] == 0.0 and stats["cls_patch"] == 0.5
     assert math.isnan(pp.patch_similarity_stats(patches, torch.zeros(1, 4, dtype=torch.long))["fg_fg"])
+
+
+def test_per_image_confusions_and_their_bootstrap():
+    target = torch.tensor([[0, 1, 1], [0, 0, 2]])
+    pred = torch.tensor([[0, 1, 0], [1, 0, 2]])
+    per_image = pp.image_confusions(target, pred, 3)
+    assert per_image[0].tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 0]]
+    assert per_image[1].tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 1]]
+    assert torch.equal(per_image.sum(dim=0), pp.confusion_matrix(target, pred, 3))
+    # resamples of one image are that image: every bootstrap mIoU is its mIoU
+    one = pp.segmentation_scores(per_image[0])["miou"]
+    assert pp.bootstrap_miou(per_image[:1], samples=5) == [one] * 5
+    # the resamples depend on the seed and the number of images only: two backbones get the same ones
+    draws = pp.bootstrap_miou(per_image, samples=50, seed=3)
+    assert draws == pp.bootstrap_miou(per_image, samples=50, seed=3) and len(set(draws)) > 1
+    assert min(draws) <= pp.segmentation_scores(per_image.sum(dim=0))["miou"] <= max(draws)
