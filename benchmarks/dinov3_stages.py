@@ -411,8 +411,8 @@ def markdown(results: dict, args, command: str) -> str:
             "## What each stage changes",
             "",
             "Differences between backbones, in points. Probe mIoU: ± the standard deviation of the difference over "
-            f"the same {BOOTSTRAP} resamples of the test images for both (paired; the spread of the test sample, not of "
-            f"training). kNN@20: no spread computed; {binomial_note(done, args)}.",
+            f"the same {BOOTSTRAP} resamples of the test images for both (paired; the spread of the test sample, "
+            f"not of training). kNN@20: no spread computed; {binomial_note(done, args)}.",
             "",
             "| difference | what | " + " | ".join(f"probe mIoU {s} px" for s in args.probe_sizes) + " | "
             + " | ".join(f"kNN@20 {s} px" for s in args.knn_sizes) + " | run's final kNN@20 |",
