@@ -5,14 +5,15 @@ highest cosine similarity ``s_i = <q, x_i>``, the score of class ``c`` is
 
     score(c) = sum_{i in top-k} exp(s_i / T) * [y_i == c]
 
-and the prediction is the arg-max (top-5: the five best scores). The same function works on
-raw pixels: flatten the images to vectors and pass them as features.
+and the prediction is the arg-max (top-5: the five best scores); ``knn_classify`` reports accuracies,
+``knn_predict`` the predicted classes. The same functions work on raw pixels: flatten the images to vectors and
+pass them as features.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Iterable, Sequence
+from typing import Dict, Iterable, Iterator, Sequence, Tuple
 
 import torch
 
@@ -89,33 +90,78 @@ def knn_classify(
         effective[k] = min(k, n_train)
         if k > n_train:
             warnings.warn(f"kNN: k={k} > number of training samples ({n_train}); using k={n_train}")
-    k_max = max(effective.values())
 
-    device = train_features.device
-    train = torch.nn.functional.normalize(train_features.float(), dim=1)
-    train_labels = train_labels.to(device=device, dtype=torch.long)
     top1 = {k: 0 for k in ks}
     top5 = {k: 0 for k in ks}
     n_test = test_features.shape[0]
-    for start in range(0, n_test, batch_size):
+    for start, votes in _knn_votes(train_features, train_labels, test_features, effective, temperature,
+                                   num_classes, batch_size):
+        targets = test_labels[start : start + batch_size].to(device=train_features.device, dtype=torch.long)
+        for k in ks:
+            ranked = votes[k].topk(min(5, num_classes), dim=1).indices
+            correct = ranked == targets[:, None]
+            top1[k] += int(correct[:, 0].sum())
+            top5[k] += int(correct.any(dim=1).sum())
+    return {k: {"top1": 100.0 * top1[k] / n_test, "top5": 100.0 * top5[k] / n_test} for k in ks}
+
+
+def _knn_votes(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    effective: Dict[int, int],
+    temperature: float,
+    num_classes: int,
+    batch_size: int,
+) -> Iterator[Tuple[int, Dict[int, torch.Tensor]]]:
+    """``(start, {k: (b, num_classes) scores})`` per chunk of ``batch_size`` queries; ``effective[k]`` is the
+    number of neighbours that vote for ``k`` (k clamped to the memory size)."""
+    device = train_features.device
+    train = torch.nn.functional.normalize(train_features.float(), dim=1)
+    train_labels = train_labels.to(device=device, dtype=torch.long)
+    k_max = max(effective.values())
+    for start in range(0, test_features.shape[0], batch_size):
         queries = torch.nn.functional.normalize(
             test_features[start : start + batch_size].to(device=device, dtype=torch.float32), dim=1
         )
-        targets = test_labels[start : start + batch_size].to(device=device, dtype=torch.long)
         similarity = queries @ train.T  # (b, N_train)
         # One sorted top-k_max serves every k: the top-k is its prefix.
         sims, idx = similarity.topk(k_max, dim=1, largest=True, sorted=True)
         neighbour_labels = train_labels[idx]  # (b, k_max)
         weights = (sims / temperature).exp()
-        for k in ks:
-            kk = effective[k]
-            votes = torch.zeros(queries.shape[0], num_classes, device=device)
-            votes.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
-            ranked = votes.topk(min(5, num_classes), dim=1).indices
-            correct = ranked == targets[:, None]
-            top1[k] += int(correct[:, 0].sum())
-            top5[k] += int(correct.any(dim=1).sum())
-    return {k: {"top1": 100.0 * top1[k] / n_test, "top5": 100.0 * top5[k] / n_test} for k in ks}
+        votes = {}
+        for k, kk in effective.items():
+            votes[k] = torch.zeros(queries.shape[0], num_classes, device=device)
+            votes[k].scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
+        yield start, votes
+
+
+@torch.no_grad()
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """The arg-max class of ``knn_classify``'s weighted vote for every test feature: (N_test,) long, for
+    metrics other than accuracy (e.g. a confusion matrix). ``k`` is clamped to the memory size."""
+    _check_inputs(train_features, train_labels, "train")
+    if test_features.ndim != 2 or test_features.shape[1] != train_features.shape[1]:
+        raise ValueError(f"test_features must be (N, {train_features.shape[1]}), got {tuple(test_features.shape)}")
+    if k < 1 or temperature <= 0 or batch_size < 1:
+        raise ValueError(f"need k >= 1, temperature > 0, batch_size >= 1; got {k}, {temperature}, {batch_size}")
+    if int(train_labels.min()) < 0:
+        raise ValueError("train_labels contain negative values (unlabelled samples cannot vote)")
+    if num_classes is None:
+        num_classes = int(train_labels.max()) + 1
+    effective = {k: min(k, train_features.shape[0])}
+    chunks = [votes[k].argmax(dim=1) for _, votes in _knn_votes(
+        train_features, train_labels, test_features, effective, temperature, num_classes, batch_size)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
 
 
 def knn_metrics(results: Dict[int, Dict[str, float]], prefix: str = "knn") -> Dict[str, float]:

@@ -8,6 +8,8 @@
    background) scores higher than the centre.
 3. Components 2-4 are min-max scaled per channel over the foreground patches of all images
    and shown as RGB; background patches are black.
+
+``pca_rgb`` is the plain variant: components 1-3 as RGB over all patches, no foreground split.
 """
 
 from __future__ import annotations
@@ -125,6 +127,25 @@ def pca_foreground_rgb(
     ):
         out.append({"first": f1.reshape(h, w), "foreground": fg.reshape(h, w), "rgb": colour.reshape(h, w, 3)})
     return out
+
+
+def pca_rgb(features: Sequence[torch.Tensor], n_components: int = 3) -> List[torch.Tensor]:
+    """The plain PCA picture: the first ``n_components`` (at most 3) principal components of patch features (one
+    (h, w, D) tensor per image, one PCA fitted jointly over all of them) as RGB channels, each min-max scaled to
+    [0, 1] over the patches of all images; (h, w, 3) per image, unused channels 0. No foreground split (compare
+    ``pca_foreground_rgb``): the first component, usually foreground against background, is the red channel."""
+    if not features:
+        raise ValueError("no images given")
+    if not 1 <= n_components <= 3:
+        raise ValueError(f"n_components must be 1, 2 or 3, got {n_components}")
+    shapes = [f.shape[:2] for f in features]
+    flat = torch.cat([f.reshape(-1, f.shape[-1]).float() for f in features])
+    mean, comps = fit_pca(flat, n_components)
+    proj = (flat - mean) @ comps.T  # (M, k)
+    lo, hi = proj.min(dim=0).values, proj.max(dim=0).values
+    rgb = torch.zeros(flat.shape[0], 3)
+    rgb[:, : proj.shape[1]] = (proj - lo) / (hi - lo).clamp_min(1e-12)
+    return [c.reshape(h, w, 3) for c, (h, w) in zip(torch.split(rgb, [h * w for h, w in shapes]), shapes)]
 
 
 def pca_pictures(

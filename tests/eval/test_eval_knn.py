@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dinoscale.eval.knn import flatten_images, knn_classify, knn_metrics
+from dinoscale.eval.knn import flatten_images, knn_classify, knn_metrics, knn_predict
 
 
 def _clusters(n_per_class, num_classes, dim, noise, seed):
@@ -107,3 +107,21 @@ def test_bad_inputs_raise_clear_errors(kwargs, message):
     num_classes = args.pop("num_classes", None)
     with pytest.raises(ValueError, match=message):
         knn_classify(**args, ks=ks, num_classes=num_classes)
+
+
+def test_knn_predict_gives_the_vote_knn_classify_scores():
+    # The hand-checked circle: k=1 picks the nearest point's class 0, k=3 the two class-1 points (see above).
+    angles = torch.tensor([0.1, 0.2, 0.3, 1.0, 1.1])
+    train = torch.stack([angles.cos(), angles.sin()], dim=1)
+    train_y = torch.tensor([0, 1, 1, 0, 0])
+    query = torch.tensor([[1.0, 0.0], [math.cos(1.05), math.sin(1.05)]])  # the second sits among the class-0 pair
+    assert knn_predict(train, train_y, query, k=1, temperature=0.1).tolist() == [0, 0]
+    assert knn_predict(train, train_y, query, k=3, temperature=0.1).tolist() == [1, 0]
+    # Against knn_classify on clusters: the predictions are right exactly where its top-1 counts them right.
+    train_x, train_lab = _clusters(30, 4, 8, 8.0, 0)
+    test_x, test_lab = _clusters(10, 4, 8, 8.0, 0)  # the same centres, and fresh noise:
+    test_x = test_x + 8.0 * torch.randn(test_x.shape, generator=torch.Generator().manual_seed(1))
+    pred = knn_predict(train_x, train_lab, test_x, k=10, batch_size=7)
+    top1 = knn_classify(train_x, train_lab, test_x, test_lab, ks=(10,))[10]["top1"]
+    assert pred.shape == (40,) and 0 < top1 < 100
+    assert 100.0 * int((pred == test_lab).sum()) / 40 == top1

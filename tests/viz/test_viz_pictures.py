@@ -12,7 +12,7 @@ from dinoscale.viz.attention import (
     threshold_maps,
     upsample_maps,
 )
-from dinoscale.viz.pca import fit_pca, pca_foreground_rgb, save_pca_images
+from dinoscale.viz.pca import fit_pca, pca_foreground_rgb, pca_rgb, save_pca_images
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -142,6 +142,26 @@ def test_fit_pca_orthonormal_and_ordered():
     mean, comps = fit_pca(data, 4)
     torch.testing.assert_close(comps @ comps.T, torch.eye(4), atol=1e-5, rtol=0)
     assert comps[0].abs().argmax() == 0 and comps[1].abs().argmax() == 1
+
+
+def test_pca_rgb_shows_the_first_three_components_scaled_over_all_images():
+    # Two 3x4 images whose 8-dim features are three known coordinates along a rotated orthonormal basis, plus a
+    # constant. The coordinates are centred, uncorrelated and of variances 25 > 4 > 1 (orthonormal columns of a
+    # centred matrix, scaled), so the principal components are exactly the basis vectors: each RGB channel must be
+    # one coordinate, min-max scaled over both images (the sign of a component is arbitrary: c or 1 - c).
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(24, 3, generator=g)
+    coords = torch.linalg.qr(raw - raw.mean(dim=0))[0] * torch.tensor([5.0, 2.0, 1.0])
+    basis = torch.linalg.qr(torch.randn(8, 8, generator=g))[0][:, :3]  # orthonormal columns
+    feats = (coords @ basis.T + 3.0).reshape(2, 3, 4, 8)
+    rgb = torch.cat([c.reshape(-1, 3) for c in pca_rgb([feats[0], feats[1]])])
+    assert rgb.shape == (24, 3)
+    for ch in range(3):
+        c = coords[:, ch]
+        scaled = (c - c.min()) / (c.max() - c.min())
+        assert torch.allclose(rgb[:, ch], scaled, atol=1e-4) or torch.allclose(rgb[:, ch], 1 - scaled, atol=1e-4)
+    (one,) = pca_rgb([feats[0]], n_components=1)  # only red
+    assert one.shape == (3, 4, 3) and torch.all(one[..., 1:] == 0) and one[..., 0].min() == 0 and one[..., 0].max() == 1
 
 
 def test_pca_pictures_for_real_photos(tmp_path):
