@@ -13,7 +13,7 @@ Without it the defaults are the Fashion-MNIST recipe's (``configs/methods/beit_f
 The images are BEiT's views (``dinoscale.data.transforms.single_crop``: RandomResizedCrop, flip, ImageNet
 normalisation), read through ``dinoscale.data.open.open_dataset``. The loss (``dinoscale.losses.dvae``) is the
 reconstruction error through the Gumbel-softmax relaxation, its temperature annealed with a cosine from
-``--temperature-start`` to ``--temperature-end``, plus ``--kl-weight`` (raised linearly over
+``--temperature-start`` to ``--temperature-end`` over ``--anneal-steps`` (60% of the steps by default), plus ``--kl-weight`` (raised linearly over
 ``--kl-warmup-steps``) times the KL divergence to the uniform prior; AdamW with a linear warm-up and a cosine
 decay. At the end it measures the hard-token reconstruction (``decoder(tokens(x))``, no noise) on the first
 ``--eval-images`` images of the dataset (whole images, no augmentation) and how many of the tokens they use, and
@@ -56,21 +56,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", help=f"output directory (default: {DEFAULTS['output']})")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--vocab-size", type=int, default=512, help="K visual tokens")
-    parser.add_argument("--hidden-dim", type=int, default=64)
-    parser.add_argument("--codebook-dim", type=int, default=64)
+    parser.add_argument("--hidden-dim", type=int, default=32)
+    parser.add_argument("--codebook-dim", type=int, default=32)
     parser.add_argument("--num-res-blocks", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--min-lr", type=float, default=1e-4)
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--reconstruction", choices=["mse", "l1"], default="mse")
-    parser.add_argument("--kl-weight", type=float, default=1e-3, help="beta of the KL term once warmed up")
+    parser.add_argument("--kl-weight", type=float, default=1e-2, help="beta of the KL term once warmed up")
     parser.add_argument("--kl-warmup-steps", type=int, default=500, help="beta rises linearly from 0 over these")
     parser.add_argument("--temperature-start", type=float, default=1.0)
     parser.add_argument("--temperature-end", type=float, default=1.0 / 16)
-    parser.add_argument("--anneal-steps", type=int, help="steps of the temperature cosine (default: --steps)")
+    parser.add_argument("--anneal-steps", type=int,
+                        help="steps of the temperature cosine (default: 60%% of --steps; the rest at the final one)")
     parser.add_argument("--eval-images", type=int, default=2048)
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=100)
@@ -165,7 +166,7 @@ def train(args: argparse.Namespace) -> dict:
     criterion = DVAELoss(args.reconstruction)
     dataset = open_dataset(args.dataset, transform=RandomResizedCropFlip(args.image_size, scale=args.crop_scale))
     held_out = eval_images(args.dataset, args.image_size, args.patch_size, args.eval_images).to(device)
-    anneal = args.anneal_steps or args.steps
+    anneal = args.anneal_steps if args.anneal_steps is not None else round(0.6 * args.steps)
     print(f"dVAE {model.args} ({sum(p.numel() for p in model.parameters())} parameters) on {args.dataset}, "
           f"{args.image_size}-px views -> {args.image_size // args.patch_size}^2 tokens, {args.steps} steps of "
           f"{args.batch_size} on {device}", flush=True)

@@ -44,6 +44,19 @@ def test_config_checks_are_named(tiny_config, tiny_tokenizer, tmp_path):
     build_method(tiny_config("beit", f"beit.tokenizer={coarse}", "beit.tokenizer_input_size=32")).build_collate(4)
 
 
+def test_the_students_initial_weights_do_not_depend_on_the_tokenizer(tiny_config, tiny_tokenizer, tmp_path):
+    # Loading a tokenizer builds a dVAE (random draws) before reading its weights; the RNG is restored after it.
+    from dinoscale.tokenizers.dvae import DiscreteVAE, save_tokenizer
+
+    bigger = save_tokenizer(DiscreteVAE(patch_size=4, vocab_size=64, hidden_dim=16, codebook_dim=16), tmp_path / "b")
+    backbones = []
+    for tokenizer in (tiny_tokenizer, bigger):
+        torch.manual_seed(0)
+        backbones.append(build_method(tiny_config("beit", f"beit.tokenizer={tokenizer}")).build_networks()[0]
+                         ["backbone"].state_dict())
+    assert all(torch.equal(backbones[0][k], backbones[1][k]) for k in backbones[0])
+
+
 def test_block_masks_do_not_depend_on_the_rank_split(tiny_config, tiny_tokenizer):
     method = build_method(tiny_config("beit", f"beit.tokenizer={tiny_tokenizer}"))
     transform = method.build_transform()
