@@ -13,11 +13,12 @@ Without it the defaults are the Fashion-MNIST recipe's (``configs/methods/beit_f
 The images are BEiT's views (``dinoscale.data.transforms.single_crop``: RandomResizedCrop, flip, ImageNet
 normalisation), read through ``dinoscale.data.open.open_dataset``. The loss (``dinoscale.losses.dvae``) is the
 reconstruction error through the Gumbel-softmax relaxation, its temperature annealed with a cosine from
-``--temperature-start`` to ``--temperature-end`` over ``--anneal-steps`` (60% of the steps by default), plus ``--kl-weight`` (raised linearly over
-``--kl-warmup-steps``) times the KL divergence to the uniform prior; AdamW with a linear warm-up and a cosine
-decay. At the end it measures the hard-token reconstruction (``decoder(tokens(x))``, no noise) on the first
-``--eval-images`` images of the dataset (whole images, no augmentation) and how many of the tokens they use, and
-writes ``dvae.safetensors`` + ``dvae.json`` (constructor arguments, options, final losses) to the output directory.
+``--temperature-start`` to ``--temperature-end`` over ``--anneal-steps`` (60% of the steps by default), plus
+``--kl-weight`` (raised linearly over ``--kl-warmup-steps``) times the KL divergence to the uniform prior; AdamW
+with a linear warm-up and a cosine decay. At the end it measures the hard-token reconstruction
+(``decoder(tokens(x))``, no noise) on the first ``--eval-images`` images of the dataset (whole images, no
+augmentation) and how many of the tokens they use, and writes ``dvae.safetensors`` + ``dvae.json`` (constructor
+arguments, options, final losses) to the output directory.
 """
 
 from __future__ import annotations

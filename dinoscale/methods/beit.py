@@ -20,8 +20,8 @@ patches, aspect ratio in (``beit.min_aspect``, 1 / ``beit.min_aspect``), added u
 patches are masked (BEiT: 75 of 196, blocks of at least 16), or until ten proposals in a row add nothing.
 BEiT's algorithm, with two differences of the shared generator: a block may span the whole height or width of
 the grid (BEiT's stay strictly inside), and while the remaining budget allows it a block's rectangle covers at
-least ``min_block_patches`` patches (BEiT's rounding of the sides may give smaller ones). Drawn in the collate for the global
-batch, seeded per step and image.
+least ``min_block_patches`` patches (BEiT's rounding of the sides may give smaller ones). Drawn in the collate
+for the global batch, seeded per step and image.
 
 Networks (no teacher): the ViT backbone, whose ``mask_token`` replaces the embeddings of the masked patches
 (``masks=``), and a linear head from each final patch token (after the last norm) to the K token logits (BEiT's

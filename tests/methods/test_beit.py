@@ -167,7 +167,8 @@ def test_resume_is_exact(runner, tiny_tokenizer, tmp_path):
     full, resumed = runner.rows(tmp_path / "full"), runner.rows(tmp_path / "stopped")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(full, resumed):
-        assert {k: v for k, v in a.items() if k.startswith("loss")} == {k: v for k, v in b.items() if k.startswith("loss")}
+        losses = {k: v for k, v in a.items() if k.startswith("loss")}
+        assert losses == {k: v for k, v in b.items() if k.startswith("loss")}
     states = [read_dcp_checkpoint(latest_checkpoint(tmp_path / d))["student"] for d in ("full", "stopped")]
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # bitwise
@@ -175,7 +176,8 @@ def test_resume_is_exact(runner, tiny_tokenizer, tmp_path):
 
 def test_fmnist_config_runs_a_step(tmp_path):
     tokenizer = save_tiny_tokenizer(tmp_path / "tok", patch_size=4)
-    cfg = load_config(CONFIG_DIR / "methods" / "beit_fmnist.yaml", ["train.autocast=none", f"beit.tokenizer={tokenizer}"])
+    cfg = load_config(CONFIG_DIR / "methods" / "beit_fmnist.yaml",
+                      ["train.autocast=none", f"beit.tokenizer={tokenizer}"])
     assert cfg.method == "beit" and cfg.model.patch_size == 4 and cfg.crops.global_crops_size == 28
     assert load_config(CONFIG_DIR / "methods" / "beit_fmnist.yaml").beit.tokenizer == "./outputs/tokenizers/dvae_fmnist"
     method = build_method(cfg)
@@ -194,8 +196,10 @@ def test_vitb16_config_is_the_papers_recipe(tmp_path):
     assert (cfg.model.arch, cfg.model.patch_size, cfg.crops.global_crops_size) == ("vit_base", 16, 224)
     assert (cfg.model.layerscale, cfg.model.drop_path_rate) == (0.1, 0.1)
     assert (cfg.beit.num_masking_patches, cfg.beit.min_block_patches, cfg.beit.tokenizer_input_size) == (75, 16, 112)
-    assert cfg.optim.base_lr == 1.5e-3 and not cfg.optim.scale_lr_with_batch and cfg.train.batch_size_per_rank * 16 == 2048
-    assert (cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.weight_decay, cfg.optim.clip_grad) == (800, 10, 0.05, 3.0)
+    assert cfg.optim.base_lr == 1.5e-3 and not cfg.optim.scale_lr_with_batch
+    assert cfg.train.batch_size_per_rank * 16 == 2048  # 16 GPUs
+    optim = cfg.optim
+    assert (optim.epochs, optim.warmup_epochs, optim.weight_decay, optim.clip_grad) == (800, 10, 0.05, 3.0)
     # Its tokenizer: 8-px cells on the 112-px copy, the ViT's 14x14 grid (a tiny one stands in for the 8192-token dVAE).
     tokenizer = save_tiny_tokenizer(tmp_path / "tok", patch_size=8)
     method = build_method(load_config(path, [f"beit.tokenizer={tokenizer}"]))
