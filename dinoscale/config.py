@@ -46,6 +46,7 @@ NULLABLE_TYPES = {
     "evaluation.knn_max_train_samples": 1, "evaluation.knn_max_test_samples": 1,
     "distillation.teacher": "", "distillation.teacher_weights": "",
     "gram.max_updates": 1, "crops.gram_crops_size": 1,
+    "beit.tokenizer": "", "beit.tokenizer_input_size": 1, "beit.max_block_patches": 1,
 }
 
 

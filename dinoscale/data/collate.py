@@ -1,8 +1,11 @@
 """Collates: a rank's transformed samples -> one batch, with the masks drawn for the global batch.
 
-Both collates take ``rng`` seeded by the step alone (the same on every rank, see
-:func:`dinoscale.data.steps.collate_step`), draw the masks of the GLOBAL batch and keep this rank's
+Every collate takes ``rng`` seeded by the step alone (the same on every rank, see
+:func:`dinoscale.data.steps.collate_step`), draws the masks of the GLOBAL batch and keeps this rank's
 share, so a step's masks do not depend on how the batch is split over ranks.
+
+:func:`collate_masked_views` (SimMIM: one view, cell masks) and :func:`collate_block_masked_views` (BEiT: one
+view or a view pair, block masks) are single-view collates.
 
 :func:`collate_multicrop` (DINOv2/iBOT multi-crop samples, block masks):
 
@@ -201,3 +204,54 @@ def collate_masked_views(
         "masks": masks,
         "labels": torch.tensor(labels, dtype=torch.long),
     }
+
+
+def collate_block_masked_views(
+    samples: Sequence[tuple[Any, Any]],
+    *,
+    rng: random.Random,
+    mask_generator: MaskingGenerator,
+    num_masking_patches: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """BEiT's batches: ``(view, label)`` or ``((view, tokenizer_view), label)`` samples -> ``images`` (B,3,S,S),
+    ``tokenizer_images`` (B,3,S2,S2) for pairs, ``masks`` bool (B, N), ``mask_indices`` (M,) long (flat indices
+    into ``masks.flatten()``, row-major), ``n_masked_global`` (0-d long: the masked patches of the GLOBAL batch) and
+    ``labels`` (B,).
+
+    Each image's block mask asks ``mask_generator`` for ``num_masking_patches`` patches (it may give fewer when
+    its blocks stop fitting), seeded by the step's ``rng`` and the image's index in the global batch of
+    ``world_size`` ranks (rank r holds samples r*B .. (r+1)*B - 1): a step's masks, and their global count, do
+    not depend on how the batch is split over ranks. ``n_masked_global`` is computed from every rank's masks
+    (drawn here on each rank, not communicated).
+    """
+    if not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be a random.Random instance, got {type(rng).__name__}")
+    if len(samples) == 0:
+        raise ValueError("cannot collate an empty list of samples")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    pairs = {isinstance(s[0], (tuple, list)) for s in samples}
+    if len(pairs) != 1:
+        raise ValueError("some samples are view pairs and some single views")
+    paired = pairs.pop()
+    views = [s[0][0] if paired else s[0] for s in samples]
+    shapes = {tuple(v.shape) for v in views}
+    if len(shapes) != 1:
+        raise ValueError(f"all views must have the same shape, got {sorted(shapes)}")
+    batch_size = len(samples)
+    image_seed = rng.getrandbits(63)
+    global_masks = np.stack([mask_generator(num_masking_patches, random.Random(f"{image_seed}:{g}"))
+                             for g in range(batch_size * world_size)]).reshape(batch_size * world_size, -1)
+    masks = torch.from_numpy(global_masks[rank * batch_size : (rank + 1) * batch_size].copy())
+    batch = {
+        "images": torch.stack(views),
+        "masks": masks,
+        "mask_indices": masks.flatten().nonzero().squeeze(1),
+        "n_masked_global": torch.tensor(int(global_masks.sum()), dtype=torch.long),
+        "labels": torch.tensor([_label(s[1], i) for i, s in enumerate(samples)], dtype=torch.long),
+    }
+    if paired:
+        batch["tokenizer_images"] = torch.stack([s[0][1] for s in samples])
+    return batch

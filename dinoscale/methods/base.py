@@ -20,7 +20,7 @@ Optional extensions, used by distillation (``dinoscale.methods.distillation``) a
 DINOv2 family (``dinoscale.methods.gram``), read here:
 
 * ``method.frozen_networks()``: the networks the method runs without ever training them (a frozen teacher,
-  the Gram teacher), by name. The loop moves them to the device in the compute dtype and shards them
+  the Gram teacher, BEiT's tokenizer), by name. The loop moves them to the device in the compute dtype and shards them
   (``parallel.parallelize_frozen``); they are never optimized (see :func:`frozen_networks`).
 * ``method.checkpointed_networks(step)``: those of them whose weights are part of the training state after
   ``step`` optimizer steps (the Gram teacher, a copy of an earlier EMA teacher), by name: saved in every
@@ -55,7 +55,8 @@ FURTHER_STUDENTS = "students"
 
 Batch = dict[str, Any]
 """A collated batch: tensors (moved to the device by the loop) and plain values, keyed as the method's collate
-chooses (``global_crops``, ``local_crops``, ``masks``, ... for the multi-crop methods; ``images`` for SimMIM)."""
+chooses (``global_crops``, ``local_crops``, ``masks``, ... for the multi-crop methods; ``images`` for SimMIM and
+BEiT)."""
 
 Collate = Callable[..., Batch]
 """``collate(samples, *, rng: random.Random) -> Batch``, ``samples`` a list of ``(transform(image), label)``."""

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from dinoscale.methods.barlow_twins import BarlowTwins
 from dinoscale.methods.base import Method
+from dinoscale.methods.beit import BEiT
 from dinoscale.methods.dino import DINO
 from dinoscale.methods.distillation import Distillation
 from dinoscale.methods.dinov2 import DINOv2
@@ -31,6 +32,7 @@ METHODS: dict[str, Callable[[DictConfig], Method]] = {
     "simclr": SimCLR,
     "barlow_twins": BarlowTwins,
     "simmim": SimMIM,
+    "beit": BEiT,
     "msn": MSN,
     "pirl": PIRL,
     "distillation": Distillation,

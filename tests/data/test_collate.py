@@ -1,5 +1,6 @@
 """collate_multicrop: keys/shapes, crop-major order, DINOv2 mask allocation, index/weight consistency;
-collate_masked_views (SimMIM): shapes, labels, masks drawn for the global batch."""
+collate_masked_views (SimMIM) and collate_block_masked_views (BEiT): shapes, labels, masks drawn for the global
+batch."""
 
 import random
 
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from dinoscale.data.collate import collate_masked_views, collate_multicrop
+from dinoscale.data.collate import collate_block_masked_views, collate_masked_views, collate_multicrop
 from dinoscale.data.transforms.masking import MaskingGenerator
-from dinoscale.data.transforms.single_crop import RandomResizedCropFlip
+from dinoscale.data.transforms.single_crop import RandomResizedCropFlip, RandomResizedCropFlipPair
 
 KEYS = {
     "global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "n_masked_patches", "upperbound", "labels"
@@ -173,3 +174,30 @@ def test_masked_views_collate_draws_the_global_batch_masks():
     shares = [collate_masked_views([(transform(gray), 3)], rng=random.Random(1), grid=4, cell=2, mask_ratio=0.5,
                                    rank=r, world_size=2)["masks"] for r in range(2)]
     assert torch.equal(torch.cat(shares), batch["masks"])
+
+
+def test_block_masked_views_collate_single_views_and_pairs():
+    torch.manual_seed(0)
+    gray = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
+    generator = MaskingGenerator((4, 4), num_masking_patches=6, min_num_patches=2)
+    options = dict(mask_generator=generator, num_masking_patches=6)
+    single = RandomResizedCropFlip(16, scale=(0.5, 1.0))
+    batch = collate_block_masked_views([(single(gray), 3), (single(gray), 7)], rng=random.Random(1), **options)
+    assert set(batch) == {"images", "masks", "mask_indices", "n_masked_global", "labels"}
+    assert batch["images"].shape == (2, 3, 16, 16) and batch["labels"].tolist() == [3, 7]
+    assert batch["masks"].shape == (2, 16) and batch["masks"].dtype == torch.bool
+    assert torch.equal(batch["mask_indices"], batch["masks"].flatten().nonzero().squeeze(1))
+    assert batch["n_masked_global"].ndim == 0 and batch["n_masked_global"].item() == batch["masks"].sum().item()
+    # each image's mask is the generator's, seeded by the step and the image's place in the global batch
+    image_seed = random.Random(1).getrandbits(63)
+    for g in range(2):
+        expected = generator(6, random.Random(f"{image_seed}:{g}")).flatten()
+        assert torch.equal(batch["masks"][g], torch.from_numpy(expected))
+    pair = RandomResizedCropFlipPair(16, 8, scale=(0.5, 1.0))
+    paired = collate_block_masked_views([(pair(gray), 3), (pair(gray), 7)], rng=random.Random(1), **options)
+    assert paired["tokenizer_images"].shape == (2, 3, 8, 8) and torch.equal(paired["masks"], batch["masks"])
+    # rank 1 of 2 holds the second image, with the global count
+    share = collate_block_masked_views([(single(gray), 7)], rng=random.Random(1), rank=1, world_size=2, **options)
+    assert torch.equal(share["masks"], batch["masks"][1:]) and share["n_masked_global"] == batch["n_masked_global"]
+    with pytest.raises(ValueError, match="view pairs"):
+        collate_block_masked_views([(single(gray), 3), (pair(gray), 7)], rng=random.Random(1), **options)

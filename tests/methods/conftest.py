@@ -23,6 +23,8 @@ TINY = [
     "msn.proj_hidden_dim=64", "msn.proj_out_dim=32", "msn.num_prototypes=64",
     # PIRL: a bank as large as Fashion-MNIST's train set (the tiny runs draw any of its indices), 8 px tiles.
     "pirl.embed_dim=16", "pirl.bank_size=60000", "pirl.num_negatives=64", "pirl.jigsaw_size=24", "pirl.tile_size=8",
+    # BEiT on the 4x4 patch grid: ~40% masked in blocks of at least 2 (its tokenizer: the tiny_tokenizer fixture).
+    "beit.num_masking_patches=6", "beit.min_block_patches=2", "beit.crop_scale=[0.4,1.0]",
 ]
 
 
@@ -103,6 +105,23 @@ def tiny_teacher_run(tmp_path_factory):
     _, teacher = DINOv2(cfg).build_networks()
     export_network(teacher, run_dir / "export", "teacher")
     return run_dir
+
+
+def save_tiny_tokenizer(directory, patch_size: int = 4, seed: int = 7):
+    """A random-weight dVAE tokenizer (``patch_size`` cells, 32 tokens, 8 channels) in ``directory``, as
+    tools/train_tokenizer.py writes one; returns the directory."""
+    from dinoscale.tokenizers.dvae import DiscreteVAE, save_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DiscreteVAE(patch_size=patch_size, vocab_size=32, hidden_dim=8, codebook_dim=8, num_res_blocks=1)
+    return save_tokenizer(model, directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """The tiny config's BEiT tokenizer: a dVAE directory with 4-px cells (the tiny ViT's patches), random weights."""
+    return save_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture

@@ -48,6 +48,8 @@ def test_the_protocol_rejects_what_is_not_a_method():
 def test_registered_method_keeps_the_contract(name, extra, tiny_config, request):
     if name == "distillation":  # it needs a teacher to learn from
         extra = [*extra, f"distillation.teacher={request.getfixturevalue('tiny_teacher_run')}"]
+    if name == "beit":  # it needs a tokenizer
+        extra = [*extra, f"beit.tokenizer={request.getfixturevalue('tiny_tokenizer')}"]
     cfg = tiny_config(name, *extra)
     torch.manual_seed(0)
     method = build_method(cfg)

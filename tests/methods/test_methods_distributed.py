@@ -2,7 +2,8 @@
 
 The batch-coupled parts (NT-Xent negatives, Barlow Twins statistics, MSN's mean prediction, the projectors'
 global batch norm, PIRL's memory bank updated from every rank's samples and its negatives drawn alike on all)
-and the world-size-independent data (batches, SimMIM masks) make a 2-rank run of a method the same computation
+and the world-size-independent data (batches, SimMIM's and BEiT's masks; BEiT's loss is normalised by the
+global batch's count of masked patches) make a 2-rank run of a method the same computation
 as a 1-rank run on the same global batch, so losses and gradient norms must agree.
 """
 
@@ -42,6 +43,7 @@ BASE = [
     "msn.proj_hidden_dim=32", "msn.proj_out_dim=16", "msn.num_prototypes=32",
     "msn.patch_drop=0.0",  # MSN's masks come from each rank's own RNG stream
     "pirl.embed_dim=16", "pirl.bank_size=60000", "pirl.num_negatives=64", "pirl.jigsaw_size=24", "pirl.tile_size=8",
+    "beit.num_masking_patches=6", "beit.min_block_patches=2",
 ]
 
 
@@ -59,10 +61,10 @@ def _worker(rank, world_size, port, overrides):
         distributed.destroy_distributed()
 
 
-def run(world_size, out_dir, method):
+def run(world_size, out_dir, method, extra=()):
     """The per-step metric rows of a run on ``world_size`` processes (1: a plain process, no group)."""
     overrides = BASE + [f"method={method}", f"train.batch_size_per_rank={GLOBAL_BATCH // world_size}",
-                        f"train.output_dir={out_dir}"]
+                        f"train.output_dir={out_dir}", *extra]
     if world_size == 1:
         from dinoscale.train.loop import train
 
@@ -74,11 +76,13 @@ def run(world_size, out_dir, method):
     return [r for r in rows if "type" not in r]
 
 
-@pytest.mark.parametrize("method", ["simclr", "barlow_twins", "simmim", "msn", "pirl"])
-def test_two_ranks_train_like_one(tmp_path, method):
+@pytest.mark.parametrize("method", ["simclr", "barlow_twins", "simmim", "msn", "pirl", "beit"])
+def test_two_ranks_train_like_one(tmp_path, method, request):
     torch.set_num_threads(1)
-    one = run(1, tmp_path / "one", method)
-    two = run(2, tmp_path / "two", method)
+    # BEiT's frozen tokenizer (sharded over the two ranks for inference) is the tiny_tokenizer fixture.
+    extra = [f"beit.tokenizer={request.getfixturevalue('tiny_tokenizer')}"] if method == "beit" else []
+    one = run(1, tmp_path / "one", method, extra)
+    two = run(2, tmp_path / "two", method, extra)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
     # The logged loss terms are averaged over ranks, and the gradient norm is that of the full gradient: the
     # first step compares the gradients of identical weights, the later ones the updated weights as well.

@@ -1,4 +1,4 @@
-"""Patch masks for masked-image modelling: BEiT-style block masks (iBOT/DINOv2) and SimMIM's cell masks.
+"""Patch masks for masked-image modelling: BEiT-style block masks (BEiT, iBOT/DINOv2) and SimMIM's cell masks.
 
 Block masks (:class:`MaskingGenerator`) are built from random rectangles of patches: each rectangle has
 an area drawn uniformly between ``min_num_patches`` and the remaining budget and a log-uniform aspect ratio in

@@ -1,4 +1,6 @@
-"""SimMIM's view: one RandomResizedCrop (bicubic, antialiased) with a horizontal flip, normalised; no colour."""
+"""SimMIM's and BEiT's views: one RandomResizedCrop (bicubic, antialiased) with a horizontal flip, normalised; no
+colour. BEiT's (:class:`RandomResizedCropFlipPair`) resizes the same crop to two sizes: the ViT's and its
+tokenizer's."""
 
 from __future__ import annotations
 
@@ -40,13 +42,43 @@ class RandomResizedCropFlip:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})"
 
-    def __call__(self, image: Any) -> torch.Tensor:
+    def crop_and_flip(self, image: Any) -> tuple[torch.Tensor, bool]:
+        """``(crop (1, 3, h, w) float in [0, 255], flip)``: a random box of ``image`` and whether to flip it (the
+        two draws from torch's global RNG, box first)."""
         chw = as_uint8_chw(image)
         top, left, h, w = sample_crop_boxes(chw.shape[1], chw.shape[2], 1, self.scale, self.ratio)[0].tolist()
         crop = chw[:, top : top + h, left : left + w].unsqueeze(0).float()
-        if (h, w) != (self.size, self.size):
-            crop = F.interpolate(crop, size=(self.size, self.size), mode="bicubic", antialias=True,
+        return crop, bool(torch.rand(()) < 0.5)
+
+    def finish(self, crop: torch.Tensor, size: int, flip: bool) -> torch.Tensor:
+        """``crop`` resized to ``size`` (bicubic, antialiased), flipped if ``flip``, normalised: (3, size, size)."""
+        if tuple(crop.shape[-2:]) != (size, size):
+            crop = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True,
                                  align_corners=False).clamp_(0.0, 255.0)
-        if torch.rand(()) < 0.5:
+        if flip:
             crop = crop.flip(3)
         return (crop[0] / 255.0 - self.mean) / self.std
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        crop, flip = self.crop_and_flip(image)
+        return self.finish(crop, self.size, flip)
+
+
+class RandomResizedCropFlipPair(RandomResizedCropFlip):
+    """BEiT's two views of one crop: the same box and flip resized to ``size`` (the ViT's input) and to
+    ``second_size`` (its tokenizer's input; BEiT: 224 and 112 px). Returns ``(view, second_view)``, both
+    normalised like :class:`RandomResizedCropFlip`'s (which draws the same box and flip from the same RNG state)."""
+
+    def __init__(self, size: int, second_size: int, **kwargs: Any):
+        super().__init__(size, **kwargs)
+        if second_size <= 0:
+            raise ValueError(f"the second crop size must be positive, got {second_size}")
+        self.second_size = int(second_size)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(size={self.size}, second_size={self.second_size}, scale={self.scale}, "
+                f"ratio={self.ratio})")
+
+    def __call__(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        crop, flip = self.crop_and_flip(image)
+        return self.finish(crop, self.size, flip), self.finish(crop, self.second_size, flip)
