@@ -189,8 +189,11 @@ def lowshot_table(results: list[dict], pixels: dict | None, draws: int) -> list[
     """The label-efficient table: one row per trained method, then random init and raw pixels."""
     names = [f"{k}-shot" for k in SHOTS] + ["1%"]
     rows = [(f"{r['method']} ({r['evaluated']})", r["lowshot_trained"]) for r in results]
-    if results:
-        rows.append(("random init", results[0]["lowshot_random_init"]))
+    for r in results:  # one random-init row per model (the first row's model unnamed)
+        if r["model"] == results[0]["model"] and r is not results[0]:
+            continue
+        rows.append(("random init" if r is results[0] else f"random init ({r['method']}'s model)",
+                     r["lowshot_random_init"]))
     if pixels is not None:
         rows.append(("raw pixels", pixels["lowshot"]))
     counts = next((cells for _, cells in rows if cells), {})
@@ -283,6 +286,8 @@ def main(argv=None) -> int:
                         help="config override applied to every method (repeatable)")
     parser.add_argument("--lowshot-draws", type=int, default=5,
                         help="random labelled subsets per low-shot setting (0: no low-shot table)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="only write the tables again from --out-dir's results.json (a previous run's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out-dir", type=Path, default=REPO / "outputs" / "fmnist_methods")
     parser.add_argument("--table", type=Path, default=REPO / "benchmarks" / "fmnist_methods.md")
@@ -293,6 +298,12 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     args.knn_train_samples = args.knn_train_samples or None
+    if args.render_only:  # the tables again from the results a previous run saved (nothing trained or evaluated)
+        saved = json.loads((args.out_dir / "results.json").read_text())
+        args.__dict__.update(saved["args"])
+        write_table(saved["methods"], saved["pixels"], args, args.table)
+        print(f"wrote {args.table}")
+        return 0
 
     args.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                  text=True).stdout.strip() or "unknown"
@@ -300,7 +311,10 @@ def main(argv=None) -> int:
     results, pixels = run(args)
     args.load_after = os.getloadavg()[0]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "results.json").write_text(json.dumps({"methods": results, "pixels": pixels}, indent=1))
+    saved_args = {k: getattr(args, k) for k in ("steps", "knn_train_samples", "lowshot_draws", "set", "commit",
+                                                "load_before", "load_after")}
+    (args.out_dir / "results.json").write_text(json.dumps({"methods": results, "pixels": pixels,
+                                                           "args": saved_args}, indent=1))
     write_table(results, pixels, args, args.table)
     print(f"wrote {args.table}")
     failed = [r["method"] for r in results if r["delta"] <= 0]
