@@ -114,14 +114,19 @@ def timm_model(spec: BackboneSpec) -> tuple[str, dict[str, Any]]:
 def timm_config(spec: BackboneSpec) -> dict[str, Any]:
     """``config.json`` in timm's Hub format (``timm.create_model("local-dir:FOLDER")`` reads it)."""
     name, kwargs = timm_model(spec)
+    return _hub_config(name, kwargs, spec.embed_dim, [spec.in_chans, spec.img_size, spec.img_size])
+
+
+def _hub_config(name: str, kwargs: dict[str, Any], num_features: int, input_size: list[int]) -> dict[str, Any]:
+    """timm's Hub ``config.json`` for a feature backbone (no classifier, CLS pooling) of either generation."""
     return {
         "architecture": name,
         "num_classes": 0,
-        "num_features": spec.embed_dim,
+        "num_features": num_features,
         "global_pool": "token",
         "model_args": kwargs,
         "pretrained_cfg": {
-            "input_size": [spec.in_chans, spec.img_size, spec.img_size],
+            "input_size": input_size,
             "fixed_input_size": False,
             "interpolation": "bicubic",
             "crop_pct": 1.0,
@@ -305,24 +310,7 @@ def dinov3_timm_config(model: DinoV3VisionTransformer) -> dict[str, Any]:
     """``config.json`` in timm's Hub format for a DINOv3 backbone."""
     name, kwargs = dinov3_timm_model(model)
     img_h, img_w = model.patch_embed.img_size
-    return {
-        "architecture": name,
-        "num_classes": 0,
-        "num_features": model.embed_dim,
-        "global_pool": "token",
-        "model_args": kwargs,
-        "pretrained_cfg": {
-            "input_size": [model.patch_embed.in_chans, img_h, img_w],
-            "fixed_input_size": False,
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "num_classes": 0,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        },
-    }
+    return _hub_config(name, kwargs, model.embed_dim, [model.patch_embed.in_chans, img_h, img_w])
 
 
 def _rope_note(model: DinoV3VisionTransformer) -> str:
