@@ -37,7 +37,6 @@ import random
 import re
 import shutil
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -421,7 +420,6 @@ class CheckpointWriter:
         self._step: int | None = None
         self._result: Path | None = None
         self._error: BaseException | None = None
-        self.last_stall_s = 0.0  # how long the last save held the caller up
 
     @property
     def in_flight(self) -> bool:
@@ -431,20 +429,16 @@ class CheckpointWriter:
     def save(self, output_dir: str | Path, step: int, **parts: Any) -> Path | None:
         """Save checkpoint ``step`` (``parts``: :func:`save_checkpoint`'s keyword arguments). Returns its directory
         when written in the caller's thread, None when it is being written in the background."""
-        started = time.perf_counter()
         self.wait()
         write = _checkpoint_write(output_dir, step, staged=self.background,
                                   **{"rank_state": None, "keep": 3, "networks": None, **parts})
         if not self.background:
-            path = write(None)
-            self.last_stall_s = time.perf_counter() - started
-            return path
+            return write(None)
         self._step, self._result, self._error = step, None, None
         # Not a daemon: an interpreter that exits (after a fatal error) lets the write finish (lifecycle.teardown
         # bounds the wait); a checkpoint cut short stays a .tmp directory, which is never loaded.
         self._thread = threading.Thread(target=self._run, args=(write,), name=f"dinoscale-checkpoint-{step}")
         self._thread.start()
-        self.last_stall_s = time.perf_counter() - started
         return None
 
     def _run(self, write: Callable[[dist.ProcessGroup | None], Path]) -> None:
@@ -488,8 +482,16 @@ class CheckpointWriter:
                                   f"{type(error).__name__}: {error}") from error
         return self._result
 
-    def close(self) -> None:
-        """Wait for the save in flight (its error is raised), then release the process group."""
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for the save in flight (its error is raised), then release the process group. With ``timeout``, a
+        save still running after that many seconds is left to finish on its own (with its process group): a
+        failed run does not wait on a peer that may never answer, and a write cut short stays a ``.tmp``."""
+        if self._thread is not None and timeout is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("checkpoint step_%09d is still being written after %g s; not waiting for it",
+                            self._step, timeout)
+                return
         try:
             self.wait()
         finally:

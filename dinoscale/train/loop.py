@@ -30,6 +30,10 @@ from dinoscale.train.trackers import check_trackers, open_trackers
 
 log = logging.getLogger("dinoscale")
 
+# Seconds a failed run waits for the background save in flight before it reports its error (lifecycle.teardown
+# then gives the write as long again before the process exits).
+FAILED_RUN_SAVE_WAIT_S = 10.0
+
 
 @dataclass
 class TrainResult:
@@ -99,10 +103,11 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
                 run.meter.restart()  # a checkpoint or an evaluation is not step time
         writer.close()  # the last checkpoint is complete (or its error raised) before train() returns
     except BaseException:
-        # The error that ends the run is the one to report; a save still in flight is let finish (it is an
-        # earlier, intact state), and its own failure is only logged.
+        # The error that ends the run is the one to report. A save still in flight (an earlier, intact state) gets a
+        # bounded wait: with several processes its collectives may wait for a rank that failed; its own failure is
+        # only logged.
         try:
-            writer.close()
+            writer.close(timeout=FAILED_RUN_SAVE_WAIT_S)
         except Exception as exc:
             log.error("the checkpoint being written when the run failed was not completed: %s", exc)
         raise

@@ -130,3 +130,24 @@ def test_a_failed_background_write_stops_the_run_and_leaves_no_partial_checkpoin
     assert not (tmp_path / "export").exists()  # the run did not go on to finish
     assert max(r["step"] for r in rows(tmp_path)) < 8
     assert not any(t.name.startswith("dinoscale-checkpoint") for t in threading.enumerate())
+
+
+def test_a_failing_run_raises_its_own_error_without_waiting_long_for_the_save_in_flight(tmp_path, monkeypatch):
+    slow_dcp_save(monkeypatch, 5.0)
+    monkeypatch.setattr(loop, "FAILED_RUN_SAVE_WAIT_S", 0.2)
+    real_step, calls = loop.train_step, {"n": 0}
+
+    def third_step_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # right after the background save of step 2 started
+            raise RuntimeError("boom (injected)")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", third_step_fails)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(tmp_path, ASYNC, "train.max_steps=6", "train.checkpoint_every=2")
+    writing = [t for t in threading.enumerate() if t.name == "dinoscale-checkpoint-2"]
+    assert writing and not (checkpoint.checkpoint_root(tmp_path) / "step_000000002").exists()  # not waited for
+    writing[0].join(60)  # left to finish on its own: it completes, intact
+    assert names(tmp_path) == ["step_000000002"]
+    checkpoint.check_checkpoint(checkpoint.checkpoint_root(tmp_path) / "step_000000002")
