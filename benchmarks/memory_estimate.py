@@ -276,7 +276,7 @@ def _measure_child(cfg: dict) -> dict:
         ffn_layer=cfg["ffn_layer"],
     )
     if cfg["ac"]:
-        parallelize(model, mesh=None, activation_checkpointing=True)
+        parallelize(model, mesh=None, activation_checkpointing=cfg["ac"])
     B = cfg["batch"]
     crops = [torch.randn(B, 3, GLOBAL_CROPS[1], GLOBAL_CROPS[1]) for _ in range(GLOBAL_CROPS[0])]
     crops += [torch.randn(B, 3, LOCAL_CROPS[1], LOCAL_CROPS[1]) for _ in range(LOCAL_CROPS[0])]

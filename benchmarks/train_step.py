@@ -7,6 +7,14 @@
         --json results.jsonl                                         # GPU (benchmarks/gpu.sh); + peak memory
     python benchmarks/train_step.py --device cuda --configs vitg14 --variants bf16-eager --fsdp --steps 3
                                                                      # ViT-g/14 recipe, FSDP2 + AC: memory
+    python benchmarks/train_step.py --configs vits14 --variants fp32-eager --ac none,full,selective
+                                                                     # activation checkpointing: memory, time
+
+``--ac`` sets ``compute.activation_checkpointing`` (none | full | selective) for each row instead of the config's.
+On CUDA the peak memory is ``torch.cuda.max_memory_allocated()`` over the timed steps. On CPU, with ``--ac``, every
+row runs in a fresh process and its peak memory is the rise of the process's resident high-water mark (``VmHWM``)
+over the warm-up and timed steps, from where it stood once the networks and the batch were built: activations,
+gradients and the AdamW states (the same in every mode), and what the allocator keeps.
 
 A step is what ``dinoscale.train.step.train_step`` does between two batches, less its skip of non-finite steps:
 the method's forward under the configured autocast (student on all crops, EMA teacher on the global crops,
@@ -29,6 +37,7 @@ import functools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +52,7 @@ from dinoscale.config import load_config  # noqa: E402
 from dinoscale.cpu_malloc import keep_freed_memory  # noqa: E402
 from dinoscale.device import autocast as autocast_in, training_autocast_dtype  # noqa: E402
 from dinoscale.methods.registry import build_method  # noqa: E402
+from dinoscale.parallel import AC_MODES  # noqa: E402
 from dinoscale.train.perf.flops import example_batch, step_flops  # noqa: E402
 from dinoscale.train.perf.peak import peak_flops  # noqa: E402
 from dinoscale.train.build import apply_parallelism  # noqa: E402
@@ -65,11 +75,12 @@ VARIANTS = ("fp32-eager", "bf16-eager", "fp32-compiled", "bf16-compiled")
 
 
 def build_step(config: str, overrides: list[str], batch_size: int, variant: str, *, batch_seed: int = 0,
-               device: str = "cpu"):
+               device: str = "cpu", ac: str | None = None):
     """(run one step, flops per step, images per step) for a config and a variant.
 
     ``batch_size`` is per process. Under a process group ``apply_parallelism`` shards with FSDP2 as in the
-    loop (every rank must call this: building the mesh and sharding are collective).
+    loop (every rank must call this: building the mesh and sharding are collective). ``ac``: the activation
+    checkpointing mode (none | full | selective); None keeps the config's.
     """
     dtype, mode = variant.split("-")
     # Compiled graphs of earlier variants count against dynamo's per-function recompile limit: start afresh.
@@ -80,6 +91,7 @@ def build_step(config: str, overrides: list[str], batch_size: int, variant: str,
         f"train.autocast={'bf16' if dtype == 'bf16' else 'none'}",
         f"compute.compile={'true' if mode == 'compiled' else 'false'}",
         f"train.device={device}",
+        *([f"compute.activation_checkpointing={ac}"] if ac is not None else []),
     ])
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -117,10 +129,71 @@ def build_step(config: str, overrides: list[str], batch_size: int, variant: str,
     return run, flops, batch_size
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    """This process's resident high-water mark (``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def measure_row(name: str, variant: str, ac: str | None, *, batch: int | None, steps: int, warmup: int,
+                device: torch.device, cpu_memory: bool = False) -> dict:
+    """Build the step and time it: step times (s), FLOPs and images per step, peak memory (bytes; None when not
+    measured: on CPU only with ``cpu_memory``, which needs a fresh process)."""
+    config, overrides, default_batch = CONFIGS[name]
+    run, flops, images = build_step(config, overrides, batch or default_batch, variant, device=str(device), ac=ac)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start_rss = _rss_bytes()
+    for _ in range(warmup):
+        run()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    memory = None
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated(device)
+    elif cpu_memory:
+        memory = _peak_rss_bytes() - start_rss
+    del run
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"times": times, "flops": flops, "images": images, "memory": memory}
+
+
+def _row_in_child(name: str, variant: str, ac: str | None, args) -> dict:
+    """:func:`measure_row` in a fresh Python process (its own resident high-water mark)."""
+    spec = {"name": name, "variant": variant, "ac": ac, "batch": args.batch, "steps": args.steps,
+            "warmup": args.warmup, "threads": torch.get_num_threads()}
+    out = subprocess.run([sys.executable, __file__, "--child-row", json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the measurement of {name} {variant} ac={ac} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _child_row(spec: dict) -> None:
+    torch.set_num_threads(spec["threads"])
+    keep_freed_memory()
+    row = measure_row(spec["name"], spec["variant"], spec["ac"], batch=spec["batch"], steps=spec["steps"],
+                      warmup=spec["warmup"], device=torch.device("cpu"), cpu_memory=True)
+    print(json.dumps(row))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="quickstart,vits14", help=f"comma list of {sorted(CONFIGS)}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
+    parser.add_argument("--ac", default=None,
+                        help=f"comma list of activation checkpointing modes {AC_MODES} (default: the config's)")
     parser.add_argument("--batch", type=int, default=None, help="images per step (default: per config)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
@@ -131,7 +204,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fsdp", action="store_true",
                         help="shard with FSDP2 over a one-process group, as training does (bf16 params, fp32 "
                              "reduce); on one device this changes the memory layout and kernels, not the state size")
+    parser.add_argument("--child-row", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child_row:
+        _child_row(json.loads(args.child_row))
+        return
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     for name in args.configs.split(","):
@@ -140,6 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             parser.error(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    ac_modes = args.ac.split(",") if args.ac else [None]
+    for mode in ac_modes:
+        if mode is not None and mode not in AC_MODES:
+            parser.error(f"unknown --ac mode {mode!r}; choose from {AC_MODES}")
+    if args.ac and args.fsdp and args.device == "cpu":
+        parser.error("--ac on CPU measures each row in a fresh process, which --fsdp's process group does not reach")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cpu":
@@ -161,43 +244,34 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {where}, fsdp {args.fsdp}, load {os.getloadavg()[0]:.2f}")
     for dtype, (value, source) in peaks.items():
         print(f"peak {dtype}: {value / 1e9:.1f} GFLOP/s ({source})")
-    print(f"{'config':10} {'variant':14} {'batch':>5} {'GFLOP/step':>10} {'img/s':>15} {'GFLOP/s':>15} "
-          f"{'MFU':>13} {'peak mem':>9}  (median / best)")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"{'config':10} {'variant':14} {'AC':9} {'batch':>5} {'GFLOP/step':>10} {'s/step':>6} {'img/s':>15} "
+          f"{'GFLOP/s':>15} {'MFU':>13} {'peak mem':>10}  (median / best)")
     for name in args.configs.split(","):
-        config, overrides, default_batch = CONFIGS[name]
-        batch_size = args.batch or default_batch
         for variant in args.variants.split(","):
-            run, flops, images = build_step(config, overrides, batch_size, variant, device=str(device))
-            for _ in range(args.warmup):
-                run()
-            sync()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times = []
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                run()
-                sync()
-                times.append(time.perf_counter() - start)
-            median, best = statistics.median(times), min(times)
-            peak = peaks[torch.bfloat16 if variant.startswith("bf16") else torch.float32][0]
-            memory_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            print(f"{name:10} {variant:14} {images:5d} {flops / 1e9:10.1f} "
-                  f"{images / median:7.2f} / {images / best:5.2f} "
-                  f"{flops / median / 1e9:7.1f} / {flops / best / 1e9:5.1f} "
-                  f"{flops / median / peak:6.1%} / {flops / best / peak:5.1%} "
-                  f"{'-' if memory_gib is None else f'{memory_gib:6.1f} GiB':>9}", flush=True)
-            if args.json:
-                row = {"config": name, "variant": variant, "fsdp": args.fsdp, "device": where, "batch": images,
-                       "gflop_per_step": flops / 1e9, "img_s_median": images / median, "img_s_best": images / best,
-                       "mfu_median": flops / median / peak, "peak_flops": peak, "peak_memory_gib": memory_gib,
-                       "steps": args.steps, "torch": torch.__version__, "time": time.time()}
-                with open(args.json, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-            del run
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            for ac in ac_modes:
+                if device.type == "cpu" and args.ac:
+                    row = _row_in_child(name, variant, ac, args)
+                else:
+                    row = measure_row(name, variant, ac, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                                      device=device)
+                flops, images, memory = row["flops"], row["images"], row["memory"]
+                median, best = statistics.median(row["times"]), min(row["times"])
+                peak = peaks[torch.bfloat16 if variant.startswith("bf16") else torch.float32][0]
+                memory_gib = None if memory is None else memory / 2**30
+                print(f"{name:10} {variant:14} {ac or 'config':9} {images:5d} {flops / 1e9:10.1f} {median:6.2f} "
+                      f"{images / median:7.2f} / {images / best:5.2f} "
+                      f"{flops / median / 1e9:7.1f} / {flops / best / 1e9:5.1f} "
+                      f"{flops / median / peak:6.1%} / {flops / best / peak:5.1%} "
+                      f"{'-' if memory_gib is None else f'{memory_gib:6.2f} GiB':>10}", flush=True)
+                if args.json:
+                    result = {"config": name, "variant": variant, "ac": ac, "fsdp": args.fsdp, "device": where,
+                              "batch": images, "gflop_per_step": flops / 1e9, "s_step_median": median,
+                              "img_s_median": images / median, "img_s_best": images / best,
+                              "mfu_median": flops / median / peak, "peak_flops": peak,
+                              "peak_memory_gib": memory_gib, "steps": args.steps, "torch": torch.__version__,
+                              "time": time.time()}
+                    with open(args.json, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(result) + "\n")
     print(f"load after: {os.getloadavg()[0]:.2f}")
     if args.fsdp:
         distributed.destroy_distributed()

@@ -17,6 +17,11 @@ crash while saving never damages an earlier checkpoint. A failed save (disk full
 partial directory on every rank and raises :class:`CheckpointError` saying how much space it needed. The last
 ``keep`` checkpoints are kept.
 
+Background saving (:class:`CheckpointWriter`, ``train.async_checkpoint``): the state is copied to fresh CPU memory
+in the caller's thread (the only part that holds training up) and the same three phases run in a thread while
+training goes on, their collectives on a gloo process group of their own. The rename and the pruning happen only
+when the write is complete, one save is in flight at a time, and a failure is raised in the training thread.
+
 Loading checks first (:func:`check_checkpoint`): :func:`latest_checkpoint` reports a damaged checkpoint (which
 file, what is wrong) and returns the newest intact one. Checkpoints written before manifests existed are
 checked against DCP's ``.metadata`` alone, and their numpy RNG state still loads.
@@ -24,12 +29,14 @@ checked against DCP's ``.metadata`` alone, and their numpy RNG state still loads
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
 import random
 import re
 import shutil
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -237,12 +244,12 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def _all_gather(value: Any) -> list[Any]:
-    """``value`` of every rank, in rank order; also a barrier."""
+def _all_gather(value: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """``value`` of every rank, in rank order, over ``group`` (None: the default group); also a barrier."""
     if not distributed.is_enabled() or distributed.get_world_size() == 1:
         return [value]
     gathered = [None] * distributed.get_world_size()
-    dist.all_gather_object(gathered, value)
+    dist.all_gather_object(gathered, value, group=group)
     return gathered
 
 
@@ -290,53 +297,207 @@ def save_checkpoint(
     ``networks``: the method's frozen networks whose weights are training state (a Gram teacher), saved under
     ``networks.<name>`` and listed in ``trainer.json`` (``"networks"``).
     """
-    rank = distributed.get_rank()
+    write = _checkpoint_write(output_dir, step, student=student, teacher=teacher, optimizer=optimizer,
+                              method=method, trainer_state=trainer_state, rank_state=rank_state, keep=keep,
+                              networks=networks, staged=False)
+    return write(None)
+
+
+def stage_to_cpu(obj: Any) -> Any:
+    """A copy of a nested state dict whose tensors (and DTensors' local shards) are fresh CPU tensors; other
+    values are deep-copied. Training may change the original in place afterwards without touching the copy."""
+    if isinstance(obj, torch.Tensor):  # a DTensor too: .to() copies its local shard and keeps mesh and placements
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: stage_to_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(stage_to_cpu(value) for value in obj)
+    return copy.deepcopy(obj)
+
+
+def _checkpoint_write(
+    output_dir: str | Path,
+    step: int,
+    *,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    method: nn.Module,
+    trainer_state: dict[str, Any],
+    rank_state: dict[str, Any] | None,
+    keep: int,
+    networks: dict[str, nn.Module] | None,
+    staged: bool,
+) -> Callable[[dist.ProcessGroup | None], Path]:
+    """Take everything checkpoint ``step`` holds now (in the caller's thread) and return the function that writes
+    it (:func:`save_checkpoint`'s phases, their collectives over the given group; None: the default group).
+
+    ``staged``: the tensors are copied to CPU memory first (:func:`stage_to_cpu`), so the write may run while
+    training changes the live ones; otherwise the write must run before the next optimizer step.
+    """
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:09d}"
     tmp = root / f"step_{step:09d}.tmp"
     state = _app_state(student, teacher, optimizer, method, networks)
+    if staged:
+        state = stage_to_cpu(state)
     buffer = io.BytesIO()
     torch.save({"rng": rng_state(), **(rank_state or {})}, buffer)
     rank_bytes = buffer.getvalue()
+    meta = json.dumps({"step": step, "world_size": world_size, **trainer_state, "networks": sorted(networks or {})},
+                      indent=1)
+    local_bytes = _bytes_to_write(state) + len(rank_bytes)
 
     def prepare() -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash during an earlier save
         tmp.mkdir(parents=True)
 
-    def write() -> None:
-        dcp.save(state, checkpoint_id=str(tmp))
+    def write_shards(group: dist.ProcessGroup | None) -> None:
+        if group is None:
+            dcp.save(state, checkpoint_id=str(tmp))
+        else:
+            dcp.save(state, checkpoint_id=str(tmp), process_group=group)
         (tmp / f"rank_{rank}.pt").write_bytes(rank_bytes)
 
     def finish() -> None:
-        meta = {"step": step, "world_size": distributed.get_world_size(), **trainer_state,
-                "networks": sorted(networks or {})}
-        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "trainer.json").write_text(meta)
         check_checkpoint(tmp)
         (tmp / MANIFEST).write_text(json.dumps({"files": _file_sizes(tmp)}, indent=1))
         if final.exists():  # re-saving the same step (a final save right after a periodic one, or a damaged one)
             shutil.rmtree(final)
         tmp.rename(final)
 
-    local_bytes = _bytes_to_write(state) + len(rank_bytes)
-    for phase, on_every_rank in ((prepare, False), (write, True), (finish, False)):
-        error = None
-        if on_every_rank or rank == 0:
-            try:
-                phase()
-            except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
-                error = _root_cause(exc)
-        reports = _all_gather((error, local_bytes))
-        if any(e is not None for e, _ in reports):
-            raise _write_failure(tmp, [e for e, _ in reports], needed=sum(n for _, n in reports))
+    def write(group: dist.ProcessGroup | None) -> Path:
+        phases = ((prepare, False), (lambda: write_shards(group), True), (finish, False))
+        for phase, on_every_rank in phases:
+            error = None
+            if on_every_rank or rank == 0:
+                try:
+                    phase()
+                except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+                    error = _root_cause(exc)
+            reports = _all_gather((error, local_bytes), group)
+            if any(e is not None for e, _ in reports):
+                raise _write_failure(tmp, [e for e, _ in reports], needed=sum(n for _, n in reports))
 
-    if rank == 0 and keep > 0:
-        # Only checkpoints up to this step count: a damaged newer one (the run resumed before it) is replaced
-        # when the run gets there again, and must not push out the intact ones.
-        earlier = [p for p in list_checkpoints(output_dir) if _step_of(p) <= step]
-        for old in earlier[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
-    return final
+        if rank == 0 and keep > 0:
+            # Only checkpoints up to this step count: a damaged newer one (the run resumed before it) is replaced
+            # when the run gets there again, and must not push out the intact ones.
+            earlier = [p for p in list_checkpoints(output_dir) if _step_of(p) <= step]
+            for old in earlier[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        if distributed.is_enabled() and world_size > 1:
+            dist.barrier(group=group)
+        return final
+
+    return write
+
+
+class CheckpointWriter:
+    """Writes the checkpoints of a run: in the caller's thread, or (``background=True``) staged to CPU memory and
+    written by a thread while the next steps run.
+
+    Background saving, per save: the previous save is waited for first (one in flight, so at most one staged
+    copy of the state exists besides the live one); the state is copied to CPU memory (:func:`stage_to_cpu`, the
+    only part training waits for); a thread runs :func:`save_checkpoint`'s three phases on that copy, with its
+    collectives over a gloo process group of its own (created here, collectively, when there are several
+    processes), so they never interleave with training's collectives. The checkpoint becomes visible (the rename
+    of ``step_X.tmp``) and old ones are pruned only after every rank's write finished.
+
+    A failed background write is raised in the training thread by :meth:`poll` (at the next log step; a
+    collective agreement, so every rank raises together), by the next :meth:`save` or by :meth:`wait`; its
+    partial directory was removed as in a synchronous save. Every rank must construct it and call
+    :meth:`save`, :meth:`poll` and :meth:`wait` at the same steps.
+    """
+
+    def __init__(self, *, background: bool) -> None:
+        self.background = background
+        self._group = None
+        if background and distributed.is_enabled() and distributed.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo")
+        self._thread: threading.Thread | None = None
+        self._step: int | None = None
+        self._result: Path | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        """A background save was started and not yet waited for (it may have finished)."""
+        return self._thread is not None
+
+    def save(self, output_dir: str | Path, step: int, **parts: Any) -> Path | None:
+        """Save checkpoint ``step`` (``parts``: :func:`save_checkpoint`'s keyword arguments). Returns its directory
+        when written in the caller's thread, None when it is being written in the background."""
+        self.wait()
+        write = _checkpoint_write(output_dir, step, staged=self.background,
+                                  **{"rank_state": None, "keep": 3, "networks": None, **parts})
+        if not self.background:
+            return write(None)
+        self._step, self._result, self._error = step, None, None
+        # Not a daemon: an interpreter that exits (after a fatal error) lets the write finish (lifecycle.teardown
+        # bounds the wait); a checkpoint cut short stays a .tmp directory, which is never loaded.
+        self._thread = threading.Thread(target=self._run, args=(write,), name=f"dinoscale-checkpoint-{step}")
+        self._thread.start()
+        return None
+
+    def _run(self, write: Callable[[dist.ProcessGroup | None], Path]) -> None:
+        try:
+            self._result = write(self._group)
+        except BaseException as exc:  # handed to the training thread
+            self._error = exc
+
+    def poll(self, device: torch.device, *, log_step: bool) -> None:
+        """Raise the error of a failed background save. In one process at every call; with several only at log
+        steps, where the ranks agree with one small all-reduce (only while a save is in flight), so that all of
+        them raise together. A save that finished on every rank is collected here (no more all-reduces)."""
+        if self._thread is None:
+            return
+        if distributed.get_world_size() == 1:
+            if not self._thread.is_alive():
+                self.wait()
+            return
+        if not log_step:
+            return
+        running = self._thread.is_alive()
+        failed = not running and self._error is not None  # set before the thread ends
+        flags = torch.tensor([float(failed), float(running)], device=device)
+        n_failed, n_running = distributed.all_reduce_sum_(flags).tolist()
+        if n_failed or not n_running:
+            self.wait()
+            if n_failed:  # this rank's write succeeded, another's did not
+                raise CheckpointError(f"checkpoint step_{self._step:09d} failed on another rank (see its log)")
+
+    def wait(self) -> Path | None:
+        """Wait for the save in flight, if any; raise its error. Returns its directory (None when there was none)."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            if isinstance(error, CheckpointError):
+                raise error
+            raise CheckpointError(f"the background write of checkpoint step_{self._step:09d} failed: "
+                                  f"{type(error).__name__}: {error}") from error
+        return self._result
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for the save in flight (its error is raised), then release the process group. With ``timeout``, a
+        save still running after that many seconds is left to finish on its own (with its process group): a
+        failed run does not wait on a peer that may never answer, and a write cut short stays a ``.tmp``."""
+        if self._thread is not None and timeout is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("checkpoint step_%09d is still being written after %g s; not waiting for it",
+                            self._step, timeout)
+                return
+        try:
+            self.wait()
+        finally:
+            if self._group is not None:
+                dist.destroy_process_group(self._group)
+                self._group = None
 
 
 def load_checkpoint(

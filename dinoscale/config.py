@@ -50,6 +50,12 @@ NULLABLE_TYPES = {
 }
 
 
+# Options that take values of more than one type: their types (besides the default's).
+MIXED_TYPES = {
+    "compute.activation_checkpointing": ("bool", "str"),  # none | full | selective; true/false: the earlier form
+}
+
+
 def _compatible(default: Any, value: Any) -> bool:
     """Whether ``value`` may replace ``default``; null is accepted anywhere (``NULLABLE_TYPES`` types null defaults;
     a null default not listed there accepts anything)."""
@@ -88,7 +94,7 @@ def _check(schema: DictConfig, user: DictConfig, prefix: str = "") -> None:
                 raise ConfigError(f"config key '{path}' expects a {_type_name(default)} or null, "
                                   f"got {_type_name(value)} ({value!r}){hint}")
             continue
-        if not _compatible(default, value):
+        if not _compatible(default, value) and _type_name(value) not in MIXED_TYPES.get(path, ()):
             raise ConfigError(
                 f"config key '{path}' expects a {_type_name(default)} (default {default!r}), "
                 f"got {_type_name(value)} ({value!r}){hint}"

@@ -3,7 +3,10 @@
 The model code (``dinoscale.models``) stays plain PyTorch. :func:`parallelize` wraps a module from
 the outside, in this order (the order matters):
 
-1. activation checkpointing of every block of ``module.blocks`` (optional; training only),
+1. activation checkpointing of every block of ``module.blocks`` (optional; training only): ``"full"`` keeps only
+   each block's input and recomputes the rest in backward; ``"selective"`` also keeps the outputs of the
+   matmuls, attention kernels and reduce-scatters (:data:`SELECTIVE_AC_SAVED_OPS`) and recomputes only the cheap
+   ops between them (norms, activations, residual adds, softmax of matmul attention),
 2. ``torch.compile`` of every block, in place (optional),
 3. ``torch.distributed.fsdp.fully_shard`` on every block, then on the root module.
 
@@ -26,17 +29,22 @@ this rank's shard: create the optimizer *after* :func:`parallelize`, and update 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from dinoscale import distributed
 
 __all__ = [
+    "AC_MODES",
+    "SELECTIVE_AC_SAVED_OPS",
+    "activation_checkpointing_mode",
     "build_mesh",
     "parallelize",
     "parallelize_frozen",
@@ -49,6 +57,42 @@ CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 # Name components that wrappers insert into parameter and state-dict names without changing the parameter:
 # DDP/DataParallel, torch.compile, FSDP1 (in older checkpoints) and activation checkpointing.
 WRAPPER_COMPONENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module", CHECKPOINT_PREFIX.rstrip(".")})
+
+AC_MODES = ("none", "full", "selective")
+
+
+def _ops(namespace, *names: str) -> frozenset:
+    """The ``.default`` overloads of the named ops that this torch build has."""
+    return frozenset(getattr(namespace, name).default for name in names if hasattr(namespace, name))
+
+
+#: Ops whose outputs selective activation checkpointing keeps for the backward (everything else in a block is
+#: recomputed): the matmuls (``nn.Linear`` runs as ``addmm``/``mm``, matmul attention as ``bmm``), every fused
+#: attention kernel ``scaled_dot_product_attention`` may dispatch to, and the reduce-scatter of tensor-parallel
+#: layers (its output is communication: recomputing it would repeat the collective).
+SELECTIVE_AC_SAVED_OPS = _ops(torch.ops.aten, "mm", "addmm", "bmm", "baddbmm",
+                              "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                              "_scaled_dot_product_fused_attention_overrideable") \
+    | _ops(torch.ops._c10d_functional, "reduce_scatter_tensor")
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep the outputs of :data:`SELECTIVE_AC_SAVED_OPS`, recompute the rest."""
+    return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_AC_SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def activation_checkpointing_mode(value: bool | str | None) -> str:
+    """``"none"``, ``"full"`` or ``"selective"`` from the option's value; ``True``/``False`` (and ``None``), the
+    option's earlier form, mean full and none."""
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return "full"
+    if isinstance(value, str) and value.strip().lower() in AC_MODES:
+        return value.strip().lower()
+    raise ValueError(f"activation_checkpointing must be one of {AC_MODES} (or true/false), got {value!r}")
+
 
 # Methods other than forward that callers use as entry points of a backbone. FSDP2 only hooks
 # ``forward``; calling any other method of a sharded root would run on sharded parameters.
@@ -128,7 +172,7 @@ def parallelize(
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = torch.float32,
     reshard_after_forward: bool = True,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = False,
     compile_blocks: bool = False,
     compile_options: dict | None = None,
 ) -> nn.Module:
@@ -145,8 +189,10 @@ def parallelize(
             sum over ranks).
         reshard_after_forward: free gathered parameters after each block's forward (saves
             memory, costs a second all-gather in backward).
-        activation_checkpointing: recompute each block's activations in backward instead of
-            storing them (only the block inputs are kept).
+        activation_checkpointing: ``"none"`` (or False); ``"full"`` (or True): recompute each block's
+            activations in backward instead of storing them (only the block inputs are kept);
+            ``"selective"``: keep the block inputs and the outputs of :data:`SELECTIVE_AC_SAVED_OPS`,
+            recompute the rest (less memory than none, less recomputation than full).
         compile_blocks: ``torch.compile`` each block in place (same parameter names).
         compile_options: keyword arguments of ``nn.Module.compile`` (e.g. ``{"fullgraph": True}``,
             or ``{"backend": "aot_eager"}`` to trace without code generation).
@@ -162,17 +208,21 @@ def parallelize(
     if isinstance(module, FSDPModule):
         raise ValueError(f"{type(module).__name__} is already sharded; call parallelize once per module")
     blocks = _blocks(module)
-    if activation_checkpointing:
+    ac_mode = activation_checkpointing_mode(activation_checkpointing)
+    if ac_mode != "none":
         if blocks is None:
             raise ValueError(
                 f"activation_checkpointing needs a module with .blocks; {type(module).__name__} has none"
             )
         if any(isinstance(b, CheckpointWrapper) for b in blocks):
             raise ValueError("the blocks are already activation-checkpointed; call parallelize once per module")
+        # A fresh pair of selective-checkpoint contexts per forward call, as torch.utils.checkpoint asks.
+        options = ({"context_fn": functools.partial(create_selective_checkpoint_contexts, _selective_policy)}
+                   if ac_mode == "selective" else {})
         for i, block in enumerate(blocks):
             # Non-reentrant checkpointing (the wrapper's default) supports lists of crops as input
             # and keeps the RNG state, so stochastic depth draws the same masks when recomputing.
-            blocks[i] = checkpoint_wrapper(block)
+            blocks[i] = checkpoint_wrapper(block, **options)
     if compile_blocks and blocks is not None:
         _allow_one_graph_per_block(len(blocks))
         for block in blocks:
@@ -212,7 +262,7 @@ def parallelize_student_teacher(
             f"student and teacher have different parts: student {sorted(student.keys())}, "
             f"teacher {sorted(teacher.keys())}"
         )
-    activation_checkpointing = options.pop("activation_checkpointing", False)
+    activation_checkpointing = activation_checkpointing_mode(options.pop("activation_checkpointing", False))
     nested = [key for key in student.keys() if isinstance(student[key], nn.ModuleDict)]
     parts = [key for key in student.keys() if key not in nested]
     for key in nested:  # further students (distillation): their parts in turn
@@ -223,7 +273,7 @@ def parallelize_student_teacher(
             student[key],
             **options,
             # heads have no blocks to checkpoint; their activations are small
-            activation_checkpointing=activation_checkpointing and _blocks(student[key]) is not None,
+            activation_checkpointing=activation_checkpointing if _blocks(student[key]) is not None else "none",
         )
     teacher_options = {**options, "reshard_after_forward": True}
     for key in [k for k in teacher.keys() if k not in nested]:

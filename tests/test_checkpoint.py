@@ -7,6 +7,7 @@ import json
 import logging
 import random
 import re
+import threading
 import time
 
 import numpy as np
@@ -165,7 +166,50 @@ def test_pruning_counts_only_checkpoints_up_to_the_saved_step(tmp_path):
     checkpoint.check_checkpoint(tmp_path / "checkpoints" / "step_000000004")
 
 
-def _two_rank_worker(rank, port, out_dir, fail_on_rank):
+def test_background_save_writes_the_state_of_its_step_while_training_changes_it(tmp_path, monkeypatch):
+    parts = build(seed=1)
+    expected = {k: v.clone() for k, v in parts["student"].state_dict().items()}
+    expected_avg = parts["optimizer"].state_dict()["state"][0]["exp_avg"].clone()
+    real_save, started, release = checkpoint.dcp.save, threading.Event(), threading.Event()
+
+    def held_save(state, *, checkpoint_id, **kwargs):  # the write waits until the training thread moved on
+        started.set()
+        assert release.wait(30)
+        return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+
+    monkeypatch.setattr(checkpoint.dcp, "save", held_save)
+    writer = checkpoint.CheckpointWriter(background=True)
+    assert writer.save(tmp_path, 5, trainer_state={"consecutive_bad_steps": 0}, **parts) is None
+    assert started.wait(30) and writer.in_flight
+    assert not (checkpoint.checkpoint_root(tmp_path) / "step_000000005").exists()  # not visible before complete
+    with torch.no_grad():  # the next steps change the live tensors in place
+        for p in parts["student"].parameters():
+            p.add_(1.0)
+        parts["optimizer"].state_dict()["state"][0]["exp_avg"].add_(1.0)
+    release.set()
+    path = writer.wait()
+    assert path.name == "step_000000005" and not writer.in_flight
+    fresh = build(seed=2)
+    checkpoint.load_checkpoint(path, **fresh)
+    assert all(torch.equal(fresh["student"].state_dict()[k], v) for k, v in expected.items())
+    assert torch.equal(fresh["optimizer"].state_dict()["state"][0]["exp_avg"], expected_avg)
+    writer.close()
+
+
+def test_an_unexpected_background_error_is_raised_as_a_checkpoint_error(tmp_path, monkeypatch):
+    parts = build()
+    monkeypatch.setattr(checkpoint, "_all_gather", lambda value, group=None: 1 / 0)  # outside the phases' handling
+    writer = checkpoint.CheckpointWriter(background=True)
+    writer.save(tmp_path, 3, trainer_state={}, **parts)
+    with pytest.raises(CheckpointError, match="background write of checkpoint step_000000003 failed: "
+                                              "ZeroDivisionError") as err:
+        writer.wait()
+    assert isinstance(err.value.__cause__, ZeroDivisionError)
+    assert writer.wait() is None  # raised once, then nothing is in flight
+    assert checkpoint.list_checkpoints(tmp_path) == []
+
+
+def _two_rank_worker(rank, port, out_dir, fail_on_rank, background=False):
     import os
     from pathlib import Path
 
@@ -180,29 +224,34 @@ def _two_rank_worker(rank, port, out_dir, fail_on_rank):
     outcome = {}
     try:
         parts = build()
-        save(out_dir, 2, parts)
+        writer = checkpoint.CheckpointWriter(background=background)  # background: collectives on a gloo group
+        writer.save(out_dir, 2, trainer_state={"consecutive_bad_steps": 0}, **parts)
+        writer.wait()
         if rank == fail_on_rank:  # only this rank's own file cannot be written (its disk, its permissions)
             def no_space(self, data):
                 raise OSError(28, "No space left on device", str(self))
             Path.write_bytes = no_space
         try:
-            save(out_dir, 4, parts)
+            writer.save(out_dir, 4, trainer_state={"consecutive_bad_steps": 0}, **parts)
+            writer.wait()
             outcome["saved"] = True
         except CheckpointError as exc:
             outcome["error"] = str(exc)
+        writer.close()
     finally:
         Path(out_dir, f"outcome{rank}.json").write_text(json.dumps(outcome))
         distributed.destroy_distributed()
 
 
 @pytest.mark.distributed
-def test_a_write_failing_on_one_rank_fails_the_save_on_every_rank(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
+def test_a_write_failing_on_one_rank_fails_the_save_on_every_rank(tmp_path, background):
     import torch.multiprocessing as mp
 
     from dinoscale.distributed import find_free_port
 
     started = time.monotonic()
-    mp.spawn(_two_rank_worker, args=(find_free_port(), str(tmp_path), 1), nprocs=2)
+    mp.spawn(_two_rank_worker, args=(find_free_port(), str(tmp_path), 1, background), nprocs=2)
     assert time.monotonic() - started < 120  # nobody waited for the rank that gave up
     outcomes = [json.loads((tmp_path / f"outcome{r}.json").read_text()) for r in range(2)]
     for outcome in outcomes:

@@ -93,3 +93,19 @@ def test_every_null_default_has_a_declared_type():
                 yield f"{prefix}{key}"
 
     assert set(null_keys(OmegaConf.load(CONFIG_DIR / "default.yaml"))) == set(NULLABLE_TYPES)
+
+
+def test_activation_checkpointing_takes_a_mode_or_the_earlier_boolean():
+    assert load_config(None).compute.activation_checkpointing == "none"
+    for value, expected in (("selective", "selective"), ("full", "full"), ("true", True), ("false", False)):
+        assert load_config(None, [f"compute.activation_checkpointing={value}"]).compute.activation_checkpointing \
+            == expected
+    with pytest.raises(ConfigError, match="compute.activation_checkpointing"):
+        load_config(None, ["compute.activation_checkpointing=[1]"])
+
+
+def test_async_checkpoint_is_a_bool_and_on_by_default():
+    assert load_config(None).train.async_checkpoint is True
+    assert load_config(None, ["train.async_checkpoint=false"]).train.async_checkpoint is False
+    with pytest.raises(ConfigError, match="train.async_checkpoint"):
+        load_config(None, ["train.async_checkpoint=later"])

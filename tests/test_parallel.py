@@ -17,6 +17,8 @@ from dinoscale.models.heads import DINOHead
 from dinoscale.models.factory import build_backbone
 from dinoscale.parallel import (
     CHECKPOINT_PREFIX,
+    SELECTIVE_AC_SAVED_OPS,
+    activation_checkpointing_mode,
     build_mesh,
     parallelize,
     parallelize_student_teacher,
@@ -90,13 +92,14 @@ def test_without_process_group_module_is_unchanged():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+@pytest.mark.parametrize("mode", [True, "selective"], ids=["full", "selective"])
 @pytest.mark.parametrize("list_input", [True, False])
-def test_activation_checkpointing_preserves_outputs_and_grads(list_input):
+def test_activation_checkpointing_preserves_outputs_and_grads(list_input, mode):
     torch.manual_seed(0)
     # stochastic depth on: the recomputation must redraw the same drop masks
     ref = _tiny_vit(drop_path_rate=0.3, drop_path_uniform=True).train()
     ac = copy.deepcopy(ref)
-    parallelize(ac, mesh=None, activation_checkpointing=True)
+    parallelize(ac, mesh=None, activation_checkpointing=mode)
     names = [n for n, _ in ac.named_parameters()]
     assert any(CHECKPOINT_PREFIX in n for n in names)
     # state_dict keys stay plain, so checkpoints load into an unwrapped model
@@ -119,6 +122,76 @@ def test_activation_checkpointing_preserves_outputs_and_grads(list_input):
     loss_ac.backward()
     assert torch.allclose(loss_ref, loss_ac, rtol=0, atol=1e-6)
     assert _max_diff(_named_grads(ref), _named_grads(ac)) < 1e-6
+    if mode == "selective":  # fp32 on one CPU thread recomputes the same bits: bitwise, not only close
+        assert torch.equal(loss_ref, loss_ac) and _max_diff(_named_grads(ref), _named_grads(ac)) == 0
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that run while it is active (by overload packet name, e.g. ``addmm``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_selective_checkpointing_recomputes_only_what_it_does_not_keep():
+    # Forward ops that run again in backward are recomputed. A linear layer's forward is addmm (its backward
+    # runs mm), so addmm in backward means matmuls were recomputed; layer norm, GELU and the attention softmax
+    # are forward ops too. No AC recomputes nothing, full AC everything, selective all but the matmuls.
+    torch.set_num_threads(1)
+    x = _crops(torch.Generator().manual_seed(1), 2)
+    recomputed = {}
+    for mode in ("none", "full", "selective"):
+        torch.manual_seed(0)
+        model = parallelize(_tiny_vit(), mesh=None, activation_checkpointing=mode)
+        loss = sum(o["x_norm_patchtokens"].pow(2).mean() for o in model(x, is_training=True))
+        counter = _OpCounter()
+        with counter:
+            loss.backward()
+        recomputed[mode] = {op: counter.counts.get(op, 0)
+                            for op in ("addmm", "native_layer_norm", "gelu", "_softmax")}
+    assert set(recomputed["none"].values()) == {0}, recomputed
+    assert all(n > 0 for n in recomputed["full"].values()), recomputed
+    blocks = len(model.blocks)
+    sel = recomputed["selective"]
+    assert sel["addmm"] == 0, recomputed  # kept: qkv, proj, fc1, fc2 are not run again
+    assert sel["native_layer_norm"] == 2 * blocks and sel["gelu"] == blocks, recomputed  # recomputed once each
+    assert sel["_softmax"] == recomputed["full"]["_softmax"] > 0, recomputed  # matmul attention's softmax
+
+
+def test_selective_checkpointing_keeps_matmul_attention_and_reduce_scatter_outputs():
+    aten = torch.ops.aten
+    for op in (aten.mm.default, aten.addmm.default, aten.bmm.default,
+               aten._scaled_dot_product_flash_attention.default,
+               aten._scaled_dot_product_efficient_attention.default,
+               aten._scaled_dot_product_flash_attention_for_cpu.default,
+               torch.ops._c10d_functional.reduce_scatter_tensor.default):
+        assert op in SELECTIVE_AC_SAVED_OPS, op
+    for op in (aten.native_layer_norm.default, aten.gelu.default, aten.add.Tensor, aten._softmax.default):
+        assert op not in SELECTIVE_AC_SAVED_OPS, op
+
+
+def test_activation_checkpointing_modes_and_their_earlier_boolean_form():
+    assert [activation_checkpointing_mode(v) for v in (False, None, True, "none", "full", "Selective")] == [
+        "none", "none", "full", "none", "full", "selective"]
+    with pytest.raises(ValueError, match=r"one of \('none', 'full', 'selective'\)"):
+        activation_checkpointing_mode("sometimes")
+    with pytest.raises(ValueError, match="one of"):
+        parallelize(_tiny_vit(), mesh=None, activation_checkpointing="yes")
+    plain = _tiny_vit()
+    parallelize(plain, mesh=None, activation_checkpointing="none")
+    assert not any(CHECKPOINT_PREFIX in n for n, _ in plain.named_parameters())
+    student = nn.ModuleDict({"backbone": _tiny_vit(), "head": _head()})
+    teacher = copy.deepcopy(student)
+    parallelize_student_teacher(student, teacher, mesh=None, activation_checkpointing="selective")
+    assert student["backbone"].blocks[0].__class__.__name__ == "CheckpointWrapper"
+    assert not any(CHECKPOINT_PREFIX in n for n, _ in [*student["head"].named_parameters(),
+                                                       *teacher.named_parameters()])
 
 
 def test_compile_blocks_in_place_keeps_names_and_outputs():
@@ -238,6 +311,7 @@ PARITY_CONFIGS = {
         compile_options={"backend": "aot_eager"},
         reshard_after_forward=False,
     ),
+    "full_shard_selective_ac": dict(hybrid_shard=False, activation_checkpointing="selective"),
     "hybrid_2x1": dict(hybrid_shard=True, devices_per_node=1),
     "hybrid_1x2": dict(hybrid_shard=True, devices_per_node=2),
 }
@@ -296,7 +370,7 @@ def _parity_worker(rank, world_size, port, out_dir, config_names):
 @pytest.mark.parametrize(
     "config_names",
     [
-        pytest.param(("full_shard", "hybrid_2x1", "hybrid_1x2"), id="meshes"),
+        pytest.param(("full_shard", "hybrid_2x1", "hybrid_1x2", "full_shard_selective_ac"), id="meshes"),
         # dynamo tracing in two processes on a shared CPU takes ~10-25 s
         pytest.param(("full_shard_ac_compile_keep_gathered",), id="checkpointing_and_compile", marks=pytest.mark.slow),
     ],

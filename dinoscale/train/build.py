@@ -29,7 +29,8 @@ from dinoscale.data.streams import StreamGroups
 from dinoscale.device import autocast as autocast_in, dtype_from_name, resolve_device, training_autocast_dtype
 from dinoscale.methods.base import frozen_networks, student_units, uses_sample_index
 from dinoscale.methods.registry import build_method
-from dinoscale.parallel import build_mesh, parallelize, parallelize_frozen, parallelize_student_teacher
+from dinoscale.parallel import (activation_checkpointing_mode, build_mesh, parallelize, parallelize_frozen,
+                                parallelize_student_teacher)
 from dinoscale.train.continue_from import (
     check_continued,
     init_heads_from_data_,
@@ -158,7 +159,7 @@ def apply_parallelism(compute: DictConfig, student, teacher, *, frozen: dict[str
         param_dtype=dtype_from_name(compute.param_dtype, what="compute.param_dtype"),
         reduce_dtype=dtype_from_name(compute.reduce_dtype, what="compute.reduce_dtype"),
         reshard_after_forward=compute.reshard_after_forward,
-        activation_checkpointing=compute.activation_checkpointing,
+        activation_checkpointing=activation_checkpointing_mode(compute.activation_checkpointing),
         compile_blocks=compute.compile,
     )
     if teacher is not None:
@@ -166,7 +167,7 @@ def apply_parallelism(compute: DictConfig, student, teacher, *, frozen: dict[str
     else:
         for key, part in student.items():
             parallelize(part, **{**options, "activation_checkpointing": options["activation_checkpointing"]
-                                 and key == "backbone"})
+                                 if key == "backbone" else "none"})
     for network in (frozen or {}).values():
         parallelize_frozen(network, mesh=mesh, dtype=frozen_dtype, compile_blocks=compute.compile)
 

@@ -30,6 +30,10 @@ from dinoscale.train.trackers import check_trackers, open_trackers
 
 log = logging.getLogger("dinoscale")
 
+# Seconds a failed run waits for the background save in flight before it reports its error (lifecycle.teardown
+# then gives the write as long again before the process exits).
+FAILED_RUN_SAVE_WAIT_S = 10.0
+
 
 @dataclass
 class TrainResult:
@@ -54,6 +58,9 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
                                 checkpoint_dir=checkpoint.checkpoint_root(run.output_dir))
     bad_run = torch.tensor(float(bad_steps), device=run.device)  # consecutive skipped steps, on the device
 
+    # train.async_checkpoint: checkpoints are copied to CPU memory and written while the next steps run
+    writer = checkpoint.CheckpointWriter(background=cfg.train.async_checkpoint)
+
     step, status = start_step, "finished"
     if run.meter is not None:
         run.meter.restart()  # building, resuming and starting the loader are not step time
@@ -77,13 +84,15 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
                 skipped.review()
             log_step(metrics, run, step, out, sched, batches, is_log_step=is_log_step)
 
+            writer.poll(run.device, log_step=is_log_step)  # a failed background save stops the run here
             stop = stop_agreed(stop_requested, log_step=is_log_step, device=run.device)
             saved = stop or should_checkpoint(step, checkpoint_every=cfg.train.checkpoint_every,
                                               max_steps=run.max_steps)
             if saved:
                 skipped.review()  # a run of bad steps too long stops here, before it reaches a checkpoint
-                save_run(run, step, bad_steps=skipped.bad_steps, streams=streams)
+                save_run(run, step, bad_steps=skipped.bad_steps, streams=streams, writer=writer)
             if stop:
+                writer.wait()  # complete before the process exits
                 status = "preempted"
                 log.warning("stop requested: checkpoint saved at step %d", step)
                 break
@@ -92,6 +101,16 @@ def train(cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None) 
                 evaluate_during_training(run, step, metrics)
             if (saved or evaluated) and run.meter is not None:
                 run.meter.restart()  # a checkpoint or an evaluation is not step time
+        writer.close()  # the last checkpoint is complete (or its error raised) before train() returns
+    except BaseException:
+        # The error that ends the run is the one to report. A save still in flight (an earlier, intact state) gets a
+        # bounded wait: with several processes its collectives may wait for a rank that failed; its own failure is
+        # only logged.
+        try:
+            writer.close(timeout=FAILED_RUN_SAVE_WAIT_S)
+        except Exception as exc:
+            log.error("the checkpoint being written when the run failed was not completed: %s", exc)
+        raise
     finally:
         metrics.close()
         batches.close()

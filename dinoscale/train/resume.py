@@ -27,9 +27,12 @@ class ResumeError(RuntimeError):
     """A checkpoint that this run cannot continue exactly; the message says why and what to set."""
 
 
-def save_run(run: Run, step: int, *, bad_steps: int, streams: StreamGroups) -> None:
-    """Checkpoint ``run`` after ``step`` optimizer steps (collective: every rank calls it)."""
-    checkpoint.save_checkpoint(
+def save_run(run: Run, step: int, *, bad_steps: int, streams: StreamGroups,
+             writer: checkpoint.CheckpointWriter | None = None) -> None:
+    """Checkpoint ``run`` after ``step`` optimizer steps (collective: every rank calls it), with ``writer`` (in the
+    background when it is a background writer; None: written before this returns)."""
+    writer = writer or checkpoint.CheckpointWriter(background=False)
+    writer.save(
         run.output_dir, step, student=run.student, teacher=run.teacher, optimizer=run.optimizer, method=run.method,
         networks=checkpointed_networks(run.method, step),
         trainer_state={"consecutive_bad_steps": bad_steps, "data_position_step": step,
