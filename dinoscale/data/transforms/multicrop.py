@@ -190,6 +190,12 @@ class MultiCropAugmentation:
         """
         if self.tune_allocator:
             keep_freed_memory()  # in the process that runs the transform (e.g. each loader worker); once
+        # Inference mode: no autograd bookkeeping on the ~300 small tensor ops of an image (measured 7% of the
+        # transform's time). The crops are inference tensors: collating (torch.stack) gives ordinary tensors.
+        with torch.inference_mode():
+            return self._crops(image, return_params)
+
+    def _crops(self, image: ImageInput, return_params: bool):
         source, height, width = open_image(image)
         boxes, flips = self.sample_geometry(height, width)
         n_local = self.local_crops_number
@@ -198,7 +204,9 @@ class MultiCropAugmentation:
         cut = self.global_crops_size if gram_size is None else max(self.global_crops_size, gram_size)
         sizes = [cut] * 2 + [self.local_crops_size] * n_local
         own_pil = isinstance(image, (bytes, bytearray, memoryview))
-        chw, pixel_boxes = decode_for_boxes(source, height, width, boxes, torch.tensor(sizes), allow_draft=own_pil)
+        chw, pixel_boxes = decode_for_boxes(
+            source, height, width, boxes, torch.tensor(sizes), allow_draft=own_pil, data=image if own_pil else None
+        )
         crops = [
             resized_crop(chw, box, size, flip) for box, size, flip in zip(pixel_boxes.tolist(), sizes, flips.tolist())
         ]

@@ -280,6 +280,33 @@ def _color_jitter(x: torch.Tensor, p: Dict[str, np.ndarray]) -> torch.Tensor:
     return x
 
 
+def _color_jitter_one(x: torch.Tensor, p: Dict[str, np.ndarray]) -> torch.Tensor:
+    """:func:`_color_jitter` for a batch of one: the ops in the image's own order with Python floats.
+
+    The same semantics and parameters as the batched blend, without its per-slot coefficient tables (on a
+    single crop their numpy bookkeeping costs as much as the pixel work of a 96 px crop). Contrast's
+    reference, the mean luma, is the luma of the channel means (the luma is linear).
+    """
+    if not p["jitter"][0]:
+        return x
+    for op in p["order"][0].tolist():
+        if op == 3:
+            x = _adjust_hue(x, float(p["hue"][0]))
+            continue
+        factor = float(p[("brightness", "contrast", "saturation")[op]][0])
+        if op == 0:
+            x = x.mul_(factor)
+        elif op == 1:
+            r, g, b = x.mean(dim=(2, 3)).view(3).tolist()
+            x = x.mul_(factor).add_((1.0 - factor) * (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b))
+        else:
+            luma = _luma(x)  # before x changes in place
+            x = x.mul_(factor).add_(luma, alpha=1.0 - factor)
+        if factor > 1.0:  # below 1 the step is a convex combination of values in [0, 1]
+            x = x.clamp_(0.0, 1.0)
+    return x
+
+
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
     return _luma(x).expand_as(x).contiguous()
 
@@ -324,7 +351,7 @@ def photometric_batch(
     p = _draw_photometric_params(crop_kind, crops.shape[0], generator)
 
     if x.shape[0] > 0:
-        x = _color_jitter(x, p)
+        x = _color_jitter_one(x, p) if x.shape[0] == 1 else _color_jitter(x, p)
         x = _on_subset(x, p["grayscale"], lambda xs, idx: _grayscale(xs))
         x = _on_subset(x, p["blur"], lambda xs, idx: _gaussian_blur(xs, p["sigma"][idx]))
         x = _on_subset(x, p["solarize"], lambda xs, idx: _solarize(xs))

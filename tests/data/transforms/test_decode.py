@@ -1,6 +1,7 @@
 """Decoding: JPEG draft mode at reduced size with the crop boxes mapped onto the decoded pixels."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -20,3 +21,26 @@ def test_draft_decode_keeps_geometry(photo, multicrop):
     assert (top + h <= chw.shape[1]).all() and (left + w <= chw.shape[2]).all()
     assert (torch.minimum(h, w) >= sizes - 1).all()  # still downsampling every crop
     assert torch.allclose(scaled.double() * height / chw.shape[1], boxes.double(), atol=height / chw.shape[1])
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_full_size_jpeg_bytes_decode_to_the_same_pixels_as_pil(photo, multicrop, mode):
+    """JPEG bytes decoded at full size go through torchvision's decoder: PIL's pixels, boxes unchanged."""
+    from io import BytesIO
+
+    buf = BytesIO()
+    Image.fromarray(photo).convert(mode).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    source, height, width = open_image(data)
+    boxes = torch.tensor([[0, 0, height, width], [5, 7, 20, 30]])
+    chw, scaled = decode_for_boxes(source, height, width, boxes, torch.tensor([height, 16]), True, data=data)
+    expected = torch.from_numpy(np.asarray(Image.open(BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(chw, expected) and torch.equal(scaled, boxes)
+
+
+def test_truncated_jpeg_bytes_raise_a_decode_error(photo, multicrop):
+    data = multicrop.encode(photo)
+    cut = data[: len(data) // 2]
+    source, height, width = open_image(cut)
+    with pytest.raises(ValueError, match="could not decode"):
+        decode_for_boxes(source, height, width, torch.tensor([[0, 0, 8, 8]]), torch.tensor([8]), True, data=cut)
