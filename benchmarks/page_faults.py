@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
             r = run_process(keep, args)
             f = {k: statistics.median(v) for k, v in r["faults"].items()}
             s = {k: statistics.median(v) for k, v in r["seconds"].items()}
-            print(f"{int(keep):<21} {p + 1:>7} {str(r['keep_freed_memory']):>7}  {f['ours']:16,.0f} {f['timm']:16,.0f}  "
+            print(f"{int(keep):<21} {p + 1:>7} {str(r['keep_freed_memory']):>7}  "
+                  f"{f['ours']:16,.0f} {f['timm']:16,.0f}  "
                   f"{s['ours']:11.3f} {s['timm']:11.3f}", flush=True)
     print(f"threads per process: {r['threads']}; {time.perf_counter() - start:.0f} s in all; "
           f"load after {os.getloadavg()[0]:.2f}")

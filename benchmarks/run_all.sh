@@ -93,7 +93,8 @@ if [[ $QUICK -eq 0 ]]; then
     bench page_faults $P benchmarks/page_faults.py
     bench train_step $P benchmarks/train_step.py --configs quickstart,vits14
     # docs/scaling.md: activation checkpointing modes
-    bench train_step_ac $P benchmarks/train_step.py --configs vits14 --variants fp32-eager --ac none,full,selective --steps 5
+    bench train_step_ac $P benchmarks/train_step.py --configs vits14 --variants fp32-eager --ac none,full,selective \
+        --steps 5
     bench checkpoint_stall $P benchmarks/checkpoint_stall.py --md "$OUT/checkpoint_stall.md"
     bench extract_cpu $P benchmarks/extract_cpu.py
     bench scaling_cpu $P benchmarks/scaling_cpu.py
@@ -111,9 +112,10 @@ else
     bench backbone_vs_timm $P benchmarks/backbone_vs_timm.py --batch 1 --reps 1 --warmup 0 --dtypes bf16
     bench layerscale_fold $P benchmarks/layerscale_fold.py --batch 1 --pairs 1 --warmup 0 --dtypes bf16
     bench page_faults $P benchmarks/page_faults.py --batch 1 --steps 1 --warmup 1 --processes 1
-    bench train_step $P benchmarks/train_step.py --configs quickstart --variants bf16-eager --batch 8 --steps 1 --warmup 0
-    bench train_step_ac $P benchmarks/train_step.py --configs quickstart --variants fp32-eager --ac none,full,selective \
-        --batch 8 --steps 1 --warmup 0
+    bench train_step $P benchmarks/train_step.py --configs quickstart --variants bf16-eager --batch 8 --steps 1 \
+        --warmup 0
+    bench train_step_ac $P benchmarks/train_step.py --configs quickstart --variants fp32-eager \
+        --ac none,full,selective --batch 8 --steps 1 --warmup 0
     bench checkpoint_stall $P benchmarks/checkpoint_stall.py --configs quickstart --steps 4 --every 2 \
         --md "$OUT/checkpoint_stall.md"
     bench extract_cpu $P benchmarks/extract_cpu.py --images 8 --batch 4 --size 56

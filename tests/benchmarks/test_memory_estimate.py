@@ -24,7 +24,8 @@ def me():
 
 def test_our_configs_are_read_as_configured(me):
     vitl, ac = me.config_recipe("train/vitl14")
-    assert (vitl.ffn_layer, vitl.n_prototypes, vitl.bottleneck_dim, vitl.separate_ibot_head) == ("mlp", 65536, 256, False)
+    assert (vitl.ffn_layer, vitl.n_prototypes, vitl.bottleneck_dim, vitl.separate_ibot_head) == (
+        "mlp", 65536, 256, False)
     assert vitl.batch_per_gpu == 64 and ac is True
     dinov2_vitl = next(r for r in me.RECIPES if r.name == "ViT-L/14")
     assert (dinov2_vitl.ffn_layer, dinov2_vitl.n_prototypes, dinov2_vitl.batch_per_gpu) == ("swiglufused", 131072, 32)

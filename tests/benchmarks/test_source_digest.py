@@ -93,7 +93,8 @@ def test_check_compares_env_txt_with_its_commit(sd, repo, capsys):
     digest, _ = sd.worktree_digest(repo)
     head = _git(repo, "rev-parse", "HEAD")
     env = repo / "env.txt"
-    env.write_text(f"date: 2026-11-28T05:37:15Z\ncommit: {head} (from --commit)\nsource digest: sha256:{digest} (5 files)\n")
+    env.write_text(f"date: 2026-11-28T05:37:15Z\ncommit: {head} (given with --commit)\n"
+                   f"source digest: sha256:{digest} (5 files)\n")
     assert sd.main(["--repo", str(repo), "--check", str(env)]) == 0
     assert "MATCH" in capsys.readouterr().out
     env.write_text(f"commit: {head}\nsource digest: sha256:{'0' * 64}\n")
