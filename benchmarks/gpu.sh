@@ -9,9 +9,15 @@
 #   4. the ViT-L/14 step with DINOSCALE_ATTN=xformers (global and local crops in one block-diagonal call)
 #   5. the ViT-L/14 step with compiled blocks
 #
-#   bash benchmarks/gpu.sh                    # results under benchmarks/gpu_results/<UTC time>/
-#   bash benchmarks/gpu.sh --out DIR          # results in DIR
-#   bash benchmarks/gpu.sh --dry-run          # print the plan and check the CPU side (no GPU needed)
+#   bash benchmarks/gpu.sh --commit "$(git rev-parse HEAD)"   # results under benchmarks/gpu_results/<UTC time>/
+#   bash benchmarks/gpu.sh --commit SHA --out DIR             # results in DIR
+#   bash benchmarks/gpu.sh --dry-run                          # print the plan and check the CPU side (no GPU needed)
+#
+# --commit names the commit the caller copied to this machine. Give it: a copy of the working tree may carry a
+# stale .git (`git rev-parse HEAD` on the device named 78ef1bf for runs made at 0278b9c and e68dcbd). Without it
+# env.txt says "commit: unverified". env.txt also records a digest of the source that ran
+# (benchmarks/source_digest.py); `python benchmarks/source_digest.py --check DIR/env.txt` compares it, on any
+# machine with the repository, with the digest of the commit env.txt names.
 #
 # Each part runs under its own time limit and is recorded even when another fails; the exit status is
 # non-zero when any part failed. Files written: env.txt, tests.txt, step.txt, step.jsonl, summary.txt.
@@ -20,6 +26,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
 OUT=""
+COMMIT=""
 DRY_RUN=0
 TESTS_LIMIT_S=90
 EAGER_LIMIT_S=90
@@ -31,10 +38,18 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) DRY_RUN=1; shift ;;
         --out) [[ $# -ge 2 ]] || { echo "gpu.sh: --out needs a directory" >&2; exit 2; }; OUT="$2"; shift 2 ;;
-        -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0 ;;
-        *) echo "gpu.sh: unknown argument '$1' (use --out DIR, --dry-run)" >&2; exit 2 ;;
+        --commit) [[ $# -ge 2 ]] || { echo "gpu.sh: --commit needs a commit id" >&2; exit 2; }; COMMIT="$2"; shift 2 ;;
+        -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        *) echo "gpu.sh: unknown argument '$1' (use --commit SHA, --out DIR, --dry-run)" >&2; exit 2 ;;
     esac
 done
+if [[ -n $COMMIT && ! $COMMIT =~ ^[0-9a-f]{7,40}$ ]]; then
+    echo "gpu.sh: --commit wants a commit id (7 to 40 hex digits), got '$COMMIT'" >&2
+    exit 2
+fi
+if [[ -z $COMMIT ]]; then
+    echo "gpu.sh: WARNING: no --commit given; env.txt will say 'commit: unverified' (this copy's .git may be stale)" >&2
+fi
 OUT=${OUT:-benchmarks/gpu_results/$(date -u +%Y%m%dT%H%M%SZ)}
 if [[ $DRY_RUN -eq 0 ]] && ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu.sh: torch sees no CUDA device; nothing to do (use --dry-run to check the script)" >&2
@@ -67,20 +82,36 @@ run() {
     fi
 }
 
+# env.txt: which code ran. The commit is the caller's word; the digest is computed here from the files themselves;
+# what .git says is kept for the record only (it may be stale on a copy).
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    if [[ -n $COMMIT ]]; then
+        echo "commit: $COMMIT (given with --commit)"
+    else
+        echo "commit: unverified (no --commit given)"
+    fi
+    here=$("$PYTHON" benchmarks/source_digest.py 2>&1 || echo "failed")
+    echo "source digest: $here"
+    echo "git HEAD of this copy (may be stale): $(git rev-parse HEAD 2>/dev/null || echo none)"
+    if [[ -n $COMMIT ]] && git cat-file -e "$COMMIT^{commit}" 2>/dev/null; then
+        there=$("$PYTHON" benchmarks/source_digest.py --commit "$COMMIT" 2>&1 || echo "failed")
+        if [[ ${here%% *} == "${there%% *}" ]]; then same=yes; else same="NO (uncommitted changes ran?)"; fi
+        echo "digest of that commit in this copy's .git: ${there%% *}; same as the source: $same"
+    fi
+    if [[ $DRY_RUN -eq 0 ]]; then
+        "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda); \
+print('device', torch.cuda.get_device_name(0))"
+        nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
+    fi
+} | tee "$OUT/env.txt"
+
 if [[ $DRY_RUN -eq 1 ]]; then
     echo "dry run: nothing is executed on a GPU; results would go to $OUT" | tee "$OUT/summary.txt"
     # The CPU side: the benchmark's arguments parse and the gpu tests are collected.
     "$PYTHON" benchmarks/train_step.py --help > /dev/null
     "$PYTHON" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests/models/test_attention.py \
         tests/train/perf/test_meter.py | tee -a "$OUT/summary.txt"
-else
-    {
-        echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-        echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
-        "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda); \
-print('device', torch.cuda.get_device_name(0))"
-        nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
-    } | tee "$OUT/env.txt"
 fi
 
 run "gpu tests" "$TESTS_LIMIT_S" "$OUT/tests.txt" "${TESTS[@]}"

@@ -3,6 +3,9 @@
     python benchmarks/memory_estimate.py                 # the table (markdown)
     python benchmarks/memory_estimate.py --gpu-gb 40     # max batch per GPU for a 40 GB card
     python benchmarks/memory_estimate.py --measure       # cross-check the activation model on CPU
+    python benchmarks/memory_estimate.py --configs       # also dinoscale's own configs/train/*.yaml
+    python benchmarks/memory_estimate.py --against benchmarks/gpu_results/20261128T0537Z/step.jsonl
+                                                         # the estimate of exactly what gpu.sh measured
 
 Per GPU, with S = number of GPUs the parameters are sharded over (1 = no sharding) and P the
 student parameter count (backbone + heads; the teacher has the same P):
@@ -25,6 +28,13 @@ student parameter count (backbone + heads; the teacher has the same P):
 T = tokens per GPU = B * (2 * (1 + 256) + 8 * (1 + 49)) for 2 x 224 px and 8 x 98 px crops at patch 14.
 The numbers ``a`` (stored elements per token per block) and ``w`` (per block) are read off the block's
 forward (``dinoscale.models.vit.Block``); see ``stored_per_token`` and ``stored_per_block`` below.
+
+Three sources of rows: ``RECIPES``, facebookresearch/dinov2's own recipes (their config files, named in each row);
+``--configs``, this repository's ``configs/train/*.yaml`` (read with ``dinoscale.config.load_config``: model, heads,
+batch and activation checkpointing as configured; the two differ: our ``train/vitl14.yaml`` is DINOv2's default
+recipe at patch 14, batch 64, MLP, one shared 65536-prototype head, while DINOv2's ``train/vitl14.yaml`` has batch
+32, SwiGLU and two 131072-prototype heads); and ``--against``, one row per step ``benchmarks/train_step.py``
+measured on a GPU (its ``--json`` lines), estimated for that step's config, overrides, batch and FSDP setting.
 """
 
 from __future__ import annotations
@@ -45,9 +55,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from dinoscale.config import load_config  # noqa: E402
 from dinoscale.models import vit  # noqa: E402
 from dinoscale.models.factory import build_backbone  # noqa: E402
 from dinoscale.models.heads import DINOHead  # noqa: E402
+from dinoscale.parallel import activation_checkpointing_mode  # noqa: E402
 
 GiB = 1024**3
 PATCH = 14
@@ -60,11 +72,13 @@ IBOT_MASKED_FRACTION = 0.5 * 0.3
 LAYERSCALE = 1e-5
 OVERHEAD_BYTES = 3 * GiB
 SHARDINGS = (1, 8, 64)
+# dinoscale's own recipes for --configs (configs/<name>.yaml)
+OWN_CONFIGS = ("train/vits14", "train/vitb14", "train/vitl14", "train/vitg14")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """One row of the DINOv2 recipe (numbers from the official configs named in ``source``)."""
+    """One model, its heads and its batch per GPU (numbers from the config named in ``source``)."""
 
     name: str
     builder: str  # function in dinoscale.models.vit
@@ -79,11 +93,43 @@ class Recipe:
 RECIPES = (
     # DINOv2 trains only L and g from scratch; S and B use the default config (their released
     # weights are distilled from g).
-    Recipe("ViT-S/14", "vit_small", "mlp", 64, 65536, 256, False, "ssl_default_config.yaml"),
-    Recipe("ViT-B/14", "vit_base", "mlp", 64, 65536, 256, False, "ssl_default_config.yaml"),
-    Recipe("ViT-L/14", "vit_large", "swiglufused", 32, 131072, 384, True, "train/vitl14.yaml"),
-    Recipe("ViT-g/14", "vit_giant2", "swiglufused", 12, 131072, 384, True, "train/vitg14.yaml"),
+    Recipe("ViT-S/14", "vit_small", "mlp", 64, 65536, 256, False, "facebookresearch/dinov2 ssl_default_config.yaml"),
+    Recipe("ViT-B/14", "vit_base", "mlp", 64, 65536, 256, False, "facebookresearch/dinov2 ssl_default_config.yaml"),
+    Recipe("ViT-L/14", "vit_large", "swiglufused", 32, 131072, 384, True, "facebookresearch/dinov2 train/vitl14.yaml"),
+    Recipe("ViT-g/14", "vit_giant2", "swiglufused", 12, 131072, 384, True, "facebookresearch/dinov2 train/vitg14.yaml"),
 )
+
+
+def config_recipe(config: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, bool]:
+    """(recipe, activation checkpointing) of one of our configs (``load_config(config, overrides)``).
+
+    The model must be a DINOv2-layout ViT at patch 14 (what the formulas model); selective activation
+    checkpointing is not modelled (ValueError).
+    """
+    cfg = load_config(config, list(overrides))
+    arch, patch = cfg.model.arch, cfg.model.patch_size
+    if arch not in ("vit_small", "vit_base", "vit_large", "vit_giant2") or patch != PATCH:
+        raise ValueError(f"{config}: the estimate models DINOv2-layout ViTs at patch {PATCH}, got {arch}/{patch}")
+    ac = activation_checkpointing_mode(cfg.compute.activation_checkpointing)
+    if ac == "selective":
+        raise ValueError(f"{config}: selective activation checkpointing is not modelled here (see docs/scaling.md)")
+    dino, ibot = cfg.dino, cfg.ibot
+    if ibot.separate_head and (ibot.head_n_prototypes, ibot.head_bottleneck_dim) != (
+            dino.head_n_prototypes, dino.head_bottleneck_dim):
+        raise ValueError(f"{config}: the estimate assumes the iBOT head has the DINO head's size")
+    ffn = vit_ffn_layer(arch, cfg.model.ffn_layer)
+    name = {"vit_small": "ViT-S/14", "vit_base": "ViT-B/14", "vit_large": "ViT-L/14", "vit_giant2": "ViT-g/14"}[arch]
+    recipe = Recipe(name, arch, ffn, int(cfg.train.batch_size_per_rank), int(dino.head_n_prototypes),
+                    int(dino.head_bottleneck_dim), bool(ibot.separate_head),
+                    f"configs/{config}.yaml" + (f" {' '.join(overrides)}" if overrides else ""))
+    return recipe, ac == "full"
+
+
+def vit_ffn_layer(arch: str, configured: str) -> str:
+    """The FFN the built model has: the architecture's own (ViT-g is SwiGLU) unless the config sets one."""
+    from dinoscale.models.factory import ARCHS
+
+    return configured if configured != "mlp" else ARCHS[arch].get("ffn_layer", "mlp")
 
 
 def tokens_per_image(patch: int = PATCH, registers: int = 0) -> tuple[int, int]:
@@ -103,7 +149,7 @@ def ffn_hidden(ffn_layer: str, mlp_hidden: int) -> int:
     raise ValueError(f"unknown ffn_layer {ffn_layer!r}")
 
 
-def stored_per_token(dim: int, ffn_layer: str, mlp_hidden: int) -> float:
+def stored_per_token(dim: int, ffn_layer: str, mlp_hidden: int, layerscale_folded: bool = True) -> float:
     """Elements autograd keeps per token per block for the backward (flash-style attention, so
     no tokens x tokens matrix is stored).
 
@@ -112,18 +158,23 @@ def stored_per_token(dim: int, ffn_layer: str, mlp_hidden: int) -> float:
     MLP branch: LayerNorm input (1), fc1 input (1), fc1 output = GELU input (h), GELU output = fc2
     input (h). SwiGLU branch: w12 input (1), w12 output (2 h'), SiLU output (h'), product = w3
     input (h'), with h' = 2/3 h rounded up to a multiple of 8.
-    LayerScale keeps nothing per token: the block folds it into ``proj`` / the FFN's last linear.
+    LayerScale keeps nothing per token: the block folds it into ``proj`` / the FFN's last linear. With
+    ``layerscale_folded=False`` (the block before 6a619e2, which scaled the branch outputs) each branch also kept
+    its output for ``gamma``'s gradient (1 per branch).
     """
-    attention = 1 + 1 + 3 + 1 + 1
+    ls = 0 if layerscale_folded else 1
+    attention = 1 + 1 + 3 + 1 + 1 + ls
     h = ffn_hidden(ffn_layer, mlp_hidden)
-    ffn = 1 + 1 + (2 * h if ffn_layer == "mlp" else 4 * h) / dim
+    ffn = 1 + 1 + (2 * h if ffn_layer == "mlp" else 4 * h) / dim + ls
     return (attention + ffn) * dim
 
 
-def stored_per_block(dim: int, ffn_layer: str, mlp_hidden: int) -> float:
+def stored_per_block(dim: int, ffn_layer: str, mlp_hidden: int, layerscale_folded: bool = True) -> float:
     """Elements a block with LayerScale keeps for the backward besides the per-token ones: the
     weights of ``proj`` (D x D) and of the FFN's last linear (D x h, D x h' for SwiGLU) scaled by
-    LayerScale's gamma, which the block folds into them (a fresh tensor each forward)."""
+    LayerScale's gamma, which the block folds into them (a fresh tensor each forward). None before the fold."""
+    if not layerscale_folded:
+        return 0
     return dim * dim + dim * ffn_hidden(ffn_layer, mlp_hidden)
 
 
@@ -151,8 +202,14 @@ def model_numbers(recipe: Recipe) -> dict:
     }
 
 
-def estimate(recipe: Recipe, *, shards: int, activation_checkpointing: bool, batch: int | None = None) -> dict:
-    """Bytes per GPU for one training step, split by component (see the module docstring)."""
+def estimate(recipe: Recipe, *, shards: int, activation_checkpointing: bool, batch: int | None = None,
+             fsdp: bool | None = None, layerscale_folded: bool = True) -> dict:
+    """Bytes per GPU for one training step, split by component (see the module docstring).
+
+    ``fsdp``: whether the networks are FSDP units (default: when ``shards > 1``); FSDP on one rank shards
+    nothing but gathers unit by unit, so its compute copies are the two units in flight. ``layerscale_folded``:
+    False for the code before 6a619e2 (see :func:`stored_per_token`).
+    """
     m = model_numbers(recipe)
     B = recipe.batch_per_gpu if batch is None else batch
     D, L = m["dim"], m["depth"]
@@ -160,11 +217,12 @@ def estimate(recipe: Recipe, *, shards: int, activation_checkpointing: bool, bat
     student_tokens, _ = tokens_per_image()
     T = B * student_tokens
     # mlp_hidden is the nominal 4 * D; stored_per_token applies the SwiGLU rounding itself.
-    a = stored_per_token(D, recipe.ffn_layer, 4 * D)
-    w = stored_per_block(D, recipe.ffn_layer, 4 * D)
+    a = stored_per_token(D, recipe.ffn_layer, 4 * D, layerscale_folded)
+    w = stored_per_block(D, recipe.ffn_layer, 4 * D, layerscale_folded)
 
     states = (4 + 4 + 8) * P / shards + 4 * P / shards
-    compute = 2 * P if shards == 1 else 2 * (2 + 2 + 4) * m["largest_unit"]
+    sharded_units = shards > 1 if fsdp is None else fsdp
+    compute = 2 * (2 + 2 + 4) * m["largest_unit"] if sharded_units else 2 * P
     if activation_checkpointing:
         activations = L * T * D * 2 + (T * a + w) * 2
     else:
@@ -201,16 +259,20 @@ def max_batch(recipe: Recipe, *, shards: int, activation_checkpointing: bool, gp
     return max(0, int((gpu_bytes - fixed) // per_sample))
 
 
-def table(gpu_gb: float) -> str:
+def table(gpu_gb: float, rows: list[tuple[Recipe, tuple[bool, ...]]] | None = None) -> str:
+    """The markdown table: each recipe at each of ``SHARDINGS`` with the listed AC settings (default: the
+    DINOv2 ``RECIPES`` with and without AC)."""
     gpu_bytes = gpu_gb * 1e9
+    if rows is None:
+        rows = [(r, (False, True)) for r in RECIPES]
     lines = [
         f"| model | params (student) | batch/GPU | tokens/GPU | sharded over | AC | states | compute copies "
         f"| activations | heads | total | fits {gpu_gb:g} GB | max batch/GPU |",
         "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|",
     ]
-    for r in RECIPES:
+    for r, acs in rows:
         for shards in SHARDINGS:
-            for ac in (False, True):
+            for ac in acs:
                 e = estimate(r, shards=shards, activation_checkpointing=ac)
                 lines.append(
                     f"| {r.name} | {e['params'] / 1e6:,.0f} M | {r.batch_per_gpu} | {e['tokens']:,} "
@@ -220,6 +282,57 @@ def table(gpu_gb: float) -> str:
                     f"| {'yes' if e['total'] <= gpu_bytes else 'NO'} "
                     f"| {max_batch(r, shards=shards, activation_checkpointing=ac, gpu_bytes=gpu_bytes)} |"
                 )
+    return "\n".join(lines)
+
+
+def recipe_line(r: Recipe) -> str:
+    m = model_numbers(r)
+    return (f"- {r.name}: backbone {m['backbone'] / 1e6:,.1f} M, heads {m['heads'] / 1e6:,.1f} M "
+            f"({'DINO + iBOT' if r.separate_ibot_head else 'shared DINO/iBOT'}, {r.n_prototypes} prototypes), "
+            f"D={m['dim']}, depth {m['depth']}, {r.ffn_layer}, batch {r.batch_per_gpu}, "
+            f"{stored_per_token(m['dim'], r.ffn_layer, 4 * m['dim']) / m['dim']:.2f} D stored per token per block; "
+            f"from {r.source}")
+
+
+def against(jsonl: str | Path) -> str:
+    """Measured peak memory of ``benchmarks/train_step.py --json`` rows (CUDA, bf16) next to the estimate of
+    exactly that step: its config and overrides (``train_step.CONFIGS``), batch, AC and FSDP setting, one rank.
+
+    ``torch.cuda.max_memory_allocated`` sees tensors only, so the comparison is with the estimate less its fixed
+    overhead (CUDA context, NCCL buffers, allocator slack). Two estimates: for the block with LayerScale on the
+    branch outputs (the code before 6a619e2) and for today's folded block.
+    """
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import train_step
+
+    lines = [
+        "| step (train_step.py) | model, heads | batch | AC | FSDP (1 rank) | measured peak allocated "
+        "| estimate less overhead: LayerScale on outputs (before 6a619e2) / folded (today) | measured / estimate |",
+        "|---|---|---:|---|---|---:|---:|---:|",
+    ]
+    for line in Path(jsonl).read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if row.get("peak_memory_gib") is None or not row["variant"].startswith("bf16"):
+            continue  # CPU rows have no comparable peak; the estimate models bf16 activations
+        config, overrides, _batch = train_step.CONFIGS[row["config"]]
+        overrides = [*overrides, f"train.batch_size_per_rank={row['batch']}"]
+        if row.get("ac"):  # train_step.py --ac (rows written before it existed have no such key)
+            overrides.append(f"compute.activation_checkpointing={row['ac']}")
+        recipe, ac = config_recipe(config, overrides)
+        est = [estimate(recipe, shards=1, activation_checkpointing=ac, fsdp=bool(row.get("fsdp")),
+                        layerscale_folded=folded) for folded in (False, True)]
+        tensors = [(e["total"] - e["overhead"]) / GiB for e in est]
+        heads = f"{'DINO + iBOT' if recipe.separate_ibot_head else 'one shared'} {recipe.n_prototypes}"
+        lines.append(
+            f"| {row['config']} {row['variant']}{' DINOSCALE_ATTN=' + row['attn_env'] if row.get('attn_env') else ''} "
+            f"| {recipe.name} {recipe.ffn_layer}, {heads} | {row['batch']} "
+            f"| {'full' if ac else 'no'} | {'yes' if row.get('fsdp') else 'no'} | {row['peak_memory_gib']:.1f} GiB "
+            f"| {tensors[0]:.1f} / {tensors[1]:.1f} GiB | {row['peak_memory_gib'] / tensors[0]:.2f} / "
+            f"{row['peak_memory_gib'] / tensors[1]:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -376,6 +489,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory for the 'fits' column (GB)")
     parser.add_argument("--measure", action="store_true", help="also measure a small model on CPU")
+    parser.add_argument("--configs", nargs="?", const=",".join(OWN_CONFIGS), default=None,
+                        help=f"also a table of our configs (comma list; default {','.join(OWN_CONFIGS)}), each at "
+                             "its batch and activation checkpointing")
+    parser.add_argument("--against", metavar="STEP_JSONL", default=None,
+                        help="the estimate of each bf16 GPU step in a train_step.py --json file, beside its peak")
     parser.add_argument("--measure-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_child:
@@ -387,14 +505,17 @@ def main() -> None:
     print(table(args.gpu_gb))
     print()
     for r in RECIPES:
-        m = model_numbers(r)
-        print(
-            f"- {r.name}: backbone {m['backbone'] / 1e6:,.1f} M, heads {m['heads'] / 1e6:,.1f} M "
-            f"({'DINO + iBOT' if r.separate_ibot_head else 'shared DINO/iBOT'}, {r.n_prototypes} prototypes), "
-            f"D={m['dim']}, depth {m['depth']}, {r.ffn_layer}, "
-            f"{stored_per_token(m['dim'], r.ffn_layer, 4 * m['dim']) / m['dim']:.2f} D stored per token per block; "
-            f"from {r.source}"
-        )
+        print(recipe_line(r))
+    if args.configs:
+        own = [config_recipe(name.strip()) for name in args.configs.split(",")]
+        print(f"\n# Our configs, each at its batch and activation checkpointing, GiB\n")
+        print(table(args.gpu_gb, [(r, (ac,)) for r, ac in own]))
+        print()
+        for r, _ac in own:
+            print(recipe_line(r))
+    if args.against:
+        print(f"\n# Measured steps ({args.against}) against their estimate, GiB\n")
+        print(against(args.against))
     if args.measure:
         print("\n# Activation model vs measurement (small model, CPU)\n")
         print(measurement_report())

@@ -64,8 +64,8 @@ CONFIGS = {
     "quickstart": ("quickstart", [], 128),
     # the released ViT-S/14 recipe (2 x 224 + 8 x 98 crops, 65536 prototypes), a small batch
     "vits14": ("train/vits14", ["model.drop_path_rate=0.1"], 4),
-    # ViT-L/14 recipe for one GPU: batch 32 fits 80 GB without activation checkpointing
-    # (benchmarks/memory_estimate.py: ~48 GB), so no recomputation hides in the figures
+    # our ViT-L/14 config (MLP, one shared 65536-prototype head) at batch 32 without activation checkpointing, so
+    # no recomputation hides in the figures: it fits 80 GB (memory_estimate.py --against: 33.4 GiB of tensors)
     "vitl14": ("train/vitl14", ["compute.activation_checkpointing=false"], 32),
     # ViT-g/14 with its recipe unchanged (batch 12 per GPU, activation checkpointing, 131072-prototype
     # heads): run with --fsdp to measure the memory of the sharded step (docs/scaling.md's estimate)
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                               "img_s_median": images / median, "img_s_best": images / best,
                               "mfu_median": flops / median / peak, "peak_flops": peak,
                               "peak_memory_gib": memory_gib, "steps": args.steps, "torch": torch.__version__,
-                              "time": time.time()}
+                              "attn_env": os.environ.get("DINOSCALE_ATTN"), "time": time.time()}
                     with open(args.json, "a", encoding="utf-8") as f:
                         f.write(json.dumps(result) + "\n")
     print(f"load after: {os.getloadavg()[0]:.2f}")

@@ -175,9 +175,14 @@ def test_gpu_script_parses_and_dry_runs(tmp_path):
 
     script = Path(__file__).resolve().parents[3] / "benchmarks" / "gpu.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    done = subprocess.run(["bash", str(script), "--dry-run", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(["bash", str(script), "--dry-run", "--out", str(tmp_path), "--commit", "e68dcbd"],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    # env.txt names the caller's commit, not what .git says, and the digest of the files that would run
+    env = (tmp_path / "env.txt").read_text()
+    assert "commit: e68dcbd (given with --commit)" in env, env
+    digest = next(line for line in env.splitlines() if line.startswith("source digest: "))
+    assert len(digest.split()[2]) == len("sha256:") + 64, digest
     plan = (tmp_path / "summary.txt").read_text()
     assert "-m pytest -m gpu" in plan and "--configs vitl14" in plan
     assert "bf16-eager" in plan and "bf16-compiled" in plan
@@ -185,6 +190,14 @@ def test_gpu_script_parses_and_dry_runs(tmp_path):
     assert "test_xformers_matches_sdpa_on_cuda" in plan and "test_bf16_fsdp_step_on_gpu" in plan
     bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
+    bad = subprocess.run(["bash", str(script), "--commit", "HEAD~1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "commit id" in bad.stderr
+    # without --commit the run goes on, loudly unverified
+    done = subprocess.run(["bash", str(script), "--dry-run", "--out", str(tmp_path / "no_commit")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "WARNING: no --commit" in done.stderr
+    assert "commit: unverified" in (tmp_path / "no_commit" / "env.txt").read_text()
 
 
 def test_throughput_meter_warns_once_when_above_the_peak(monkeypatch, caplog):
