@@ -90,6 +90,8 @@ if [[ $QUICK -eq 0 ]]; then
     bench backbone_vs_timm $P benchmarks/backbone_vs_timm.py --dtypes fp32 --reps 21
     bench backbone_vs_timm_compile $P benchmarks/backbone_vs_timm.py --compile
     bench layerscale_fold $P benchmarks/layerscale_fold.py
+    # which ops take the bf16 step's time besides the matmuls
+    bench profile_step $P benchmarks/profile_step.py
     bench page_faults $P benchmarks/page_faults.py
     bench train_step $P benchmarks/train_step.py --configs quickstart,vits14
     # docs/scaling.md: activation checkpointing modes
@@ -111,6 +113,7 @@ else
     bench peak $P benchmarks/peak.py
     bench backbone_vs_timm $P benchmarks/backbone_vs_timm.py --batch 1 --reps 1 --warmup 0 --dtypes bf16
     bench layerscale_fold $P benchmarks/layerscale_fold.py --batch 1 --pairs 1 --warmup 0 --dtypes bf16
+    bench profile_step $P benchmarks/profile_step.py --batch 1 --steps 1 --warmup 0
     bench page_faults $P benchmarks/page_faults.py --batch 1 --steps 1 --warmup 1 --processes 1
     bench train_step $P benchmarks/train_step.py --configs quickstart --variants bf16-eager --batch 8 --steps 1 \
         --warmup 0
