@@ -11,6 +11,8 @@ TINY_NETWORK = [
     "dino.head_n_prototypes=64", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
     "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=64", "ibot.head_bottleneck_dim=32",
     "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
+    # the per-sample photometry in the transform, as every method supports (the quickstart batches it on the device)
+    "crops.photometric_on_device=false",
 ]
 
 TINY_RUN = [

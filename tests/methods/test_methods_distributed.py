@@ -32,6 +32,8 @@ BASE = [
     # projectors' batch norm would standardise float32 rounding noise (summation order differs with 2 ranks).
     "model.layerscale=null",
     "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
+    # per-sample photometry (seeded by the sample's position); on the device it is drawn per rank's batch
+    "crops.photometric_on_device=false",
     "train.num_workers=0", "train.log_every=1", "train.tensorboard=false", "train.autocast=none",
     "train.official_epoch_length=4", "optim.epochs=2", "optim.warmup_epochs=0", "optim.base_lr=0.002",
     "optim.scale_lr_with_batch=false", "evaluation.final_knn=false", "train.max_steps=3",
