@@ -2,9 +2,7 @@
 gradients as the model's folded LayerScale, on a tiny ViT with random gammas, single tensors and lists of crops,
 and it really is the other code path (the folded weight product is not computed)."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +10,10 @@ import torch
 from dinoscale.models import attention
 from dinoscale.models.vit import DinoVisionTransformer
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def lf():
-    spec = importlib.util.spec_from_file_location("layerscale_fold", BENCHMARKS / "layerscale_fold.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # puts benchmarks/ on sys.path for its backbone_vs_timm import
-    return module
+def lf(load_benchmark):
+    return load_benchmark("layerscale_fold")
 
 
 def _tiny():

@@ -2,24 +2,16 @@
 not DINOv2's ViT-L recipe), the estimate of the code before the LayerScale fold, FSDP on one rank, and --against
 estimating exactly the step a train_step.py JSON line measured."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 GiB = 1024**3
 
 
 @pytest.fixture(scope="module")
-def me():
-    spec = importlib.util.spec_from_file_location("memory_estimate", BENCHMARKS / "memory_estimate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["memory_estimate"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def me(load_benchmark):
+    return load_benchmark("memory_estimate")
 
 
 def test_our_configs_are_read_as_configured(me):

@@ -1,24 +1,17 @@
 """benchmarks/quickstart_wall.py: the summary of a metrics.jsonl (medians over the log rows only, the final kNN
 row), the report lines, and the process-tree memory sampler on real child processes."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def qw():
-    spec = importlib.util.spec_from_file_location("quickstart_wall", BENCHMARKS / "quickstart_wall.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def qw(load_benchmark):
+    return load_benchmark("quickstart_wall")
 
 
 def _write(path, rows):

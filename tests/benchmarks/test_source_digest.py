@@ -2,21 +2,14 @@
 source file, and ignores what is not source (ignored files, the results folders); git's and the no-git listing
 agree; --check compares an env.txt with its commit."""
 
-import importlib.util
 import subprocess
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def sd():
-    spec = importlib.util.spec_from_file_location("source_digest", BENCHMARKS / "source_digest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def sd(load_benchmark):
+    return load_benchmark("source_digest")
 
 
 def _git(repo, *args):
