@@ -23,7 +23,11 @@ pipeline gets the same allocator; ``--no-tune-allocator`` compares both without 
 DataLoader figures are wall-clock images/s (they depend on the machine's load) and CPU ms per
 image summed over the main process and the workers.
 
-Usage: python tools/bench_data.py [--workers 2] [--rounds 5] [--repeats 3] [--batch-size 32]
+The speed-up is printed twice: from each pipeline's best pass, and as the median over rounds of the ratio of the
+round's two passes, which run back to back (on a machine whose speed drifts during the run, a shared core, the
+best passes of the two pipelines may come from moments of different speed).
+
+Usage: python tools/bench_data.py [--workers 2] [--rounds 9] [--repeats 3] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -196,7 +200,8 @@ def dataloader_throughput(
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the end-to-end figure")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (best is reported)")
+    parser.add_argument("--rounds", type=int, default=9,
+                        help="interleaved timing rounds (the best pass and the median of the rounds' ratios are reported)")
     parser.add_argument("--repeats", type=int, default=3, help="passes over the photos per round")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=8, help="timed DataLoader batches")
@@ -239,9 +244,13 @@ def main():
         fn(items[0])
     best = {name: float("inf") for name in pipelines}
     best_photometric = float("inf")
+    round_ratios = []  # reference / ours (per-sample photometry), from the passes of one round
     for _ in range(args.rounds):
+        spent = {}
         for name, (fn, items) in pipelines.items():
-            best[name] = min(best[name], time_pass(fn, items, args.repeats))
+            spent[name] = time_pass(fn, items, args.repeats)
+            best[name] = min(best[name], spent[name])
+        round_ratios.append(spent["reference: dinov2 DataAugmentationDINO"] / spent["ours (per-sample photometry)"])
         # Batched photometry over the same crops, per image (the trainer runs this on the GPU).
         best_photometric = min(best_photometric, time_pass(photometric_only, [None], args.repeats) / len(data))
 
@@ -255,6 +264,10 @@ def main():
     ratio_geometry = best["reference: dinov2 DataAugmentationDINO"] / best["ours, geometry only (photometric_on_device)"]
     print(f"  speed-up vs reference: {ratio:.2f}x (per-sample photometry), "
           f"{ratio_geometry:.2f}x (photometric_on_device, CPU part)")
+    q1, median, q3 = np.percentile(round_ratios, [25, 50, 75])
+    print(f"  the same, round by round (the two passes of a round run back to back): median {median:.2f}x "
+          f"(quartiles {q1:.2f}x-{q3:.2f}x, range {min(round_ratios):.2f}x-{max(round_ratios):.2f}x over "
+          f"{len(round_ratios)} rounds)")
 
     print(f"\nDataLoader, {args.workers} workers, batch {args.batch_size}, collate_multicrop (16x16 masks):")
     for on_device in (False, True):

@@ -217,16 +217,17 @@ class MultiCropAugmentation:
                 "local_crops": [c[0] for c in crops[2:]],
             }
         else:
-            kw = dict(mean=self.mean, std=self.std, return_params=True)
+            kw = dict(mean=self.mean, std=self.std, return_params=return_params)
             # One call per global crop: a batch of one never needs subset indexing, and its
             # temporaries stay small enough for the caches.
-            g1, params["global1"] = photometric_batch(crops[0], "global1", **kw)
-            g2, params["global2"] = photometric_batch(crops[1], "global2", **kw)
-            if n_local > 0:
-                local, params["local"] = photometric_batch(torch.cat(crops[2:]), "local", **kw)
-                local_list = list(local.unbind(0))
-            else:
-                local_list = []
+            g1 = photometric_batch(crops[0], "global1", **kw)
+            g2 = photometric_batch(crops[1], "global2", **kw)
+            local = photometric_batch(torch.cat(crops[2:]), "local", **kw) if n_local > 0 else None
+            if return_params:  # (crops, parameters) pairs; the parameters as tensors only when asked for
+                (g1, params["global1"]), (g2, params["global2"]) = g1, g2
+                if local is not None:
+                    local, params["local"] = local
+            local_list = [] if local is None else list(local.unbind(0))
             out = {"global_crops": [g1[0], g2[0]], "local_crops": local_list}
             if gram_size is not None:
                 both = torch.cat([g1, g2])

@@ -116,17 +116,28 @@ def _adjust_hue(x: torch.Tensor, shift) -> torch.Tensor:
     return weights.mul_(chroma.unsqueeze(1)).add_(minc.unsqueeze(1))
 
 
+# A blur tap this small is left out (see _gaussian_blur).
+_NEGLIGIBLE_TAP = 2.0**-30
+
+
 def _gaussian_blur(x: torch.Tensor, sigma: np.ndarray, kernel_size: int = BLUR_KERNEL_SIZE) -> torch.Tensor:
     """Separable Gaussian blur of (B,C,H,W) with a per-image ``sigma`` (numpy (B,)), reflect padding.
 
     The kernel is ``exp(-t^2 / (2 sigma^2))`` for ``t = -k//2 .. k//2``, normalised to sum 1 (as
     torchvision). Written as shifted multiply-adds over ``unfold`` views: a depthwise conv2d
-    with 9-tap kernels is ~10x slower on CPU.
+    with 9-tap kernels is ~10x slower on CPU. Outer taps below ``2^-30`` in every image (small sigmas) are
+    left out: together they weigh less than float32 resolves next to 1, and the sigma below 0.15 leaves only the
+    centre tap, the identity.
     """
     bsz, _, height, width = x.shape
     half = kernel_size // 2
     taps = np.exp(-0.5 * (np.arange(-half, half + 1)[None, :] / np.asarray(sigma, np.float64)[:, None]) ** 2)
     taps /= taps.sum(axis=1, keepdims=True)  # (B, K)
+    reach = int(np.flatnonzero((taps >= _NEGLIGIBLE_TAP).any(axis=0))[-1]) - half
+    if reach == 0:
+        return x
+    if reach < half:
+        taps, half, kernel_size = taps[:, half - reach : half + reach + 1], reach, 2 * reach + 1
     if bsz == 1:
         weights = [float(t) for t in taps[0]]
     else:
@@ -227,56 +238,66 @@ def sample_photometric_params(
 def _color_jitter(x: torch.Tensor, p: Dict[str, np.ndarray]) -> torch.Tensor:
     """torchvision ColorJitter semantics, per image, in each image's own random order.
 
-    Brightness, contrast and saturation are all ``clamp(a * x + (1 - a) * ref, 0, 1)`` with
-    ``ref`` = 0, the mean luma, or the per-pixel luma, so a linear step is one blend
-    ``alpha * x + beta_s * luma + beta_c * mean(luma)`` over the whole batch, with identity
-    coefficients for the images that do nothing in that step. Each image's sequence is aligned
-    on its hue step: slot ``t + 3 - k`` holds the op at position ``t`` of an image whose hue is at
-    position ``k``, so slots 0-2 and 4-6 are blends and slot 3 is one hue rotation for the whole
-    batch (instead of up to four rotations of subsets). A step whose factors are all <= 1 is a
-    convex combination of values in [0, 1], so its clamp is skipped.
+    Brightness, contrast and saturation are all ``clamp(a * x + (1 - a) * ref, 0, 1)`` with ``ref`` = 0, the mean
+    luma, or the per-pixel luma, so a linear step of several images, each with its own op, is one lerp toward each
+    image's ``ref``. Each image's sequence is aligned on its hue step: slot ``t + 3 - k`` holds the op at position
+    ``t`` of an image whose hue is at position ``k``, so slots 0-2 and 4-6 are lerps and slot 3 is one hue rotation
+    for all jittered images (instead of up to four rotations of subsets). The images are worked on sorted by ``k``
+    (descending, images without jitter last), which makes the images with an op in any slot a contiguous range:
+    every step works on a view of exactly the images it changes, and the batch is put back in its order at the end.
+    A step whose factors are all <= 1 is a convex combination of values in [0, 1], so its clamp is skipped.
     """
     bsz = x.shape[0]
     jitter, order = p["jitter"], p["order"]
+    n_jitter = int(jitter.sum())
+    if n_jitter == 0:
+        return x
     hue_position = np.argmax(order == 3, axis=1)
+    perm = np.argsort(np.where(jitter, 3 - hue_position, 4), kind="stable")
+    permuted = bool((perm != np.arange(bsz)).any())
+    if permuted:
+        perm_device = torch.from_numpy(perm).to(x.device, non_blocking=True)
+        x = x.index_select(0, perm_device)
+    order, hue_position = order[perm], hue_position[perm]
     slots = np.full((bsz, 7), -1)
     slots[np.arange(bsz)[:, None], np.arange(4)[None, :] + 3 - hue_position[:, None]] = order
-    slots[~jitter] = -1
-    is_b, is_c, is_s = slots == 0, slots == 1, slots == 2
-    brightness, contrast, saturation = (p[k][:, None] for k in ("brightness", "contrast", "saturation"))
-    alpha = np.where(is_b, brightness, np.where(is_c, contrast, np.where(is_s, saturation, 1.0)))
-    beta_s = np.where(is_s, 1.0 - saturation, 0.0)
-    beta_c = np.where(is_c, 1.0 - contrast, 0.0)
-    any_linear = (is_b | is_c | is_s).any(axis=0)
-    any_luma = (is_c | is_s).any(axis=0)
-    any_contrast = is_c.any(axis=0)
-    needs_clamp = (alpha > 1.0).any(axis=0)
-    if bsz > 1:
-        # All coefficients in one host-to-device copy: (7 slots, 3, B, 1, 1, 1).
-        table = np.stack([alpha.T, beta_s.T, beta_c.T], axis=1).astype(np.float32)
-        coef = torch.from_numpy(table).to(x.device, non_blocking=True).view(7, 3, bsz, 1, 1, 1).unbind(0)
+    slots[n_jitter:] = -1
+    is_c, is_s = slots == 1, slots == 2
+    brightness, contrast, saturation = (p[k][perm, None] for k in ("brightness", "contrast", "saturation"))
+    alpha = np.where(slots == 0, brightness, np.where(is_c, contrast, np.where(is_s, saturation, 1.0)))
+    # All coefficients in one host-to-device copy: (7 slots, 4, B, 1, 1, 1).
+    table = np.stack([alpha.T, 1.0 - alpha.T, is_s.T, is_c.T], axis=1).astype(np.float32)
+    coef = torch.from_numpy(table).to(x.device, non_blocking=True).view(7, 4, bsz, 1, 1, 1)
     for slot in range(7):
         if slot == 3:
-            x = _on_subset(x, jitter, lambda xs, idx: _adjust_hue(xs, _per_image(p["hue"][idx], xs.device, 3)))
+            shift = _per_image(p["hue"][perm[:n_jitter]], x.device, 3)
+            if n_jitter == bsz:
+                x = _adjust_hue(x, shift)
+            else:
+                x[:n_jitter] = _adjust_hue(x[:n_jitter], shift)
             continue
-        if not any_linear[slot]:
+        rows = np.flatnonzero(slots[:, slot] >= 0)  # contiguous by the sort
+        if rows.size == 0:
             continue
-        if bsz == 1:
-            a, b_s, b_c = float(alpha[0, slot]), float(beta_s[0, slot]), float(beta_c[0, slot])
-        else:
-            a, b_s, b_c = coef[slot].unbind(0)
-        if any_luma[slot]:
-            luma = _luma(x)
-            if any_contrast[slot]:
-                mean_term = luma.mean(dim=(2, 3), keepdim=True).mul_(b_c)
-            ref = luma.mul_(b_s)
-            if any_contrast[slot]:
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        xs = x[lo:hi]
+        a, one_minus_a, s_mask, c_mask = coef[slot, :, lo:hi].unbind(0)
+        if (is_c[lo:hi, slot] | is_s[lo:hi, slot]).any():
+            # a x + (1 - a) ref is one lerp toward ref = luma (saturation), mean luma (contrast) or 0 (brightness)
+            luma = _luma(xs)
+            contrast_here = is_c[lo:hi, slot].any()
+            if contrast_here:
+                mean_term = luma.mean(dim=(2, 3), keepdim=True).mul_(c_mask)
+            ref = luma.mul_(s_mask)
+            if contrast_here:
                 ref.add_(mean_term)
-            x = x.mul_(a).add_(ref)
+            xs.lerp_(ref, one_minus_a)
         else:
-            x = x.mul_(a)
-        if needs_clamp[slot]:
-            x = x.clamp_(0.0, 1.0)
+            xs.mul_(a)
+        if (alpha[lo:hi, slot] > 1.0).any():
+            xs.clamp_(0.0, 1.0)
+    if permuted:
+        x = x.index_select(0, torch.from_numpy(np.argsort(perm)).to(x.device, non_blocking=True))
     return x
 
 
@@ -300,8 +321,8 @@ def _color_jitter_one(x: torch.Tensor, p: Dict[str, np.ndarray]) -> torch.Tensor
             r, g, b = x.mean(dim=(2, 3)).view(3).tolist()
             x = x.mul_(factor).add_((1.0 - factor) * (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b))
         else:
-            luma = _luma(x)  # before x changes in place
-            x = x.mul_(factor).add_(luma, alpha=1.0 - factor)
+            # factor * x + (1 - factor) * luma as one lerp (luma taken before x changes in place)
+            x = x.lerp_(_luma(x), 1.0 - factor)
         if factor > 1.0:  # below 1 the step is a convex combination of values in [0, 1]
             x = x.clamp_(0.0, 1.0)
     return x
@@ -311,9 +332,22 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
     return _luma(x).expand_as(x).contiguous()
 
 
+# The float32 value the reference's ``x >= 128 / 255`` compares with, and a power of two that turns the difference of
+# two distinct float32 values in [0, 1] into a magnitude of at least 1.
+_SOLARIZE_AT = float(np.float32(SOLARIZE_THRESHOLD / 255.0))
+_STEP_GAIN = 2.0**40
+
+
 def _solarize(x: torch.Tensor) -> torch.Tensor:
-    # uint8 threshold 128 on [0, 255] <=> x >= 128/255 on [0, 1].
-    return torch.where(x >= SOLARIZE_THRESHOLD / 255.0, 1.0 - x, x)
+    """``1 - x`` where ``x >= 128/255`` (uint8 threshold 128), else ``x``; ``x`` in [0, 1], changed in place.
+
+    Written without a boolean mask (comparisons and ``torch.where`` are about 10x slower than arithmetic on
+    CPU): ``(x - t) * 2^40`` is exactly 0 or positive for ``x >= t`` and at most -1 below it (the difference of two
+    float32 values near ``t`` is exact and at least one ulp), so its clamp to [-1, 0] plus 1 is the exact 0/1 step,
+    and ``|x - step|`` is ``x`` or the exact ``1 - x``.
+    """
+    step = x.sub(_SOLARIZE_AT).mul_(_STEP_GAIN).clamp_(-1.0, 0.0).add_(1.0)
+    return x.sub_(step).abs_()
 
 
 def photometric_batch(
