@@ -10,8 +10,8 @@ crop is never blurred and its second one is blurred 90% of the time; here the do
 probabilities are used (see ``BLUR_PROBABILITY``).
 
 Why it is fast: the colour operations are float32 tensor ops written for few passes and few calls (a
-3-step hue rotation without an HSV round trip, jitter steps as one blend each, separable blur as shifted
-multiply-adds, per-image decisions in numpy). :func:`photometric_batch` is used both per sample (on CPU,
+3-step hue rotation without an HSV round trip, jitter steps as one lerp each over only the images they change,
+separable blur as shifted multiply-adds, solarize without a boolean mask, per-image decisions in numpy). :func:`photometric_batch` is used both per sample (on CPU,
 in the data loader, by :class:`dinoscale.data.transforms.multicrop.MultiCropAugmentation`) and per batch
 on the accelerator (``photometric_on_device=True``, :func:`photometric_collated`), so both paths share
 their distribution by construction.

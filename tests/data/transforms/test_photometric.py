@@ -1,11 +1,13 @@
 """photometric_batch / photometric_collated: parity with torchvision's functional ops, the on-device path,
 generators, CUDA."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from dinoscale.data.transforms import photometric
 from dinoscale.data.transforms.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dinoscale.data.transforms.photometric import photometric_batch, photometric_collated
 
@@ -114,6 +116,29 @@ def test_photometric_batch_uses_only_the_given_generator():
     torch.manual_seed(99)
     b = photometric_batch(crops, "local", torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
+
+
+def test_solarize_is_exactly_the_reference_threshold():
+    """The mask-free solarize equals ``torch.where(x >= 128/255, 1 - x, x)`` bit for bit, at the threshold too."""
+    t = torch.tensor(128 / 255, dtype=torch.float32)
+    near = torch.stack([t, torch.nextafter(t, torch.tensor(0.0)), torch.nextafter(t, torch.tensor(1.0))])
+    x = torch.cat([torch.linspace(0, 1, 10001), torch.arange(256) / 255.0, near, torch.tensor([0.5, 0.0, 1.0])])
+    x = torch.cat([x, torch.rand(20000)]).view(1, 1, -1, 1).expand(1, 3, -1, 1).contiguous()
+    expected = torch.where(x >= 128 / 255, 1.0 - x, x)
+    assert torch.equal(photometric._solarize(x.clone()), expected)
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.14, 0.2, 0.35, 0.5, 0.65, 1.0, 2.0])
+def test_blur_with_negligible_taps_left_out_matches_torchvision(sigma):
+    """Small sigmas drop the outer taps (below 2^-30; at 0.1 only the centre is left): same result as the 9-tap
+    kernel to float rounding, per image of a batch with different sigmas too."""
+    x = torch.rand(3, 3, 30, 40)
+    sigmas = np.array([sigma, sigma, 0.1])
+    out = photometric._gaussian_blur(x.clone(), sigmas)
+    for i, s in enumerate(sigmas):
+        ref = TF.gaussian_blur(x[i : i + 1], [9, 9], [float(s), float(s)])
+        assert (out[i : i + 1] - ref).abs().max() < 1e-6, (sigma, i)
+    assert torch.equal(photometric._gaussian_blur(x.clone(), np.array([0.1, 0.1, 0.1])), x)
 
 
 @pytest.mark.gpu
