@@ -48,6 +48,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from dinoscale.data.skips import report_skip
+from dinoscale.data.sources.tar_stream import Prepended, is_compressed, iter_tar_files, read_first_block, tarfile_files
 from dinoscale.data.transforms.decode import DECODE_ERRORS, load_rgb
 
 INDEX_NAME = "index.json"
@@ -193,18 +194,23 @@ def _to_raw(key: str, url: str, fields: dict[str, bytes], report: bool) -> RawSa
     return RawSample(key, url, fields[ext], ext, label)
 
 
-def _tar_records(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _tar_files(stream) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of the regular files of a tar stream: plain tars by :mod:`tar_stream`'s reader, compressed
+    ones (gzip, bzip2, xz) by ``tarfile``."""
+    head = read_first_block(stream)
+    if is_compressed(head):
+        return tarfile_files(tarfile.open(fileobj=Prepended(head, stream), mode="r|*"))
+    return iter_tar_files(stream, head)
+
+
+def _tar_records(files: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {extension: bytes})`` per record of a streamed tar: consecutive members sharing a key."""
     key: str | None = None
     fields: dict[str, bytes] = {}
-    for member in tar:
-        if not member.isreg():
+    for name, data in files:
+        prefix, suffix = base_plus_ext(name)
+        if prefix is None or os.path.basename(name).startswith("__"):
             continue
-        prefix, suffix = base_plus_ext(member.name)
-        if prefix is None or os.path.basename(member.name).startswith("__"):
-            continue
-        data = tar.extractfile(member).read()
-        tar.members = []  # streaming: do not keep every header in memory
         if prefix != key:
             if key is not None:
                 yield key, fields
@@ -232,8 +238,7 @@ def iter_shard(url: str, expected: int | None = None, report: bool = True) -> It
             report_skip("bad_shard", url, "", f"cannot open: {type(exc).__name__}: {exc}")
         return
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
-        for key, fields in _tar_records(tar):
+        for key, fields in _tar_records(_tar_files(stream)):
             records += 1
             last_key = key
             sample = _to_raw(key, url, fields, report)
