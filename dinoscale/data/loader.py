@@ -111,8 +111,20 @@ class PretrainLoader:
         return dict(self._skips.counts)
 
     def close(self) -> None:
-        """Stop the worker processes (also happens when the loader is garbage collected)."""
+        """Stop the worker processes now.
+
+        Dropping the iterator is not enough: with persistent workers the DataLoader keeps its own reference to it,
+        and the workers ignore SIGTERM (see ``_ignore_stop_signals``), so a process that still had them when it
+        exits would wait for them forever (multiprocessing's exit handler terminates and then joins them).
+        """
+        iterators = [self._iterator, getattr(self._dataloader, "_iterator", None)]
         self._iterator = None
+        if iterators[1] is not None:
+            self._dataloader._iterator = None
+        for iterator in iterators:
+            shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator; idempotent
+            if shutdown is not None:
+                shutdown()
 
     def __repr__(self) -> str:
         return (

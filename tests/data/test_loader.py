@@ -1,5 +1,6 @@
 import itertools
 import logging
+import multiprocessing
 from functools import partial
 
 import pytest
@@ -79,6 +80,20 @@ def test_map_batches_identical_for_0_and_2_workers():
     # The noise really comes from the per-sample seeded RNG: different seeds differ.
     other = take(make(ds, seed=4), 1)
     assert not torch.equal(other[0]["noise"], serial[0]["noise"])
+
+
+def test_close_stops_the_persistent_workers_at_once():
+    """The workers ignore SIGTERM and the DataLoader keeps its persistent-workers iterator: close() must stop them
+    itself, or a process still holding the closed loader waits for them forever at exit."""
+    loader = make(ToyDataset(37), num_workers=2)
+    before = {p.pid for p in multiprocessing.active_children()}
+    next(loader)
+    workers = [p for p in multiprocessing.active_children() if p.pid not in before]
+    assert len(workers) == 2
+    loader.close()
+    assert not any(p.is_alive() for p in workers)
+    assert loader._dataloader._iterator is None
+    loader.close()  # twice is harmless
 
 
 def test_map_stream_is_permutation_per_epoch_and_epochs_differ():
