@@ -201,7 +201,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the end-to-end figure")
     parser.add_argument("--rounds", type=int, default=9,
-                        help="interleaved timing rounds (the best pass and the median of the rounds' ratios are reported)")
+                        help="interleaved timing rounds (the best pass and the median of the rounds' ratios are "
+                        "reported)")
     parser.add_argument("--repeats", type=int, default=3, help="passes over the photos per round")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=8, help="timed DataLoader batches")

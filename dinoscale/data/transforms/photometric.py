@@ -11,10 +11,11 @@ probabilities are used (see ``BLUR_PROBABILITY``).
 
 Why it is fast: the colour operations are float32 tensor ops written for few passes and few calls (a
 3-step hue rotation without an HSV round trip, jitter steps as one lerp each over only the images they change,
-separable blur as shifted multiply-adds, solarize without a boolean mask, per-image decisions in numpy). :func:`photometric_batch` is used both per sample (on CPU,
-in the data loader, by :class:`dinoscale.data.transforms.multicrop.MultiCropAugmentation`) and per batch
-on the accelerator (``photometric_on_device=True``, :func:`photometric_collated`), so both paths share
-their distribution by construction.
+separable blur as shifted multiply-adds, solarize without a boolean mask, per-image decisions in numpy).
+:func:`photometric_batch` is used both per sample (on CPU, in the data loader, by
+:class:`dinoscale.data.transforms.multicrop.MultiCropAugmentation`) and per batch on the accelerator
+(``photometric_on_device=True``, :func:`photometric_collated`), so both paths share their distribution by
+construction.
 
 All randomness comes from torch's random number generators (the global one unless a ``generator`` is
 passed).

@@ -63,8 +63,9 @@ def test_reads_webdataset_shards(tmp_path):
 
 def test_damage_raises_read_error():
     """A bad checksum or a header or member (its padding included) cut short raises tarfile.ReadError. (tarfile's
-    stream mode raises for a cut member and an empty stream, but takes a damaged or cut header after the first member for the end of the
-    archive: the rest of such a shard would be lost without a word, unless an index gave its count.)"""
+    stream mode raises for a cut member and an empty stream, but takes a damaged or cut header after the first
+    member for the end of the archive: the rest of such a shard would be lost without a word, unless an index gave
+    its count.)"""
     data = build(tarfile.GNU_FORMAT, MEMBERS)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         second = tar.getmembers()[1].offset  # where the second member's header starts
