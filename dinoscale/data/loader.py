@@ -117,11 +117,11 @@ class PretrainLoader:
         and the workers ignore SIGTERM (see ``_ignore_stop_signals``), so a process that still had them when it
         exits would wait for them forever (multiprocessing's exit handler terminates and then joins them).
         """
-        iterators = [self._iterator, getattr(self._dataloader, "_iterator", None)]
+        ours, kept = self._iterator, getattr(self._dataloader, "_iterator", None)  # kept: persistent workers
         self._iterator = None
-        if iterators[1] is not None:
+        if kept is not None:
             self._dataloader._iterator = None
-        for iterator in iterators:
+        for iterator in (ours, kept):
             shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator; idempotent
             if shutdown is not None:
                 shutdown()

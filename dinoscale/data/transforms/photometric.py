@@ -283,10 +283,10 @@ def _color_jitter(x: torch.Tensor, p: Dict[str, np.ndarray]) -> torch.Tensor:
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         xs = x[lo:hi]
         a, one_minus_a, s_mask, c_mask = coef[slot, :, lo:hi].unbind(0)
-        if (is_c[lo:hi, slot] | is_s[lo:hi, slot]).any():
+        contrast_here = is_c[lo:hi, slot].any()
+        if contrast_here or is_s[lo:hi, slot].any():
             # a x + (1 - a) ref is one lerp toward ref = luma (saturation), mean luma (contrast) or 0 (brightness)
             luma = _luma(xs)
-            contrast_here = is_c[lo:hi, slot].any()
             if contrast_here:
                 mean_term = luma.mean(dim=(2, 3), keepdim=True).mul_(c_mask)
             ref = luma.mul_(s_mask)
@@ -342,8 +342,8 @@ _STEP_GAIN = 2.0**40
 def _solarize(x: torch.Tensor) -> torch.Tensor:
     """``1 - x`` where ``x >= 128/255`` (uint8 threshold 128), else ``x``; ``x`` in [0, 1], changed in place.
 
-    Written without a boolean mask (comparisons and ``torch.where`` are about 10x slower than arithmetic on
-    CPU): ``(x - t) * 2^40`` is exactly 0 or positive for ``x >= t`` and at most -1 below it (the difference of two
+    Written without a boolean mask (comparisons and ``torch.where`` are several times slower than arithmetic on
+    CPU: 0.10 instead of 0.33 ms on a 224 px crop here): ``(x - t) * 2^40`` is exactly 0 or positive for ``x >= t`` and at most -1 below it (the difference of two
     float32 values near ``t`` is exact and at least one ulp), so its clamp to [-1, 0] plus 1 is the exact 0/1 step,
     and ``|x - step|`` is ``x`` or the exact ``1 - x``.
     """
