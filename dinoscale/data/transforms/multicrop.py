@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from dinoscale.cpu_malloc import keep_freed_memory
 from dinoscale.data.seeding import derive_seed
 from dinoscale.data.transforms.decode import ImageInput, decode_for_boxes, open_image
-from dinoscale.data.transforms.geometry import resized_crop, sample_crop_boxes
+from dinoscale.data.transforms.geometry import crop_boxes_from_uniforms, resized_crop
 from dinoscale.data.transforms.normalize import IMAGENET_MEAN, IMAGENET_STD
-from dinoscale.data.transforms.photometric import photometric_batch
+from dinoscale.data.transforms.photometric import photometric_batch, photometric_crop_list
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,10 @@ class CropResolutions:
         rng = random.Random(derive_seed(seed, "crop-resolution", step))
         i = rng.choices(range(len(self.weights)), weights=self.weights)[0]
         return self.global_sizes[i], self.local_sizes[i], self.gram_sizes[i]
+
+
+# RandomResizedCrop's proposals per box before it falls back to a centred crop (torchvision's 10).
+_BOX_PROPOSALS = 10
 
 
 def _resize(crops: torch.Tensor, size: int) -> torch.Tensor:
@@ -122,6 +126,8 @@ class MultiCropAugmentation:
         for name, scale in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
             if len(scale) != 2 or not (0.0 < scale[0] <= scale[1] <= 1.0):
                 raise ValueError(f"{name} must be (min, max) with 0 < min <= max <= 1, got {scale}")
+        if len(ratio) != 2 or not (0.0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"ratio must be (min, max) with 0 < min <= max, got {tuple(ratio)}")
         if local_crops_number < 0:
             raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
         if global_crops_size <= 0 or local_crops_size <= 0:
@@ -175,10 +181,20 @@ class MultiCropAugmentation:
 
     def sample_geometry(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Boxes (2 + nL, 4) ``(top, left, h, w)`` in image coordinates, and flips (2 + nL,) bool."""
-        global_boxes = sample_crop_boxes(height, width, 2, self.global_crops_scale, self.ratio)
-        local_boxes = sample_crop_boxes(height, width, self.local_crops_number, self.local_crops_scale, self.ratio)
-        flips = torch.rand(2 + self.local_crops_number) < 0.5
-        return torch.cat([global_boxes, local_boxes]), flips
+        boxes, flips = self._draw_geometry(height, width)
+        return torch.tensor(boxes, dtype=torch.long).view(-1, 4), torch.tensor(flips, dtype=torch.bool)
+
+    def _draw_geometry(self, height: int, width: int) -> Tuple[List[Tuple[int, int, int, int]], List[bool]]:
+        """:meth:`sample_geometry` as Python lists, from one RNG call: per crop, the uniforms of
+        :func:`crop_boxes_from_uniforms` (10 proposals and the position), then the flip's."""
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image size must be positive, got height={height}, width={width}")
+        draws = torch.rand(2 + self.local_crops_number, 2 * _BOX_PROPOSALS + 3, dtype=torch.float64).tolist()
+        global_boxes = crop_boxes_from_uniforms(height, width, [d[:-1] for d in draws[:2]], self.global_crops_scale,
+                                                self.ratio)
+        local_boxes = crop_boxes_from_uniforms(height, width, [d[:-1] for d in draws[2:]], self.local_crops_scale,
+                                               self.ratio)
+        return global_boxes + local_boxes, [d[-1] < 0.5 for d in draws]
 
     def __call__(self, image: ImageInput, *, return_params: bool = False):
         """Crops of ``image``; with ``return_params=True`` also the drawn parameters.
@@ -197,7 +213,7 @@ class MultiCropAugmentation:
 
     def _crops(self, image: ImageInput, return_params: bool):
         source, height, width = open_image(image)
-        boxes, flips = self.sample_geometry(height, width)
+        boxes, flips = self._draw_geometry(height, width)
         n_local = self.local_crops_number
         gram_size = self.gram_crops_size
         # with Gram crops, each global box is cut once, at the larger of the two sizes
@@ -205,12 +221,16 @@ class MultiCropAugmentation:
         sizes = [cut] * 2 + [self.local_crops_size] * n_local
         own_pil = isinstance(image, (bytes, bytearray, memoryview))
         chw, pixel_boxes = decode_for_boxes(
-            source, height, width, boxes, torch.tensor(sizes), allow_draft=own_pil, data=image if own_pil else None
+            source, height, width, boxes, sizes, allow_draft=own_pil, data=image if own_pil else None
         )
-        crops = [
-            resized_crop(chw, box, size, flip) for box, size, flip in zip(pixel_boxes.tolist(), sizes, flips.tolist())
-        ]
-        params: Dict[str, Any] = {"boxes": boxes, "flips": flips, "image_size": (height, width)}
+        # uint8 crops in the resize's channels-last layout when the photometry converts them to planar float anyway
+        layout = torch.contiguous_format if self.photometric_on_device else torch.channels_last
+        crops = [resized_crop(chw, box, size, flip, layout) for box, size, flip in zip(pixel_boxes, sizes, flips)]
+        params: Dict[str, Any] = {}
+        if return_params:
+            params["boxes"] = torch.tensor(boxes, dtype=torch.long).view(-1, 4)
+            params["flips"] = torch.tensor(flips, dtype=torch.bool)
+            params["image_size"] = (height, width)
         if self.photometric_on_device:
             out = {
                 "global_crops": [crops[0][0], crops[1][0]],
@@ -222,13 +242,12 @@ class MultiCropAugmentation:
             # temporaries stay small enough for the caches.
             g1 = photometric_batch(crops[0], "global1", **kw)
             g2 = photometric_batch(crops[1], "global2", **kw)
-            local = photometric_batch(torch.cat(crops[2:]), "local", **kw) if n_local > 0 else None
+            local = photometric_crop_list(crops[2:], "local", **kw) if n_local > 0 else []
             if return_params:  # (crops, parameters) pairs; the parameters as tensors only when asked for
                 (g1, params["global1"]), (g2, params["global2"]) = g1, g2
-                if local is not None:
+                if n_local > 0:
                     local, params["local"] = local
-            local_list = [] if local is None else list(local.unbind(0))
-            out = {"global_crops": [g1[0], g2[0]], "local_crops": local_list}
+            out = {"global_crops": [g1[0], g2[0]], "local_crops": local}
             if gram_size is not None:
                 both = torch.cat([g1, g2])
                 out["global_crops"] = list(_resize(both, self.global_crops_size).unbind(0))

@@ -69,11 +69,24 @@ def _constant(name: str, values: Sequence[float], shape: Tuple[int, ...], device
     return tensor
 
 
+def _scalar(value: float, device: torch.device) -> torch.Tensor:
+    """``value`` as a cached 0-dim float32 tensor on ``device``. Arithmetic with a Python number converts it to a
+    tensor on every call (measured 2.4 us for ``x.mul_(2.0)`` on a small tensor against 0.9 us with this)."""
+    key = (value, device)
+    tensor = _DEVICE_SCALARS.get(key)
+    if tensor is None:
+        tensor = _DEVICE_SCALARS[key] = torch.tensor(value, dtype=torch.float32, device=device)
+    return tensor
+
+
+_DEVICE_SCALARS: Dict[Tuple[float, torch.device], torch.Tensor] = {}
+
+
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) -> (B,1,H,W) luma. Elementwise on purpose: a matmul would run in reduced
     precision under an autocast region or with TF32 enabled."""
     r, g, b = x.unbind(1)
-    return (r * _LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
+    return torch.mul(r, _scalar(_LUMA[0], x.device)).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
 
 
 def _per_image(values: np.ndarray, device: torch.device, ndim: int = 4):
@@ -94,12 +107,13 @@ def _adjust_hue(x: torch.Tensor, shift) -> torch.Tensor:
     are 0/1 float masks from ``sign()`` (``torch.where`` is ~20x slower on CPU).
     """
     r, g, b = x.unbind(1)
+    device = x.device
     max_gb = torch.maximum(g, b)
     maxc = torch.maximum(r, max_gb)
     minc = torch.minimum(torch.minimum(g, b), r)
     chroma = maxc - minc
     not_r = (maxc - r).sign_()  # 0 where R is the maximum (ties go to R), else 1
-    is_g = (g - max_gb).sign_().add_(1.0).mul_(not_r)  # G is the maximum (ties between G and B go to G)
+    is_g = (g - max_gb).sign_().add_(_scalar(1.0, device)).mul_(not_r)  # G is the maximum (ties between G and B go to G)
     # With is_r = 1 - not_r and is_b = not_r - is_g, the numerator
     # is_r (g - b) + is_g (b - r) + is_b (r - g) = (g - b) + not_r (r + b - 2g) + is_g (b + g - 2r)
     # and the sextant offset 2 is_g + 4 is_b = 4 not_r - 2 is_g.
@@ -108,9 +122,11 @@ def _adjust_hue(x: torch.Tensor, shift) -> torch.Tensor:
     hue.addcmul_(is_g, (b + g).sub_(r, alpha=2.0))
     hue.div_(chroma.clamp(min=1e-12))  # grey pixels: 0 / eps = 0 (their hue is irrelevant)
     hue.add_(not_r, alpha=4.0).add_(is_g, alpha=-2.0)
-    hue.add_(shift * 6.0)
-    hue.sub_(torch.floor(hue * (1.0 / 6.0)).mul_(6.0))
-    device = x.device
+    if isinstance(shift, torch.Tensor):
+        hue.add_(shift, alpha=6.0)
+    else:
+        hue.add_(_scalar(6.0, device), alpha=shift)
+    hue.sub_(torch.floor(hue * _scalar(1.0 / 6.0, device)).mul_(_scalar(6.0, device)))
     weights = (hue.unsqueeze(1) - _constant("hue_centre", (3.0, 2.0, 4.0), (1, 3, 1, 1), device)).abs_()
     weights.mul_(_constant("hue_sign", (1.0, -1.0, -1.0), (1, 3, 1, 1), device))
     weights.add_(_constant("hue_offset", (-1.0, 2.0, 2.0), (1, 3, 1, 1), device)).clamp_(0.0, 1.0)
@@ -169,7 +185,7 @@ def _on_subset(x: torch.Tensor, mask: np.ndarray, fn) -> torch.Tensor:
     The selection is decided on the CPU, so a GPU batch needs no synchronisation for it.
     ``indices`` is a numpy index array (all images: ``slice(None)``).
     """
-    count = int(mask.sum())
+    count = int(np.count_nonzero(mask))
     if count == 0:
         return x
     if count == mask.shape[0]:
@@ -195,26 +211,38 @@ def _crop_kinds(crop_kind: Union[str, Sequence[str]], bsz: int) -> List[str]:
     return kinds
 
 
+# Columns 1-4 and 7 of the uniforms as factors, shift and sigma: low + span * u (one numpy op for all five).
+_FACTOR_COLUMNS = [1, 2, 3, 4, 7]
+_FACTOR_LOW = np.array([1.0 - BRIGHTNESS, 1.0 - CONTRAST, 1.0 - SATURATION, -HUE, BLUR_SIGMA[0]])
+_FACTOR_SPAN = np.array([2.0 * BRIGHTNESS, 2.0 * CONTRAST, 2.0 * SATURATION, 2.0 * HUE, BLUR_SIGMA[1] - BLUR_SIGMA[0]])
+
+
 def _draw_photometric_params(
     crop_kind: Union[str, Sequence[str]], bsz: int, generator: Optional[torch.Generator]
 ) -> Dict[str, np.ndarray]:
-    kinds = _crop_kinds(crop_kind, bsz)
     device = generator.device if generator is not None else torch.device("cpu")
-    # One RNG call; the derived values are computed in numpy (cheaper than tiny tensor ops).
+    # One RNG call; the derived values are computed in numpy, in as few calls as possible (each costs about a
+    # microsecond, more than the arithmetic on a few numbers).
     u = torch.rand(bsz, 13, generator=generator, device=device, dtype=torch.float64).cpu().numpy()
-    blur_p = np.array([BLUR_PROBABILITY[k] for k in kinds])
-    solarize_p = np.array([SOLARIZE_PROBABILITY[k] for k in kinds])
+    if isinstance(crop_kind, str):  # one slot for all: scalar probabilities
+        _crop_kinds(crop_kind, 1)
+        blur_p, solarize_p = BLUR_PROBABILITY[crop_kind], SOLARIZE_PROBABILITY[crop_kind]
+    else:
+        kinds = _crop_kinds(crop_kind, bsz)
+        blur_p = np.array([BLUR_PROBABILITY[k] for k in kinds])
+        solarize_p = np.array([SOLARIZE_PROBABILITY[k] for k in kinds])
+    factors = u[:, _FACTOR_COLUMNS] * _FACTOR_SPAN + _FACTOR_LOW
     return {
         "jitter": u[:, 0] < JITTER_PROBABILITY,
-        "brightness": 1.0 - BRIGHTNESS + 2.0 * BRIGHTNESS * u[:, 1],
-        "contrast": 1.0 - CONTRAST + 2.0 * CONTRAST * u[:, 2],
-        "saturation": 1.0 - SATURATION + 2.0 * SATURATION * u[:, 3],
-        "hue": -HUE + 2.0 * HUE * u[:, 4],
+        "brightness": factors[:, 0],
+        "contrast": factors[:, 1],
+        "saturation": factors[:, 2],
+        "hue": factors[:, 3],
         # argsort of 4 uniforms: a uniformly random permutation (torchvision uses randperm).
-        "order": np.argsort(u[:, 9:13], axis=1),
+        "order": u[:, 9:13].argsort(axis=1),
         "grayscale": u[:, 5] < GRAYSCALE_PROBABILITY,
         "blur": u[:, 6] < blur_p,
-        "sigma": BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 7],
+        "sigma": factors[:, 4],
         "solarize": u[:, 8] < solarize_p,
     }
 
@@ -236,6 +264,13 @@ def sample_photometric_params(
     return _params_to_torch(_draw_photometric_params(crop_kind, bsz, generator))
 
 
+def _jitter_work_order(p: Dict[str, np.ndarray]) -> np.ndarray:
+    """The order in which :func:`_color_jitter` works on a batch drawn with parameters ``p``: by the position of
+    the hue step in the jitter order, descending, the crops without jitter last (a stable sort)."""
+    hue_position = np.argmax(p["order"] == 3, axis=1)
+    return np.argsort(np.where(p["jitter"], 3 - hue_position, 4), kind="stable")
+
+
 def _color_jitter(x: torch.Tensor, p: Dict[str, np.ndarray]) -> torch.Tensor:
     """torchvision ColorJitter semantics, per image, in each image's own random order.
 
@@ -245,17 +280,18 @@ def _color_jitter(x: torch.Tensor, p: Dict[str, np.ndarray]) -> torch.Tensor:
     ``t`` of an image whose hue is at position ``k``, so slots 0-2 and 4-6 are lerps and slot 3 is one hue rotation
     for all jittered images (instead of up to four rotations of subsets). The images are worked on sorted by ``k``
     (descending, images without jitter last), which makes the images with an op in any slot a contiguous range:
-    every step works on a view of exactly the images it changes, and the batch is put back in its order at the end.
+    every step works on a view of exactly the images it changes, and the batch is put back in its order at the end
+    (:func:`photometric_crop_list` concatenates its crops in this order, so both copies fall away).
     A step whose factors are all <= 1 is a convex combination of values in [0, 1], so its clamp is skipped.
     """
     bsz = x.shape[0]
     jitter, order = p["jitter"], p["order"]
-    n_jitter = int(jitter.sum())
+    n_jitter = int(np.count_nonzero(jitter))
     if n_jitter == 0:
         return x
+    perm = _jitter_work_order(p)
     hue_position = np.argmax(order == 3, axis=1)
-    perm = np.argsort(np.where(jitter, 3 - hue_position, 4), kind="stable")
-    permuted = bool((perm != np.arange(bsz)).any())
+    permuted = bool(np.count_nonzero(perm != np.arange(bsz)))
     if permuted:
         perm_device = torch.from_numpy(perm).to(x.device, non_blocking=True)
         x = x.index_select(0, perm_device)
@@ -269,6 +305,14 @@ def _color_jitter(x: torch.Tensor, p: Dict[str, np.ndarray]) -> torch.Tensor:
     # All coefficients in one host-to-device copy: (7 slots, 4, B, 1, 1, 1).
     table = np.stack([alpha.T, 1.0 - alpha.T, is_s.T, is_c.T], axis=1).astype(np.float32)
     coef = torch.from_numpy(table).to(x.device, non_blocking=True).view(7, 4, bsz, 1, 1, 1)
+    # Per slot, as Python values (numpy calls on a few elements cost microseconds each): its range of rows
+    # (contiguous by the sort), whether any row adjusts contrast or saturation there, and whether a factor > 1 needs
+    # the clamp.
+    in_slot = slots >= 0
+    first_row = np.argmax(in_slot, axis=0).tolist()
+    row_count = np.count_nonzero(in_slot, axis=0).tolist()
+    has_c, has_s = is_c.any(axis=0).tolist(), is_s.any(axis=0).tolist()
+    needs_clamp = (alpha > 1.0).any(axis=0).tolist()
     for slot in range(7):
         if slot == 3:
             shift = _per_image(p["hue"][perm[:n_jitter]], x.device, 3)
@@ -277,25 +321,23 @@ def _color_jitter(x: torch.Tensor, p: Dict[str, np.ndarray]) -> torch.Tensor:
             else:
                 x[:n_jitter] = _adjust_hue(x[:n_jitter], shift)
             continue
-        rows = np.flatnonzero(slots[:, slot] >= 0)  # contiguous by the sort
-        if rows.size == 0:
+        if row_count[slot] == 0:
             continue
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        lo, hi = first_row[slot], first_row[slot] + row_count[slot]
         xs = x[lo:hi]
         a, one_minus_a, s_mask, c_mask = coef[slot, :, lo:hi].unbind(0)
-        contrast_here = is_c[lo:hi, slot].any()
-        if contrast_here or is_s[lo:hi, slot].any():
+        if has_c[slot] or has_s[slot]:
             # a x + (1 - a) ref is one lerp toward ref = luma (saturation), mean luma (contrast) or 0 (brightness)
             luma = _luma(xs)
-            if contrast_here:
+            if has_c[slot]:
                 mean_term = luma.mean(dim=(2, 3), keepdim=True).mul_(c_mask)
             ref = luma.mul_(s_mask)
-            if contrast_here:
+            if has_c[slot]:
                 ref.add_(mean_term)
             xs.lerp_(ref, one_minus_a)
         else:
             xs.mul_(a)
-        if (alpha[lo:hi, slot] > 1.0).any():
+        if needs_clamp[slot]:
             xs.clamp_(0.0, 1.0)
     if permuted:
         x = x.index_select(0, torch.from_numpy(np.argsort(perm)).to(x.device, non_blocking=True))
@@ -347,7 +389,9 @@ def _solarize(x: torch.Tensor) -> torch.Tensor:
     float32 values near ``t`` is exact and at least one ulp), so its clamp to [-1, 0] plus 1 is the exact 0/1 step,
     and ``|x - step|`` is ``x`` or the exact ``1 - x``.
     """
-    step = x.sub(_SOLARIZE_AT).mul_(_STEP_GAIN).clamp_(-1.0, 0.0).add_(1.0)
+    device = x.device
+    step = x.sub(_scalar(_SOLARIZE_AT, device)).mul_(_scalar(_STEP_GAIN, device)).clamp_(-1.0, 0.0)
+    step.add_(_scalar(1.0, device))
     return x.sub_(step).abs_()
 
 
@@ -371,33 +415,73 @@ def photometric_batch(
 
     Returns normalised float32 (B,3,S,S); with ``return_params=True`` also the parameter dict.
     """
+    x = _planar_float(crops)
+    p = _draw_photometric_params(crop_kind, crops.shape[0], generator)
+    x = _apply_photometric(x, p, mean, std)
+    if return_params:
+        return x, _params_to_torch(p)
+    return x
+
+
+def photometric_crop_list(
+    crops: Sequence[torch.Tensor],
+    crop_kind: str,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    return_params: bool = False,
+):
+    """``photometric_batch(torch.cat(crops), crop_kind)`` as a list of (3,S,S) crops: the per-sample path.
+
+    The same random draws and the same result, row for row, but the (1,3,S,S) crops are concatenated in the order
+    the colour jitter works in (:func:`_jitter_work_order`) and the results handed back in the list's order, so the
+    batch is never permuted on its way in and out (two copies of the batch, about 4% of the multi-crop time).
+    """
+    p = _draw_photometric_params(crop_kind, len(crops), None)
+    out: List[torch.Tensor] = [None] * len(crops)  # type: ignore[list-item]
+    if crops:
+        work_order = _jitter_work_order(p).tolist()
+        x = _planar_float(torch.cat([crops[i] for i in work_order]))
+        x = _apply_photometric(x, {k: v[work_order] for k, v in p.items()}, mean, std)
+        for row, i in zip(x.unbind(0), work_order):
+            out[i] = row
+    if return_params:
+        return out, _params_to_torch(p)
+    return out
+
+
+def _planar_float(crops: torch.Tensor) -> torch.Tensor:
+    """Checked (B,3,H,W) uint8 or float crops as a new planar float32 tensor in [0, 1]."""
     if crops.dim() != 4 or crops.shape[1] != 3:
         raise ValueError(f"crops must have shape (B,3,H,W), got {tuple(crops.shape)}")
     if crops.shape[0] > 0 and min(crops.shape[-2:]) < BLUR_KERNEL_SIZE // 2 + 1:
         # Reflect padding needs more pixels than the kernel's half width.
         raise ValueError(f"crops must be at least {BLUR_KERNEL_SIZE // 2 + 1} pixels wide, got {tuple(crops.shape)}")
+    # planar float32 whatever the crops' layout (the colour ops work on channel planes)
     if crops.dtype == torch.uint8:
-        x = crops.to(torch.float32).mul_(1.0 / 255.0)
-    elif crops.is_floating_point():
-        x = crops.to(torch.float32, copy=True)
-    else:
-        raise TypeError(f"crops must be uint8 or floating point, got {crops.dtype}")
-    device = x.device
-    p = _draw_photometric_params(crop_kind, crops.shape[0], generator)
+        x = crops.to(torch.float32, memory_format=torch.contiguous_format)
+        return x.mul_(_scalar(1.0 / 255.0, x.device))
+    if crops.is_floating_point():
+        return crops.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    raise TypeError(f"crops must be uint8 or floating point, got {crops.dtype}")
 
-    if x.shape[0] > 0:
-        x = _color_jitter_one(x, p) if x.shape[0] == 1 else _color_jitter(x, p)
-        x = _on_subset(x, p["grayscale"], lambda xs, idx: _grayscale(xs))
-        x = _on_subset(x, p["blur"], lambda xs, idx: _gaussian_blur(xs, p["sigma"][idx]))
-        x = _on_subset(x, p["solarize"], lambda xs, idx: _solarize(xs))
-        inv_std = [1.0 / s for s in std]
-        # In place: an out-of-place addcmul with these broadcast operands is ~5x slower on CPU.
-        bias = [-m * s for m, s in zip(mean, inv_std)]
-        x = x.mul_(_constant(f"scale{tuple(std)}", inv_std, (1, 3, 1, 1), device))
-        x = x.add_(_constant(f"bias{tuple(mean)}{tuple(std)}", bias, (1, 3, 1, 1), device))
-    if return_params:
-        return x, _params_to_torch(p)
-    return x
+
+def _apply_photometric(
+    x: torch.Tensor, p: Dict[str, np.ndarray], mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """The photometry of parameters ``p`` on planar float ``x`` (changed in place where possible), normalised."""
+    if x.shape[0] == 0:
+        return x
+    device = x.device
+    x = _color_jitter_one(x, p) if x.shape[0] == 1 else _color_jitter(x, p)
+    x = _on_subset(x, p["grayscale"], lambda xs, idx: _grayscale(xs))
+    x = _on_subset(x, p["blur"], lambda xs, idx: _gaussian_blur(xs, p["sigma"][idx]))
+    x = _on_subset(x, p["solarize"], lambda xs, idx: _solarize(xs))
+    inv_std = [1.0 / s for s in std]
+    # In place: an out-of-place addcmul with these broadcast operands is ~5x slower on CPU.
+    bias = [-m * s for m, s in zip(mean, inv_std)]
+    x = x.mul_(_constant(f"scale{tuple(std)}", inv_std, (1, 3, 1, 1), device))
+    return x.add_(_constant(f"bias{tuple(mean)}{tuple(std)}", bias, (1, 3, 1, 1), device))
 
 
 def photometric_collated(

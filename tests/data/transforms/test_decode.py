@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dinoscale.data.transforms.decode import decode_for_boxes, open_image
+from dinoscale.data.transforms.decode import decode_for_boxes, jpeg_size, open_image
 
 
 def test_draft_decode_keeps_geometry(photo, multicrop):
@@ -17,6 +17,7 @@ def test_draft_decode_keeps_geometry(photo, multicrop):
     sizes = torch.tensor([multicrop.G, multicrop.G, multicrop.L])
     chw, scaled = decode_for_boxes(source, height, width, boxes, sizes, allow_draft=True)
     assert chw.shape[1] <= height // 2 and chw.shape[2] <= width // 2  # reduced decode happened
+    scaled = torch.tensor(scaled)
     top, left, h, w = scaled.unbind(1)
     assert (top + h <= chw.shape[1]).all() and (left + w <= chw.shape[2]).all()
     assert (torch.minimum(h, w) >= sizes - 1).all()  # still downsampling every crop
@@ -35,7 +36,7 @@ def test_full_size_jpeg_bytes_decode_to_the_same_pixels_as_pil(photo, multicrop,
     boxes = torch.tensor([[0, 0, height, width], [5, 7, 20, 30]])
     chw, scaled = decode_for_boxes(source, height, width, boxes, torch.tensor([height, 16]), True, data=data)
     expected = torch.from_numpy(np.asarray(Image.open(BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
-    assert torch.equal(chw, expected) and torch.equal(scaled, boxes)
+    assert torch.equal(chw, expected) and scaled == [tuple(b) for b in boxes.tolist()]
 
 
 def test_truncated_jpeg_bytes_raise_a_decode_error(photo, multicrop):
@@ -44,3 +45,32 @@ def test_truncated_jpeg_bytes_raise_a_decode_error(photo, multicrop):
     source, height, width = open_image(cut)
     with pytest.raises(ValueError, match="could not decode"):
         decode_for_boxes(source, height, width, torch.tensor([[0, 0, 8, 8]]), torch.tensor([8]), True, data=cut)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+@pytest.mark.parametrize("options", [{}, {"progressive": True}, {"exif": b"Exif\x00\x00" + bytes(300)},
+                                     {"restart_marker_blocks": 1, "subsampling": 0}])
+def test_jpeg_size_reads_the_frame_header_as_pil_does(photo, mode, options):
+    """The start-of-frame size of JPEGs with other header segments first (EXIF, progressive tables), any mode."""
+    from io import BytesIO
+
+    buf = BytesIO()
+    Image.fromarray(photo).convert(mode).save(buf, format="JPEG", quality=85, **options)
+    data = buf.getvalue()
+    width, height = Image.open(BytesIO(data)).size
+    assert jpeg_size(data) == (height, width) == (photo.shape[0], photo.shape[1])
+    assert jpeg_size(memoryview(data)) == jpeg_size(bytearray(data)) == (height, width)
+    source, h, w = open_image(data)
+    assert source is data and (h, w) == (height, width)  # decoded later, by torchvision at full size
+
+
+def test_jpeg_size_is_none_for_anything_else(photo, multicrop):
+    """Not a JPEG, or a header cut before its frame: None, and open_image leaves the bytes to PIL."""
+    jpeg, png = multicrop.encode(photo), multicrop.encode(photo, fmt="PNG")
+    sof = next(i for i in range(2, len(jpeg)) if jpeg[i] == 0xFF and jpeg[i + 1] == 0xC0)
+    for data in (png, b"", b"\xff\xd8", jpeg[:sof], jpeg[: sof + 6], b"\xff\xd8\x00" + jpeg[3:], b"GIF89a" + bytes(20)):
+        assert jpeg_size(data) is None, data[:12]
+    source, height, width = open_image(png)
+    assert isinstance(source, Image.Image) and (height, width) == photo.shape[:2]
+    with pytest.raises(ValueError, match="could not decode"):
+        open_image(jpeg[:sof])
