@@ -223,9 +223,7 @@ class MultiCropAugmentation:
         chw, pixel_boxes = decode_for_boxes(
             source, height, width, boxes, sizes, allow_draft=own_pil, data=image if own_pil else None
         )
-        # uint8 crops in the resize's channels-last layout when the photometry converts them to planar float anyway
-        layout = torch.contiguous_format if self.photometric_on_device else torch.channels_last
-        crops = [resized_crop(chw, box, size, flip, layout) for box, size, flip in zip(pixel_boxes, sizes, flips)]
+        crops = [resized_crop(chw, box, size, flip) for box, size, flip in zip(pixel_boxes, sizes, flips)]
         params: Dict[str, Any] = {}
         if return_params:
             params["boxes"] = torch.tensor(boxes, dtype=torch.long).view(-1, 4)

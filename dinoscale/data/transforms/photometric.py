@@ -96,8 +96,9 @@ def _per_image(values: np.ndarray, device: torch.device, ndim: int = 4):
     return torch.from_numpy(values.astype(np.float32)).to(device, non_blocking=True).view((-1,) + (1,) * (ndim - 1))
 
 
-def _adjust_hue(x: torch.Tensor, shift) -> torch.Tensor:
-    """Rotate the HSV hue of ``x`` (B,3,H,W) in [0,1] by ``shift`` turns (float or (B,1,1) tensor).
+def _adjust_hue(x: torch.Tensor, shift, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rotate the HSV hue of ``x`` (B,3,H,W) in [0,1] by ``shift`` turns (float or (B,1,1) tensor); the result in
+    ``out`` when given (``x`` itself may be ``out``), else in a new tensor.
 
     Value (max) and chroma (max - min) are unchanged, so no full HSV round trip is needed. With
     the hue ``h`` in sextants, wrapped to [0, 6), the channels are ``min + chroma * w`` with
@@ -130,7 +131,10 @@ def _adjust_hue(x: torch.Tensor, shift) -> torch.Tensor:
     weights = (hue.unsqueeze(1) - _constant("hue_centre", (3.0, 2.0, 4.0), (1, 3, 1, 1), device)).abs_()
     weights.mul_(_constant("hue_sign", (1.0, -1.0, -1.0), (1, 3, 1, 1), device))
     weights.add_(_constant("hue_offset", (-1.0, 2.0, 2.0), (1, 3, 1, 1), device)).clamp_(0.0, 1.0)
-    return weights.mul_(chroma.unsqueeze(1)).add_(minc.unsqueeze(1))
+    weights.mul_(chroma.unsqueeze(1))
+    if out is None:
+        return weights.add_(minc.unsqueeze(1))
+    return torch.add(weights, minc.unsqueeze(1), out=out)
 
 
 # A blur tap this small is left out (see _gaussian_blur).
@@ -316,10 +320,7 @@ def _color_jitter(x: torch.Tensor, p: Dict[str, np.ndarray]) -> torch.Tensor:
     for slot in range(7):
         if slot == 3:
             shift = _per_image(p["hue"][perm[:n_jitter]], x.device, 3)
-            if n_jitter == bsz:
-                x = _adjust_hue(x, shift)
-            else:
-                x[:n_jitter] = _adjust_hue(x[:n_jitter], shift)
+            _adjust_hue(x[:n_jitter], shift, out=x[:n_jitter])
             continue
         if row_count[slot] == 0:
             continue
@@ -459,8 +460,8 @@ def _planar_float(crops: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"crops must be at least {BLUR_KERNEL_SIZE // 2 + 1} pixels wide, got {tuple(crops.shape)}")
     # planar float32 whatever the crops' layout (the colour ops work on channel planes)
     if crops.dtype == torch.uint8:
-        x = crops.to(torch.float32, memory_format=torch.contiguous_format)
-        return x.mul_(_scalar(1.0 / 255.0, x.device))
+        # one pass: uint8 times a float32 0-dim tensor is float32 (the same products as converting, then scaling)
+        return torch.mul(crops.contiguous(), _scalar(1.0 / 255.0, crops.device))
     if crops.is_floating_point():
         return crops.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     raise TypeError(f"crops must be uint8 or floating point, got {crops.dtype}")

@@ -63,20 +63,6 @@ def test_bad_inputs_raise_clear_errors(photo, multicrop):
         photometric_batch(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "global3")
 
 
-def test_resized_crop_gives_the_same_pixels_in_either_layout(photo):
-    chw = torch.from_numpy(photo).permute(2, 0, 1)  # the decoders' channels-last view
-    for box, size, flip in (((3, 5, 60, 80), 32, False), ((0, 0, 40, 40), 40, True), ((10, 20, 30, 25), 48, True)):
-        planar = resized_crop(chw, box, size, flip)
-        packed = resized_crop(chw, box, size, flip, torch.channels_last)
-        assert planar.is_contiguous() and packed.is_contiguous(memory_format=torch.channels_last)
-        assert planar.shape == (1, 3, size, size) and torch.equal(planar, packed)
-        top, left, h, w = box
-        expected = F.interpolate(chw[None, :, top : top + h, left : left + w].contiguous().float(), size=(size, size),
-                                 mode="bicubic", antialias=True, align_corners=False)
-        expected = expected.clamp(0, 255).round().flip(3) if flip else expected.clamp(0, 255).round()
-        assert (planar.float() - expected).abs().max() <= 1  # the uint8 kernel rounds in fixed point
-
-
 def test_seeded_calls_are_reproducible(photo, multicrop):
     """Only torch's global RNG matters: Python's and numpy's generators are never used."""
     aug = multicrop.small_aug()
