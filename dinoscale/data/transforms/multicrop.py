@@ -5,11 +5,13 @@ bicubic with antialiasing) and a horizontal flip with p 0.5; photometry, per cro
 :mod:`dinoscale.data.transforms.photometric`.
 
 Why it is fast: the image is decoded once (JPEG bytes at reduced size through PIL's draft mode when
-every crop is downsampled by at least 2x anyway); each crop is cut out of the uint8 array and resized by
-one antialiased uint8 kernel; the photometry runs per global crop and once for all local crops of an
-image; and :func:`dinoscale.cpu_malloc.keep_freed_memory` stops glibc from returning the temporaries'
-memory to the kernel after every call (measured: hue rotation of a 224 x 224 crop 1.6 ms instead of
-0.26 ms). ``tools/bench_data.py`` measures it against the reference PIL pipeline.
+every crop is downsampled by at least 2x anyway, else by torchvision's decoder; the size comes from the JPEG
+header without PIL); the boxes and flips come from one RNG call; each crop is cut out of the uint8 array and
+resized by one antialiased uint8 kernel; the photometry (:func:`~dinoscale.data.transforms.photometric.
+photometric_sample`) draws once per image and runs per global crop and once for all local crops; and
+:func:`dinoscale.cpu_malloc.keep_freed_memory` stops glibc from returning the temporaries' memory to the kernel
+after every call (measured: hue rotation of a 224 x 224 crop 1.6 ms instead of 0.26 ms).
+``tools/bench_data.py`` measures it against facebookresearch/dinov2's own pipeline.
 
 All randomness comes from torch's random number generators, so a data loader that seeds torch per
 sample makes every sample reproducible.
@@ -41,7 +43,7 @@ from dinoscale.data.seeding import derive_seed
 from dinoscale.data.transforms.decode import ImageInput, decode_for_boxes, open_image
 from dinoscale.data.transforms.geometry import crop_boxes_from_uniforms, resized_crop
 from dinoscale.data.transforms.normalize import IMAGENET_MEAN, IMAGENET_STD
-from dinoscale.data.transforms.photometric import photometric_batch, photometric_crop_list
+from dinoscale.data.transforms.photometric import photometric_sample
 
 
 @dataclass(frozen=True)
@@ -235,19 +237,14 @@ class MultiCropAugmentation:
                 "local_crops": [c[0] for c in crops[2:]],
             }
         else:
-            kw = dict(mean=self.mean, std=self.std, return_params=return_params)
-            # One call per global crop: a batch of one never needs subset indexing, and its
-            # temporaries stay small enough for the caches.
-            g1 = photometric_batch(crops[0], "global1", **kw)
-            g2 = photometric_batch(crops[1], "global2", **kw)
-            local = photometric_crop_list(crops[2:], "local", **kw) if n_local > 0 else []
-            if return_params:  # (crops, parameters) pairs; the parameters as tensors only when asked for
-                (g1, params["global1"]), (g2, params["global2"]) = g1, g2
-                if n_local > 0:
-                    local, params["local"] = local
-            out = {"global_crops": [g1[0], g2[0]], "local_crops": local}
+            photometry = photometric_sample(
+                crops[:2], crops[2:], mean=self.mean, std=self.std, return_params=return_params
+            )
+            if return_params:  # the parameters as tensors only when asked for
+                params.update(photometry[2])
+            out = {"global_crops": photometry[0], "local_crops": photometry[1]}
             if gram_size is not None:
-                both = torch.cat([g1, g2])
+                both = torch.stack(out["global_crops"])
                 out["global_crops"] = list(_resize(both, self.global_crops_size).unbind(0))
                 out["gram_crops"] = list(_resize(both, gram_size).unbind(0))
         if return_params:

@@ -11,11 +11,11 @@ probabilities are used (see ``BLUR_PROBABILITY``).
 
 Why it is fast: the colour operations are float32 tensor ops written for few passes and few calls (a
 3-step hue rotation without an HSV round trip, jitter steps as one lerp each over only the images they change,
-separable blur as shifted multiply-adds, solarize without a boolean mask, per-image decisions in numpy).
-:func:`photometric_batch` is used both per sample (on CPU, in the data loader, by
-:class:`dinoscale.data.transforms.multicrop.MultiCropAugmentation`) and per batch on the accelerator
-(``photometric_on_device=True``, :func:`photometric_collated`), so both paths share their distribution by
-construction.
+separable blur as shifted multiply-adds, solarize without a boolean mask, per-image decisions in numpy,
+constants as cached 0-dim tensors). The same code runs per sample (on CPU, in the data loader:
+:func:`photometric_sample`, called by :class:`dinoscale.data.transforms.multicrop.MultiCropAugmentation`) and per
+batch on the accelerator (``photometric_on_device=True``: :func:`photometric_batch` via
+:func:`photometric_collated`), so both paths share their distribution by construction.
 
 All randomness comes from torch's random number generators (the global one unless a ``generator`` is
 passed).
@@ -285,7 +285,7 @@ def _color_jitter(x: torch.Tensor, p: Dict[str, np.ndarray]) -> torch.Tensor:
     for all jittered images (instead of up to four rotations of subsets). The images are worked on sorted by ``k``
     (descending, images without jitter last), which makes the images with an op in any slot a contiguous range:
     every step works on a view of exactly the images it changes, and the batch is put back in its order at the end
-    (:func:`photometric_crop_list` concatenates its crops in this order, so both copies fall away).
+    (:func:`photometric_sample` concatenates its local crops in this order, so both copies fall away).
     A step whose factors are all <= 1 is a convex combination of values in [0, 1], so its clamp is skipped.
     """
     bsz = x.shape[0]
@@ -424,31 +424,47 @@ def photometric_batch(
     return x
 
 
-def photometric_crop_list(
-    crops: Sequence[torch.Tensor],
-    crop_kind: str,
+def photometric_sample(
+    global_crops: Sequence[torch.Tensor],
+    local_crops: Sequence[torch.Tensor],
     *,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     return_params: bool = False,
 ):
-    """``photometric_batch(torch.cat(crops), crop_kind)`` as a list of (3,S,S) crops: the per-sample path.
+    """The per-sample photometry of one image's crops: two global crops (slots ``global1``, ``global2``) and its
+    local crops, each a (1,3,S,S) uint8 or float tensor.
 
-    The same random draws and the same result, row for row, but the (1,3,S,S) crops are concatenated in the order
-    the colour jitter works in (:func:`_jitter_work_order`) and the results handed back in the list's order, so the
-    batch is never permuted on its way in and out (two copies of the batch, about 4% of the multi-crop time).
+    The same random draws and results as ``photometric_batch(global_crops[0], "global1")``,
+    ``photometric_batch(global_crops[1], "global2")`` and ``photometric_batch(torch.cat(local_crops), "local")``
+    in turn (one RNG call draws the same stream as the three), with less work around the pixels: one draw, and
+    the local crops concatenated in the order the colour jitter works in (:func:`_jitter_work_order`), their
+    results handed back in the list's order, so that batch is never permuted on its way in and out (two copies of
+    it). Returns ``([g1, g2], [l1, ...])`` of (3,S,S) float tensors; with ``return_params=True`` also the
+    parameters per slot, ``{"global1": ..., "global2": ..., "local": ...}`` (see
+    :func:`sample_photometric_params`).
     """
-    p = _draw_photometric_params(crop_kind, len(crops), None)
-    out: List[torch.Tensor] = [None] * len(crops)  # type: ignore[list-item]
-    if crops:
-        work_order = _jitter_work_order(p).tolist()
-        x = _planar_float(torch.cat([crops[i] for i in work_order]))
-        x = _apply_photometric(x, {k: v[work_order] for k, v in p.items()}, mean, std)
+    if len(global_crops) != 2:
+        raise ValueError(f"expected 2 global crops, got {len(global_crops)}")
+    n_local = len(local_crops)
+    p = _draw_photometric_params(["global1", "global2"] + ["local"] * n_local, 2 + n_local, None)
+    slots = {"global1": slice(0, 1), "global2": slice(1, 2), "local": slice(2, 2 + n_local)}
+    globals_out = [
+        _apply_photometric(_planar_float(crop), {k: v[slots[kind]] for k, v in p.items()}, mean, std)[0]
+        for crop, kind in zip(global_crops, ("global1", "global2"))
+    ]
+    local_out: List[torch.Tensor] = [None] * n_local  # type: ignore[list-item]
+    if n_local:
+        p_local = {k: v[2:] for k, v in p.items()}
+        work_order = _jitter_work_order(p_local).tolist()
+        x = _planar_float(torch.cat([local_crops[i] for i in work_order]))
+        x = _apply_photometric(x, {k: v[work_order] for k, v in p_local.items()}, mean, std)
         for row, i in zip(x.unbind(0), work_order):
-            out[i] = row
+            local_out[i] = row
     if return_params:
-        return out, _params_to_torch(p)
-    return out
+        return globals_out, local_out, {kind: _params_to_torch({k: v[rows] for k, v in p.items()})
+                                        for kind, rows in slots.items()}
+    return globals_out, local_out
 
 
 def _planar_float(crops: torch.Tensor) -> torch.Tensor:
@@ -460,8 +476,8 @@ def _planar_float(crops: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"crops must be at least {BLUR_KERNEL_SIZE // 2 + 1} pixels wide, got {tuple(crops.shape)}")
     # planar float32 whatever the crops' layout (the colour ops work on channel planes)
     if crops.dtype == torch.uint8:
-        # one pass: uint8 times a float32 0-dim tensor is float32 (the same products as converting, then scaling)
-        return torch.mul(crops.contiguous(), _scalar(1.0 / 255.0, crops.device))
+        x = crops.to(torch.float32, memory_format=torch.contiguous_format)
+        return x.mul_(_scalar(1.0 / 255.0, x.device))
     if crops.is_floating_point():
         return crops.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     raise TypeError(f"crops must be uint8 or floating point, got {crops.dtype}")

@@ -9,7 +9,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from dinoscale.data.transforms import photometric
 from dinoscale.data.transforms.normalize import IMAGENET_MEAN, IMAGENET_STD
-from dinoscale.data.transforms.photometric import photometric_batch, photometric_collated, photometric_crop_list
+from dinoscale.data.transforms.photometric import photometric_batch, photometric_collated, photometric_sample
 
 
 def reference_photometry(crop_u8, kind, params, i):
@@ -111,23 +111,33 @@ def test_photometric_on_device_matches_per_sample_distribution(photo, multicrop)
     assert abs(roughness(a_g[n:]) - roughness(b["global_crops"][n:])) < 0.2 * roughness(a_g[n:])
 
 
-def test_crop_list_is_the_batch_row_for_row_with_the_same_draws(photo, multicrop):
-    """The per-sample path concatenates the crops in the jitter's working order: same draws, same rows, same order."""
+def test_per_sample_path_is_the_three_slot_batches_with_the_same_draws(photo, multicrop):
+    """photometric_sample: one draw for a sample's crops and its local crops concatenated in the jitter's working
+    order, yet the draws and results of photometric_batch per slot, row for row and in order."""
     aug = multicrop.small_aug(photometric_on_device=True)
     torch.manual_seed(2)
     reordered = 0
     for seed in range(12):
-        crops = [c[None] for c in aug(Image.fromarray(photo))["local_crops"] * 3]  # 9 crops, 3 of each
+        out = aug(Image.fromarray(photo))
+        glob = [c[None] for c in out["global_crops"]]
+        local = [c[None] for c in out["local_crops"] * 3]  # 9 local crops, 3 of each
         torch.manual_seed(seed)
-        expected, expected_params = photometric_batch(torch.cat(crops), "local", return_params=True)
+        expected = [photometric_batch(glob[0], "global1", return_params=True),
+                    photometric_batch(glob[1], "global2", return_params=True),
+                    photometric_batch(torch.cat(local), "local", return_params=True)]
         torch.manual_seed(seed)
-        rows, params = photometric_crop_list(crops, "local", return_params=True)
-        assert torch.equal(torch.stack(rows), expected)
-        assert all(torch.equal(params[k], expected_params[k]) for k in expected_params)
-        order = photometric._jitter_work_order({k: v.numpy() for k, v in params.items()})
-        reordered += bool((order != np.arange(len(crops))).any())
+        g, l, params = photometric_sample(glob, local, return_params=True)
+        assert torch.equal(g[0], expected[0][0][0]) and torch.equal(g[1], expected[1][0][0])
+        assert torch.equal(torch.stack(l), expected[2][0])
+        for kind, (_, expected_params) in zip(("global1", "global2", "local"), expected):
+            assert all(torch.equal(params[kind][k], expected_params[k]) for k in expected_params)
+        order = photometric._jitter_work_order({k: v.numpy() for k, v in params["local"].items()})
+        reordered += bool((order != np.arange(len(local))).any())
     assert reordered >= 10  # the concatenation order really differs from the list's
-    assert photometric_crop_list([], "local") == []
+    g, l = photometric_sample(glob, [])
+    assert len(g) == 2 and l == []
+    with pytest.raises(ValueError, match="2 global crops"):
+        photometric_sample(glob[:1], local)
 
 
 def test_photometric_batch_uses_only_the_given_generator():
