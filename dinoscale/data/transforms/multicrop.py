@@ -7,8 +7,8 @@ bicubic with antialiasing) and a horizontal flip with p 0.5; photometry, per cro
 Why it is fast: the image is decoded once (JPEG bytes at reduced size through PIL's draft mode when
 every crop is downsampled by at least 2x anyway, else by torchvision's decoder; the size comes from the JPEG
 header without PIL); the boxes and flips come from one RNG call; each crop is cut out of the uint8 array and
-resized by one antialiased uint8 kernel; the photometry (:func:`~dinoscale.data.transforms.photometric.
-photometric_sample`) draws once per image and runs per global crop and once for all local crops; and
+resized by one antialiased uint8 kernel; the photometry (``photometric.photometric_sample``) draws once per
+image and runs per global crop and once for all local crops; and
 :func:`dinoscale.cpu_malloc.keep_freed_memory` stops glibc from returning the temporaries' memory to the kernel
 after every call (measured: hue rotation of a 224 x 224 crop 1.6 ms instead of 0.26 ms).
 ``tools/bench_data.py`` measures it against facebookresearch/dinov2's own pipeline.
