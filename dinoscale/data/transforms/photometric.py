@@ -114,7 +114,8 @@ def _adjust_hue(x: torch.Tensor, shift, out: Optional[torch.Tensor] = None) -> t
     minc = torch.minimum(torch.minimum(g, b), r)
     chroma = maxc - minc
     not_r = (maxc - r).sign_()  # 0 where R is the maximum (ties go to R), else 1
-    is_g = (g - max_gb).sign_().add_(_scalar(1.0, device)).mul_(not_r)  # G is the maximum (ties between G and B go to G)
+    # G is the maximum (ties between G and B go to G)
+    is_g = (g - max_gb).sign_().add_(_scalar(1.0, device)).mul_(not_r)
     # With is_r = 1 - not_r and is_b = not_r - is_g, the numerator
     # is_r (g - b) + is_g (b - r) + is_b (r - g) = (g - b) + not_r (r + b - 2g) + is_g (b + g - 2r)
     # and the sextant offset 2 is_g + 4 is_b = 4 not_r - 2 is_g.
@@ -386,9 +387,9 @@ def _solarize(x: torch.Tensor) -> torch.Tensor:
     """``1 - x`` where ``x >= 128/255`` (uint8 threshold 128), else ``x``; ``x`` in [0, 1], changed in place.
 
     Written without a boolean mask (comparisons and ``torch.where`` are several times slower than arithmetic on
-    CPU: 0.10 instead of 0.33 ms on a 224 px crop here): ``(x - t) * 2^40`` is exactly 0 or positive for ``x >= t`` and at most -1 below it (the difference of two
-    float32 values near ``t`` is exact and at least one ulp), so its clamp to [-1, 0] plus 1 is the exact 0/1 step,
-    and ``|x - step|`` is ``x`` or the exact ``1 - x``.
+    CPU: 0.10 instead of 0.33 ms on a 224 px crop here): ``(x - t) * 2^40`` is exactly 0 or positive for
+    ``x >= t`` and at most -1 below it (the difference of two float32 values near ``t`` is exact and at least one
+    ulp), so its clamp to [-1, 0] plus 1 is the exact 0/1 step, and ``|x - step|`` is ``x`` or the exact ``1 - x``.
     """
     device = x.device
     step = x.sub(_scalar(_SOLARIZE_AT, device)).mul_(_scalar(_STEP_GAIN, device)).clamp_(-1.0, 0.0)
