@@ -86,6 +86,11 @@ class CropResolutions:
 _BOX_PROPOSALS = 10
 
 
+def _geometry_tensors(boxes: List[Tuple[int, int, int, int]], flips: List[bool]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Boxes (N,4) long and flips (N,) bool tensors from their lists."""
+    return torch.tensor(boxes, dtype=torch.long).view(-1, 4), torch.tensor(flips, dtype=torch.bool)
+
+
 def _resize(crops: torch.Tensor, size: int) -> torch.Tensor:
     """Finished (B,3,S,S) crops -> (B,3,size,size), bicubic with antialiasing (nothing to do at S == size)."""
     if crops.shape[-1] == size:
@@ -183,8 +188,7 @@ class MultiCropAugmentation:
 
     def sample_geometry(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Boxes (2 + nL, 4) ``(top, left, h, w)`` in image coordinates, and flips (2 + nL,) bool."""
-        boxes, flips = self._draw_geometry(height, width)
-        return torch.tensor(boxes, dtype=torch.long).view(-1, 4), torch.tensor(flips, dtype=torch.bool)
+        return _geometry_tensors(*self._draw_geometry(height, width))
 
     def _draw_geometry(self, height: int, width: int) -> Tuple[List[Tuple[int, int, int, int]], List[bool]]:
         """:meth:`sample_geometry` as Python lists, from one RNG call: per crop, the uniforms of
@@ -228,8 +232,7 @@ class MultiCropAugmentation:
         crops = [resized_crop(chw, box, size, flip) for box, size, flip in zip(pixel_boxes, sizes, flips)]
         params: Dict[str, Any] = {}
         if return_params:
-            params["boxes"] = torch.tensor(boxes, dtype=torch.long).view(-1, 4)
-            params["flips"] = torch.tensor(flips, dtype=torch.bool)
+            params["boxes"], params["flips"] = _geometry_tensors(boxes, flips)
             params["image_size"] = (height, width)
         if self.photometric_on_device:
             out = {
