@@ -8,6 +8,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+# RandomResizedCrop's proposals per box before it falls back to a centred crop (torchvision's 10).
+BOX_PROPOSALS = 10
+
 
 def sample_crop_boxes(
     height: int,
@@ -16,7 +19,7 @@ def sample_crop_boxes(
     scale: Tuple[float, float],
     ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
     generator: Optional[torch.Generator] = None,
-    num_attempts: int = 10,
+    num_attempts: int = BOX_PROPOSALS,
 ) -> torch.Tensor:
     """Sample ``num_crops`` RandomResizedCrop boxes for an image of size ``height x width``.
 

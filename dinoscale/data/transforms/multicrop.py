@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from dinoscale.cpu_malloc import keep_freed_memory
 from dinoscale.data.seeding import derive_seed
 from dinoscale.data.transforms.decode import ImageInput, decode_for_boxes, open_image
-from dinoscale.data.transforms.geometry import crop_boxes_from_uniforms, resized_crop
+from dinoscale.data.transforms.geometry import BOX_PROPOSALS, crop_boxes_from_uniforms, resized_crop
 from dinoscale.data.transforms.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dinoscale.data.transforms.photometric import photometric_sample
 
@@ -80,10 +80,6 @@ class CropResolutions:
         rng = random.Random(derive_seed(seed, "crop-resolution", step))
         i = rng.choices(range(len(self.weights)), weights=self.weights)[0]
         return self.global_sizes[i], self.local_sizes[i], self.gram_sizes[i]
-
-
-# RandomResizedCrop's proposals per box before it falls back to a centred crop (torchvision's 10).
-_BOX_PROPOSALS = 10
 
 
 def _geometry_tensors(boxes: List[Tuple[int, int, int, int]], flips: List[bool]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +191,7 @@ class MultiCropAugmentation:
         :func:`crop_boxes_from_uniforms` (10 proposals and the position), then the flip's."""
         if height <= 0 or width <= 0:
             raise ValueError(f"image size must be positive, got height={height}, width={width}")
-        draws = torch.rand(2 + self.local_crops_number, 2 * _BOX_PROPOSALS + 3, dtype=torch.float64).tolist()
+        draws = torch.rand(2 + self.local_crops_number, 2 * BOX_PROPOSALS + 3, dtype=torch.float64).tolist()
         global_boxes = crop_boxes_from_uniforms(height, width, [d[:-1] for d in draws[:2]], self.global_crops_scale,
                                                 self.ratio)
         local_boxes = crop_boxes_from_uniforms(height, width, [d[:-1] for d in draws[2:]], self.local_crops_scale,
