@@ -4,10 +4,11 @@
     python benchmarks/profile_step.py --dtype fp32 --top 25
 
 The step is ``backbone_vs_timm.py``'s (its functions are imported): our ViT-S/14, forward and backward of ``2B``
-224 px and ``8B`` 98 px crops. After ``--warmup`` steps, ``--steps`` steps run under ``torch.profiler`` (CPU
-activities); every aten op's *self* CPU time is put in one group:
+224 px and ``8B`` 98 px crops, with glibc keeping freed memory as in training (``dinoscale.cpu_malloc``; without
+it, page faults land in the ops that allocate). After ``--warmup`` steps, ``--steps`` steps run under
+``torch.profiler`` (CPU activities); every aten op's *self* CPU time is put in one group:
 
-* matmul: ``mm``, ``addmm``, ``bmm``, ``baddbmm`` (the linear layers and the CPU attention's two matmuls);
+* matmul: ``mm``, ``addmm``, ``bmm``, ``baddbmm`` (the linear layers and the CPU attention's matmuls);
 * attention kernel: the fused ``scaled_dot_product`` kernels and their backward;
 * softmax, layer norm, gelu: those ops and their backward;
 * dtype casts: ``copy_`` / ``_to_copy`` (autocast's casts to and from bf16 land here, as do layout copies);
@@ -35,6 +36,7 @@ if str(BENCH) not in sys.path:
 
 from backbone_vs_timm import autocast_for, build_models, loss_ours, make_batch, step, step_flops  # noqa: E402
 
+from dinoscale.cpu_malloc import keep_freed_memory  # noqa: E402
 from dinoscale.train.perf.peak import peak_flops  # noqa: E402
 
 GROUPS = (
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15, help="ops listed by self time")
     args = parser.parse_args()
 
+    keep_freed_memory()  # as training and backbone_vs_timm.py do on CPU: no page faults for reused tensors
     ours, _ = build_models(None)
     crops = make_batch(args.batch)
     autocast = autocast_for(args.dtype)

@@ -92,6 +92,8 @@ if [[ $QUICK -eq 0 ]]; then
     bench layerscale_fold $P benchmarks/layerscale_fold.py
     # which ops take the bf16 step's time besides the matmuls
     bench profile_step $P benchmarks/profile_step.py
+    # the CPU attention kernels: time and accuracy
+    bench attention_cpu $P benchmarks/attention_cpu.py
     bench page_faults $P benchmarks/page_faults.py
     bench train_step $P benchmarks/train_step.py --configs quickstart,vits14
     # docs/scaling.md: activation checkpointing modes
@@ -114,6 +116,7 @@ else
     bench backbone_vs_timm $P benchmarks/backbone_vs_timm.py --batch 1 --reps 1 --warmup 0 --dtypes bf16
     bench layerscale_fold $P benchmarks/layerscale_fold.py --batch 1 --pairs 1 --warmup 0 --dtypes bf16
     bench profile_step $P benchmarks/profile_step.py --batch 1 --steps 1 --warmup 0
+    bench attention_cpu $P benchmarks/attention_cpu.py --batch 1 --rounds 1 --warmup 0
     bench page_faults $P benchmarks/page_faults.py --batch 1 --steps 1 --warmup 1 --processes 1
     bench train_step $P benchmarks/train_step.py --configs quickstart --variants bf16-eager --batch 8 --steps 1 \
         --warmup 0

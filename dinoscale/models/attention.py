@@ -4,8 +4,9 @@ Three backends compute the same function, ``softmax(Q K^T / sqrt(d)) V`` per hea
 
 * ``"sdpa"`` -- ``torch.nn.functional.scaled_dot_product_attention`` (default; fused kernels on GPU).
   On CPU it runs as :func:`cpu_matmul_attention` instead (two batched matmuls, fp32 scores and
-  softmax) for bfloat16/float16 tensors, where that is 2-3x faster than the fused CPU kernel for ViT
-  sequence lengths and just as accurate, and for float32 sequences of up to
+  softmax under autocast too, the backward's matmuls in the input dtype as FlashAttention-2's) for
+  bfloat16/float16 tensors, where that is 2-3x faster than the fused CPU kernel for ViT sequence
+  lengths and just as accurate, and for float32 sequences of up to
   ``CPU_FP32_MATMUL_MAX_TOKENS`` keys, where it is 1.1-1.5x faster (forward and backward, 2 cores;
   for longer sequences the fused kernel is as fast or faster). It keeps the ``N x N`` scores for the
   backward, so it is used only while they stay under ``CPU_ATTN_MAX_SCORES`` elements per call.
@@ -38,6 +39,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 ATTN_BACKENDS = ("sdpa", "xformers", "math")
 ATTN_ENV_VAR = "DINOSCALE_ATTN"
@@ -137,19 +139,74 @@ def scaled_linear(linear: nn.Linear, x: torch.Tensor, scale: torch.Tensor | None
     return F.linear(x, linear.weight * scale.unsqueeze(-1), bias)
 
 
+class _CPUMatmulAttention(torch.autograd.Function):
+    """Attention over packed ``(3, B * heads, N, d)`` q/k/v as batched matmuls; see :func:`cpu_matmul_attention`.
+
+    Forward: the scores ``scale * q k^T`` and their softmax in float32 (autocast off: under a bf16 autocast a
+    plain ``@`` would cast the float32 copies back to bf16), the probabilities cast to the input dtype for
+    ``p v``. Saved for the backward: the packed input, the float32 probabilities and their cast (no float32
+    copies of q and k). Backward, as FlashAttention-2 does it on GPUs: ``dp = do v^T`` in the input dtype,
+    the softmax gradient ``ds`` in float32, then ``ds`` rounded to the input dtype for ``dq = ds k`` and
+    ``dk = ds^T q`` (matmuls in the input dtype with float32 accumulation, where float32 operands would run
+    at the CPU's float32 rate). The gradient is written straight into one packed tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, scale: float) -> torch.Tensor:
+        q, k, v = qkv.unbind(0)
+        with torch.autocast(qkv.device.type, enabled=False):
+            scores = torch.bmm(q.to(torch.float32, copy=True).mul_(scale), k.float().transpose(1, 2))
+            probs = torch.softmax(scores, dim=-1)
+            probs_low = probs.to(qkv.dtype)
+            out = torch.bmm(probs_low, v)
+        ctx.save_for_backward(qkv, probs, probs_low)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        qkv, probs, probs_low = ctx.saved_tensors
+        q, k, v = qkv.unbind(0)
+        grad_out = grad_out.to(qkv.dtype).contiguous()
+        grad = torch.empty_like(qkv)
+        with torch.autocast(qkv.device.type, enabled=False):
+            torch.bmm(probs_low.transpose(1, 2), grad_out, out=grad[2])
+            grad_probs = torch.bmm(grad_out, v.transpose(1, 2)).float()
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, torch.float32)
+            grad_scores = grad_scores.mul_(ctx.scale).to(qkv.dtype)
+            torch.bmm(grad_scores, k, out=grad[0])
+            torch.bmm(grad_scores.transpose(1, 2), q, out=grad[1])
+        return grad, None
+
+
+def cpu_matmul_attention_packed(qkv: torch.Tensor) -> torch.Tensor:
+    """:func:`cpu_matmul_attention` on q, k and v packed as one contiguous ``(3, B * heads, N, d)`` tensor ->
+    ``(B * heads, N, d)``. The layout the batched matmuls want, made with one copy of the projection's
+    output; the backward hands its gradient back in the same layout."""
+    return _CPUMatmulAttention.apply(qkv.contiguous(), qkv.shape[-1] ** -0.5)
+
+
 def cpu_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d)) v`` for ``(B, heads, N, d)`` tensors on CPU, as two batched matmuls.
 
-    The scores and the softmax are computed in float32 (so bf16/fp16 inputs do not round large logits to
-    8 bits, the accuracy of a fused kernel); the probabilities are cast back to the input dtype for the
-    product with ``v``, which runs in the input dtype. Result in the input dtype.
+    The scores and the softmax are computed in float32, with or without autocast (so bf16/fp16 inputs do not
+    round large logits to 8 bits: the accuracy of a fused kernel); the probabilities are cast back to the
+    input dtype for the product with ``v``, which runs in the input dtype. Result in the input dtype. The
+    backward rounds the scores' gradient to the input dtype before its two matmuls, as FlashAttention-2
+    does (:class:`_CPUMatmulAttention`).
     """
-    scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
-    return scores.softmax(dim=-1).to(v.dtype) @ v
+    B, H, N, d = q.shape
+    out = cpu_matmul_attention_packed(torch.stack((q, k, v)).view(3, B * H, N, d))
+    return out.view(B, H, N, d)
 
 
 def _use_cpu_matmul_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
-    if q.device.type != "cpu" or q.shape[:-1].numel() * k.shape[-2] > CPU_ATTN_MAX_SCORES:
+    # A JIT trace (the FLOP count) records a Python autograd Function as an opaque op: it gets the sdpa op,
+    # the same function.
+    if torch.jit.is_tracing() or q.device.type != "cpu":
+        return False
+    if q.shape[:-1].numel() * k.shape[-2] > CPU_ATTN_MAX_SCORES:
         return False
     if q.dtype in (torch.bfloat16, torch.float16):
         return True
@@ -272,7 +329,10 @@ class Attention(nn.Module):
         if self.attn_backend == "math":
             out = math_attention(q, k, v)
         elif _use_cpu_matmul_attention(q, k):
-            out = cpu_matmul_attention(q, k, v)
+            # the matmul path's layout, (3, B * heads, N, d): one copy of qkv (or of the rotated q and k)
+            packed = qkv.permute(2, 0, 3, 1, 4) if rope is None else torch.stack((q, k, v))
+            out = cpu_matmul_attention_packed(packed.reshape(3, B * self.num_heads, N, self.head_dim))
+            out = out.view(B, self.num_heads, N, self.head_dim)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(1, 2).reshape(B, N, -1)
