@@ -52,7 +52,7 @@ def test_gradients_as_close_to_float64_as_the_fused_kernel(autocast):
         (out.double() * weights).sum().backward()
         assert all(t.grad.dtype == torch.bfloat16 for t in lowp)
         errors[name] = [float((t.grad.double() - r).norm() / r.norm()) for t, r in zip(lowp, reference)]
-    # the scores' gradient rounded to bf16 before its two matmuls (as FlashAttention-2 does): q and k's
+    # the scores' gradient rounded to bf16 before its two matmuls (as FlashAttention-2 does): the q, k and v
     # gradients no further from float64 than the fused kernel's
     for ours, fused in zip(errors["ours"], errors["fused"]):
         assert ours <= 1.1 * fused, errors
