@@ -7,8 +7,8 @@ One call = attention of one block over the ``2B`` global crops (257 tokens) and 
 tokens) of ``backbone_vs_timm.py``'s step, 6 heads of 64, bf16 q/k/v under ``torch.autocast("cpu",
 torch.bfloat16)`` (how training runs), forward and backward. Three kernels compute the same function:
 
-* ``ours``: :func:`dinoscale.models.attention.cpu_matmul_attention_packed` from packed q/k/v (what
-  ``Attention`` runs on CPU): float32 scores and softmax, bf16 matmuls in the backward;
+* ``ours``: :func:`dinoscale.models.attention.cpu_matmul_attention` (q/k/v packed into one tensor, then the
+  kernel ``Attention`` runs on CPU): float32 scores and softmax, bf16 matmuls in the backward;
 * ``fused``: ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch's fused CPU kernel: float32
   accumulation; on AMX CPUs its matmuls use AMX tiles);
 * ``bf16 matmuls``: ``softmax(q k^T / sqrt(d)) v`` written out under autocast (what facebookresearch/dinov2's
@@ -37,19 +37,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from dinoscale.cpu_malloc import keep_freed_memory  # noqa: E402
-from dinoscale.models.attention import cpu_matmul_attention_packed, math_attention  # noqa: E402
+from dinoscale.models.attention import cpu_matmul_attention, math_attention  # noqa: E402
 
 HEADS, HEAD_DIM = 6, 64
 TOKENS = ((2, 257), (8, 50))  # (crops per image, tokens per crop): 224 px and 98 px at patch 14
 
 
-def ours(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The module's path: one packed copy of q/k/v, then the matmul kernel."""
-    B, H, N, d = q.shape
-    return cpu_matmul_attention_packed(torch.stack((q, k, v)).view(3, B * H, N, d)).view(B, H, N, d)
-
-
-KERNELS = {"ours": ours, "fused": F.scaled_dot_product_attention, "bf16 matmuls": math_attention}
+KERNELS = {"ours": cpu_matmul_attention, "fused": F.scaled_dot_product_attention, "bf16 matmuls": math_attention}
 
 
 def make_inputs(batch: int, seed: int = 0) -> list[list[torch.Tensor]]:
