@@ -94,6 +94,8 @@ if [[ $QUICK -eq 0 ]]; then
     bench profile_step $P benchmarks/profile_step.py
     # the CPU attention kernels: time and accuracy
     bench attention_cpu $P benchmarks/attention_cpu.py
+    # the step's linear layers and attention, inside the step and alone
+    bench step_breakdown $P benchmarks/step_breakdown.py
     bench page_faults $P benchmarks/page_faults.py
     bench train_step $P benchmarks/train_step.py --configs quickstart,vits14
     # docs/scaling.md: activation checkpointing modes
@@ -117,6 +119,7 @@ else
     bench layerscale_fold $P benchmarks/layerscale_fold.py --batch 1 --pairs 1 --warmup 0 --dtypes bf16
     bench profile_step $P benchmarks/profile_step.py --batch 1 --steps 1 --warmup 0
     bench attention_cpu $P benchmarks/attention_cpu.py --batch 1 --rounds 1 --warmup 0
+    bench step_breakdown $P benchmarks/step_breakdown.py --batch 1 --steps 1 --warmup 0 --reps 1
     bench page_faults $P benchmarks/page_faults.py --batch 1 --steps 1 --warmup 1 --processes 1
     bench train_step $P benchmarks/train_step.py --configs quickstart --variants bf16-eager --batch 8 --steps 1 \
         --warmup 0
