@@ -96,6 +96,8 @@ if [[ $QUICK -eq 0 ]]; then
     bench attention_cpu $P benchmarks/attention_cpu.py
     # the step's linear layers and attention, inside the step and alone
     bench step_breakdown $P benchmarks/step_breakdown.py
+    # the CPU patch embedding: convolution against the matmul PatchEmbed runs
+    bench patch_embed_cpu $P benchmarks/patch_embed_cpu.py
     bench page_faults $P benchmarks/page_faults.py
     bench train_step $P benchmarks/train_step.py --configs quickstart,vits14
     # docs/scaling.md: activation checkpointing modes
@@ -120,6 +122,7 @@ else
     bench profile_step $P benchmarks/profile_step.py --batch 1 --steps 1 --warmup 0
     bench attention_cpu $P benchmarks/attention_cpu.py --batch 1 --rounds 1 --warmup 0
     bench step_breakdown $P benchmarks/step_breakdown.py --batch 1 --steps 1 --warmup 0 --reps 1
+    bench patch_embed_cpu $P benchmarks/patch_embed_cpu.py --rounds 1 --warmup 0
     bench page_faults $P benchmarks/page_faults.py --batch 1 --steps 1 --warmup 1 --processes 1
     bench train_step $P benchmarks/train_step.py --configs quickstart --variants bf16-eager --batch 8 --steps 1 \
         --warmup 0

@@ -1,5 +1,6 @@
-"""Speed paths of the backbone: CPU matmul attention (same function as the fused kernel) and packed
-multi-crop tokens (same function as crop-by-crop)."""
+"""Speed paths of the backbone: CPU matmul attention (same function as the fused kernel), packed
+multi-crop tokens (same function as crop-by-crop) and the CPU patch embedding as a matmul (same function as its
+convolution)."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 import dinoscale.models.attention as attention_module
 from dinoscale.models.attention import Attention, cpu_matmul_attention
+from dinoscale.models.vit import PatchEmbed
 
 
 @pytest.fixture(autouse=True)
@@ -195,3 +197,57 @@ def test_compiled_blocks_with_different_drop_rates_share_one_graph():
     # block 0 (rate 0: no drop path at all) and one graph for the three others
     assert len(graphs) == 2, len(graphs)
     torch._dynamo.reset()
+
+
+def _conv_patch_embed(module, x):
+    return module.proj(x).flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("in_chans,patch,size", [(3, 7, (28, 21)), (4, 14, (42, 56)), (1, 16, (32, 32))])
+def test_cpu_patch_embed_is_its_convolution(in_chans, patch, size):
+    torch.manual_seed(0)
+    module = PatchEmbed(img_size=size[0], patch_size=patch, in_chans=in_chans, embed_dim=24)
+    x = torch.randn(3, in_chans, *size, requires_grad=True)
+    grad = torch.randn(3, (size[0] // patch) * (size[1] // patch), 24)
+    results = []
+    for fn in (lambda m, t: m(t), _conv_patch_embed):  # the module's CPU path, then the convolution itself
+        out = fn(module, x)
+        out.backward(grad)
+        results.append([out.detach(), module.proj.weight.grad, module.proj.bias.grad, x.grad])
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+    for ours, conv in zip(*results):
+        torch.testing.assert_close(ours, conv, rtol=1e-5, atol=1e-5)
+    # under bf16 autocast both run in bf16 (output dtype and values at bf16 resolution) and hand back float32
+    # gradients to the float32 weight
+    grads = []
+    for fn in (lambda m, t: m(t), _conv_patch_embed):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(module, x.detach())
+        out.float().backward(grad)
+        grads.append((out.detach(), module.proj.weight.grad))
+        module.zero_grad(set_to_none=True)
+    (ours, ours_grad), (conv, conv_grad) = grads
+    assert ours.dtype == conv.dtype == torch.bfloat16 and ours_grad.dtype == conv_grad.dtype == torch.float32
+    torch.testing.assert_close(ours.float(), conv.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours_grad, conv_grad, rtol=2e-2, atol=5e-2)
+
+
+def test_cpu_patch_embed_keeps_the_images_not_a_patch_copy():
+    # what autograd saves for the backward: the images themselves (as the convolution does), no new tensor
+    module = PatchEmbed(img_size=28, patch_size=7, embed_dim=8)
+    x = torch.randn(2, 3, 28, 28)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        module(x)
+    assert any(t is x for t in saved)
+    assert all(t is x or t is module.proj.weight for t in saved), [tuple(t.shape) for t in saved]
+
+
+def test_traced_patch_embed_keeps_the_convolution():
+    module = PatchEmbed(img_size=28, patch_size=7, embed_dim=8)
+    x = torch.randn(2, 3, 28, 28)
+    traced = torch.jit.trace(module, (x,))
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert "aten::_convolution" in kinds and "aten::linear" not in kinds, kinds
+    torch.testing.assert_close(traced(x), module(x), rtol=1e-5, atol=1e-5)
