@@ -128,7 +128,7 @@ class PatchEmbed(nn.Module):
         """``proj`` as the linear map it is (kernel = stride): one matmul over the flattened patches
         (:class:`_PatchProjection`), in autocast's dtype when autocast is on, as the convolution would run.
 
-        On CPU, forward and backward of the multi-crop batches take 2.7-3.8x less time this way than with oneDNN's
+        On CPU, forward and backward of the multi-crop batches take 2.5-3.8x less time this way than with oneDNN's
         convolution under bf16 autocast, about the same in float32 (``benchmarks/patch_embed_cpu.py``). Traced and
         exported graphs keep the convolution.
         """
