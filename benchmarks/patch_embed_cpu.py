@@ -4,9 +4,10 @@
     python benchmarks/patch_embed_cpu.py --rounds 40
 
 ``dinoscale.models.vit.PatchEmbed`` computes its projection on CPU as one matmul over the flattened patches
-(``_project_patches``) and elsewhere, and in traced or exported graphs, with its ``proj`` convolution. Both forms
-are the module's own, on the same weights, timed forward and backward (the gradient of the weight and bias; images
-need none) in interleaved rounds, median per round, for the multi-crop batches of two configs:
+(``_project_patches``) and elsewhere, and in traced or exported graphs, with its ``proj`` convolution
+(``_convolve``). Both forms are the module's own, on the same weights, timed forward and backward (the gradient of
+the weight and bias; images need none) in interleaved rounds, median per round, for the multi-crop batches of two
+configs:
 
 * quickstart: the student's 256 x 28 px and 512 x 14 px crops (batch 128), patch 7, width 192;
 * vits14: ``backbone_vs_timm.py``'s 8 x 224 px and 32 x 98 px crops (batch 4), patch 14, width 384.
@@ -34,7 +35,7 @@ CASES = {
 
 
 def conv_form(module: PatchEmbed, x: torch.Tensor) -> torch.Tensor:
-    return module.proj(x).flatten(2).transpose(1, 2)
+    return module._convolve(x)
 
 
 def linear_form(module: PatchEmbed, x: torch.Tensor) -> torch.Tensor:

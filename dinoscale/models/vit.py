@@ -122,6 +122,10 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"image size {H}x{W} (HxW) is not a multiple of the patch size {p}")
         if x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
             return self._project_patches(x)
+        return self._convolve(x)
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """``proj`` as the convolution it is stored as (GPUs, traced and exported graphs)."""
         return self.proj(x).flatten(2).transpose(1, 2)
 
     def _project_patches(self, x: torch.Tensor) -> torch.Tensor:
