@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 
 try:
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
-    _TORCHVISION_DECODE_JPEG, _TORCHVISION_RGB = decode_jpeg, ImageReadMode.RGB
+    _TORCHVISION_DECODE_JPEG, _TORCHVISION_DECODE_PNG, _TORCHVISION_RGB = decode_jpeg, decode_png, ImageReadMode.RGB
 except ImportError:  # a torchvision without image decoding: PIL decodes everything
-    _TORCHVISION_DECODE_JPEG = _TORCHVISION_RGB = None
+    _TORCHVISION_DECODE_JPEG = _TORCHVISION_DECODE_PNG = _TORCHVISION_RGB = None
 
 ImageInput = Union[Image.Image, torch.Tensor, bytes, bytearray, memoryview]
 
@@ -108,16 +108,43 @@ def jpeg_size(data: Union[bytes, bytearray, memoryview]) -> Optional[Tuple[int, 
     return None
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(data: Union[bytes, bytearray, memoryview]) -> Optional[Tuple[int, int]]:
+    """``(height, width)`` from the header (IHDR) of an 8-bit grayscale or RGB PNG, or None for anything else.
+
+    Only these two kinds, whose decoding to RGB has one meaning (the grey value repeated, or the pixels
+    themselves), go to torchvision's decoder (:func:`decode_for_boxes`); palette, alpha and 16-bit PNGs go through
+    PIL's ``convert("RGB")``. Reading the header costs about 1 us, ``PIL.Image.open`` about 10 us.
+    """
+    view = memoryview(data)
+    if view.nbytes < 29 or bytes(view[:8]) != _PNG_SIGNATURE or bytes(view[12:16]) != b"IHDR":
+        return None
+    width, height, bit_depth, color_type = struct.unpack_from(">IIBB", view, 16)
+    if bit_depth != 8 or color_type not in (0, 2) or height == 0 or width == 0:
+        return None
+    return height, width
+
+
+def _encoded_size(data: Union[bytes, bytearray, memoryview]) -> Optional[Tuple[int, int]]:
+    """The size of JPEG bytes, or of PNG bytes torchvision decodes (:func:`png_size`); None otherwise."""
+    if _TORCHVISION_DECODE_JPEG is None:
+        return None
+    return jpeg_size(data) or png_size(data)
+
+
 def open_image(image: ImageInput) -> Tuple[Union[Image.Image, torch.Tensor, bytes, bytearray, memoryview], int, int]:
     """Return the image object and its size ``(source, height, width)``, without decoding the pixels.
 
     The source is a uint8 CHW tensor, a PIL image (possibly still undecoded) or, for JPEG bytes whose header
-    :func:`jpeg_size` reads while torchvision's decoder is available, the bytes themselves. Only the header is
+    :func:`jpeg_size` reads or PNG bytes :func:`png_size` accepts, while torchvision's decoders are available, the
+    bytes themselves. Only the header is
     read, so the crop geometry can be drawn before deciding at which resolution to decode
     (:func:`decode_for_boxes`).
     """
     if isinstance(image, (bytes, bytearray, memoryview)):
-        size = jpeg_size(image) if _TORCHVISION_DECODE_JPEG is not None else None
+        size = _encoded_size(image)
         if size is not None:
             return image, size[0], size[1]
         pil = _open_pil(image)
@@ -171,6 +198,18 @@ def _jpeg_to_chw(data: Union[bytes, bytearray, memoryview]) -> torch.Tensor:
         raise ValueError(f"could not decode image: {exc}") from exc
 
 
+def _png_to_chw(data: Union[bytes, bytearray, memoryview]) -> torch.Tensor:
+    """Decode 8-bit grayscale or RGB PNG bytes with torchvision's decoder to a uint8 (3,H,W) tensor (a third of
+    the time of PIL's ``open``, ``convert("RGB")`` and copy on a 28 px image, scratch timing: 14 against 46 us)."""
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # see _jpeg_to_chw
+            return _TORCHVISION_DECODE_PNG(raw, mode=_TORCHVISION_RGB)
+    except RuntimeError as exc:  # libpng's errors (truncated or corrupt data) arrive as RuntimeError
+        raise ValueError(f"could not decode image: {exc}") from exc
+
+
 def decode_for_boxes(
     source: Union[Image.Image, torch.Tensor, bytes, bytearray, memoryview],
     height: int,
@@ -198,7 +237,9 @@ def decode_for_boxes(
     boxes = [tuple(int(v) for v in box) for box in boxes]
     if isinstance(source, torch.Tensor):
         return source, boxes
-    if isinstance(source, (bytes, bytearray, memoryview)):  # JPEG bytes whose header open_image read
+    if isinstance(source, (bytes, bytearray, memoryview)):  # JPEG or PNG bytes whose header open_image read
+        if png_size(source) is not None:
+            return _png_to_chw(source), boxes
         data, is_jpeg = source, True
     else:
         is_jpeg = getattr(source, "format", None) == "JPEG"

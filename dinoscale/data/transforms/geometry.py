@@ -1,10 +1,12 @@
-"""Crop geometry: RandomResizedCrop boxes, and cutting, resizing and flipping one crop out of uint8 pixels."""
+"""Crop geometry: RandomResizedCrop boxes, and cutting, resizing and flipping crops out of uint8 pixels."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -104,3 +106,67 @@ def resized_crop(chw: torch.Tensor, box: Sequence[int], size: int, flip: bool) -
     if flip:
         patch = patch.flip(3)
     return patch.contiguous()
+
+
+#: Images of at most this many pixels have their crops resized by batched matmuls (:func:`resized_crops`).
+SMALL_IMAGE_PIXELS = 48 * 48
+
+
+def resized_crops(
+    chw: torch.Tensor, boxes: Sequence[Sequence[int]], sizes: Sequence[int], flips: Sequence[bool]
+) -> List[torch.Tensor]:
+    """Each box of a uint8 (3,H,W) image resized to its size (bicubic, antialiased) and flipped: a list of uint8
+    (1,3,S,S) crops, as :func:`resized_crop` per box.
+
+    A CPU image of at most :data:`SMALL_IMAGE_PIXELS` pixels (Fashion-MNIST, CIFAR) has all its crops made by
+    :func:`_resized_crops_by_matmul` instead, in five tensor calls: on such images one call of the resize kernel
+    costs more than its pixels (``python benchmarks/small_image_crops.py``).
+    """
+    if chw.device.type != "cpu" or chw.shape[1] * chw.shape[2] > SMALL_IMAGE_PIXELS or not sizes:
+        return [resized_crop(chw, box, size, flip) for box, size, flip in zip(boxes, sizes, flips)]
+    return _resized_crops_by_matmul(chw, boxes, sizes, flips)
+
+
+@functools.lru_cache(maxsize=4096)
+def _resize_weights(in_len: int, out_len: int) -> np.ndarray:
+    """The (out_len, in_len) float32 matrix of torch's antialiased bicubic resize from ``in_len`` to ``out_len``
+    pixels, read off the kernel itself: it resizes the rows of an identity matrix (in float64)."""
+    eye = torch.eye(in_len, dtype=torch.float64).view(1, in_len, 1, in_len)
+    rows = F.interpolate(eye, size=(1, out_len), mode="bicubic", antialias=True, align_corners=False)
+    return rows[0, :, 0, :].T.to(torch.float32).numpy().copy()
+
+
+def _resized_crops_by_matmul(
+    chw: torch.Tensor, boxes: Sequence[Sequence[int]], sizes: Sequence[int], flips: Sequence[bool]
+) -> List[torch.Tensor]:
+    """:func:`resized_crops` as one matmul and one batched matmul for all crops.
+
+    Crop ``i`` is ``Y_i @ image @ X_i^T`` per channel, ``X_i`` (S,W) and ``Y_i`` (S,H) the resize matrices of its
+    box placed at its columns and rows (zero elsewhere; ``X_i``'s rows reversed for a flip). As in the uint8 kernel
+    the horizontal pass comes first and each pass rounds to whole values clamped to [0, 255]; its weights are
+    fixed-point, so a pixel may differ from it by 1 or 2 (in under 1% of the pixels). Every crop is computed at the
+    largest size, a smaller one's extra rows and columns zero, and everything is computed transposed, which makes
+    every reshape free: the crops are uint8 (1,3,S,S) views of one buffer, not contiguous.
+    """
+    _, height, width = chw.shape
+    n, top_size = len(sizes), max(sizes)
+    across = np.zeros((n, top_size, width), np.float32)  # the X_i
+    down = np.zeros((n, height, top_size), np.float32)  # the Y_i^T
+    for i, ((top, left, box_h, box_w), size, flip) in enumerate(zip(boxes, sizes, flips)):
+        weights = _resize_weights(box_w, size)
+        across[i, :size, left : left + box_w] = weights[::-1] if flip else weights
+        down[i, top : top + box_h, :size] = _resize_weights(box_h, size).T
+    # the image as (W, 3H): its transpose per channel, side by side
+    image_t = chw.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format).view(width, 3 * height)
+    # horizontal: (n S, W) @ (W, 3H) = per crop, column x of the resized rows, per channel
+    rows_t = torch.from_numpy(across).view(n * top_size, width) @ image_t
+    rows_t = rows_t.round_().clamp_(0, 255).view(n, top_size * 3, height)
+    # vertical: (n, S 3, H) @ (n, H, S) = crop i's pixel (y, x) of channel c at [i, x, c, y]
+    crops_t = (rows_t @ torch.from_numpy(down)).round_().clamp_(0, 255)
+    crops_t = crops_t.to(torch.int32).to(torch.uint8)  # via int32: float32 -> uint8 directly is 2x slower here
+    # crop i as (1, 3, y, x) with one call each (indexing with slices costs one call per sliced dim)
+    per_crop, row_stride = 3 * top_size * top_size, 3 * top_size
+    return [
+        crops_t.as_strided((1, 3, size, size), (per_crop, top_size, 1, row_stride), i * per_crop)
+        for i, size in enumerate(sizes)
+    ]

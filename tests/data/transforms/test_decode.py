@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dinoscale.data.transforms.decode import decode_for_boxes, jpeg_size, open_image
+from dinoscale.data.transforms.decode import decode_for_boxes, jpeg_size, open_image, png_size
 
 
 def test_draft_decode_keeps_geometry(photo, multicrop):
@@ -65,12 +65,60 @@ def test_jpeg_size_reads_the_frame_header_as_pil_does(photo, mode, options):
 
 
 def test_jpeg_size_is_none_for_anything_else(photo, multicrop):
-    """Not a JPEG, or a header cut before its frame: None, and open_image leaves the bytes to PIL."""
+    """Not a JPEG, or a header cut before its frame: None (and open_image leaves bytes of neither kind to PIL)."""
     jpeg, png = multicrop.encode(photo), multicrop.encode(photo, fmt="PNG")
     sof = next(i for i in range(2, len(jpeg)) if jpeg[i] == 0xFF and jpeg[i + 1] == 0xC0)
     for data in (png, b"", b"\xff\xd8", jpeg[:sof], jpeg[: sof + 6], b"\xff\xd8\x00" + jpeg[3:], b"GIF89a" + bytes(20)):
         assert jpeg_size(data) is None, data[:12]
-    source, height, width = open_image(png)
+    source, height, width = open_image(multicrop.encode(photo, fmt="BMP"))
     assert isinstance(source, Image.Image) and (height, width) == photo.shape[:2]
     with pytest.raises(ValueError, match="could not decode"):
         open_image(jpeg[:sof])
+
+
+def _png(photo, mode):
+    from io import BytesIO
+
+    if mode == "P":
+        image = Image.fromarray(photo).quantize(64)
+    elif mode == "I;16":
+        image = Image.fromarray(photo[..., 0].astype(np.uint16) * 257)
+    else:
+        image = Image.fromarray(photo).convert(mode)
+    buf = BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "LA", "I;16"])
+def test_png_bytes_decode_to_the_same_pixels_as_pil(photo, mode):
+    """8-bit grey and RGB PNGs go to torchvision's decoder (the bytes stay the source until decode_for_boxes), every
+    other kind to PIL; either way the pixels are PIL's ``convert("RGB")``."""
+    from io import BytesIO
+
+    data = _png(photo, mode)
+    expected = torch.from_numpy(np.asarray(Image.open(BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)
+    source, height, width = open_image(data)
+    assert (height, width) == photo.shape[:2]
+    by_torchvision = mode in ("RGB", "L")
+    assert (png_size(data) == (height, width)) if by_torchvision else png_size(data) is None
+    assert (source is data) == by_torchvision and isinstance(source, Image.Image) != by_torchvision
+    boxes = [(0, 0, height, width), (5, 7, 20, 30)]
+    chw, mapped = decode_for_boxes(source, height, width, boxes, [height, 16], True, data=data)
+    assert torch.equal(chw, expected) and mapped == boxes
+
+
+def test_png_size_is_none_for_anything_else(photo, multicrop):
+    png = _png(photo, "RGB")
+    for data in (b"", png[:20], b"\x88" + png[1:], png[:12] + b"IHDX" + png[16:], multicrop.encode(photo)):
+        assert png_size(data) is None, data[:16]
+    assert png_size(memoryview(png)) == png_size(bytearray(png)) == photo.shape[:2]
+
+
+def test_corrupt_png_bytes_raise_a_decode_error(photo):
+    data = _png(photo, "RGB")
+    for bad in (data[: len(data) // 2], data[:40] + bytes(len(data) - 40)):
+        source, height, width = open_image(bad)
+        assert source is bad  # the header is intact: torchvision's decoder meets the damage
+        with pytest.raises(ValueError, match="could not decode"):
+            decode_for_boxes(source, height, width, [(0, 0, 8, 8)], [8], True, data=bad)

@@ -33,3 +33,46 @@ def test_crop_box_fallback_is_centred_and_within_ratio():
     torch.manual_seed(0)
     boxes = sample_crop_boxes(10, 1000, 5, (0.9, 1.0))
     assert boxes.tolist() == [[0, 493, 10, 13]] * 5
+
+
+def _photo(height, width):
+    """A real photo at a small size: (3, H, W) uint8, a view of (H, W, 3) pixels as the decoders give."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    pixels = np.array(Image.fromarray(skdata.astronaut()).resize((width, height), Image.BICUBIC))
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def test_small_image_crops_match_the_resize_kernel_per_crop():
+    """Crops of a small image come from the batched matmuls; they match the uint8 kernel within 2 levels in under
+    1% of the pixels (its fixed-point weights), at both sizes, up and down, flipped or not, on non-square images."""
+    from dinoscale.data.transforms.geometry import SMALL_IMAGE_PIXELS, resized_crop, resized_crops
+
+    torch.manual_seed(0)
+    for height, width, sizes in [(28, 28, [28, 28, 14, 14, 14, 14]), (30, 45, [32, 32] + [16] * 6), (40, 24, [24, 9])]:
+        assert height * width <= SMALL_IMAGE_PIXELS
+        image = _photo(height, width)
+        differ = total = 0
+        for _ in range(10):
+            boxes = sample_crop_boxes(height, width, len(sizes), (0.05, 1.0)).tolist()
+            flips = torch.rand(len(sizes)).lt(0.5).tolist()
+            crops = resized_crops(image, boxes, sizes, flips)
+            for crop, box, size, flip in zip(crops, boxes, sizes, flips):
+                expected = resized_crop(image, box, size, flip)
+                assert crop.shape == expected.shape == (1, 3, size, size) and crop.dtype == torch.uint8
+                gap = (crop.int() - expected.int()).abs()
+                assert gap.max() <= 2, (box, size, flip)
+                differ, total = differ + int(gap.ne(0).sum()), total + gap.numel()
+        assert differ < 0.01 * total
+
+
+def test_larger_images_are_cropped_by_the_kernel_per_crop():
+    from dinoscale.data.transforms.geometry import SMALL_IMAGE_PIXELS, resized_crop, resized_crops
+
+    image = _photo(50, 50)
+    assert 50 * 50 > SMALL_IMAGE_PIXELS
+    boxes, sizes, flips = [(0, 0, 50, 50), (3, 4, 20, 17)], [32, 16], [False, True]
+    for crop, box, size, flip in zip(resized_crops(image, boxes, sizes, flips), boxes, sizes, flips):
+        assert torch.equal(crop, resized_crop(image, box, size, flip))
