@@ -68,6 +68,21 @@ def test_small_image_crops_match_the_resize_kernel_per_crop():
         assert differ < 0.01 * total
 
 
+def test_small_image_crops_of_any_layout_are_the_same():
+    """Planar, channels-last (as decoded) and a grey image repeated as a stride-0 view (as a 1-channel tensor input
+    becomes) give the same crops."""
+    from dinoscale.data.transforms.geometry import resized_crops
+
+    grey = _photo(28, 28)[:1]
+    layouts = [grey.expand(3, -1, -1), grey.expand(3, -1, -1).contiguous(),
+               grey.expand(3, -1, -1).permute(1, 2, 0).contiguous().permute(2, 0, 1)]
+    boxes, sizes, flips = [(0, 0, 28, 28), (2, 3, 20, 11), (5, 1, 6, 9)], [28, 14, 14], [False, True, False]
+    results = [resized_crops(image, boxes, sizes, flips) for image in layouts]
+    for crops in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], crops))
+    assert all(torch.equal(c[0, 0], c[0, 1]) and torch.equal(c[0, 0], c[0, 2]) for c in results[0])
+
+
 def test_larger_images_are_cropped_by_the_kernel_per_crop():
     from dinoscale.data.transforms.geometry import SMALL_IMAGE_PIXELS, resized_crop, resized_crops
 
