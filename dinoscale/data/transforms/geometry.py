@@ -119,8 +119,8 @@ def resized_crops(
     (1,3,S,S) crops, as :func:`resized_crop` per box.
 
     A CPU image of at most :data:`SMALL_IMAGE_PIXELS` pixels (Fashion-MNIST, CIFAR) has all its crops made by
-    :func:`_resized_crops_by_matmul` instead, in five tensor calls: on such images one call of the resize kernel
-    costs more than its pixels (``python benchmarks/small_image_crops.py``).
+    :func:`_resized_crops_by_matmul` instead, two matmuls for all of them: on such images one call of the resize
+    kernel costs more than its pixels (``python benchmarks/small_image_crops.py``).
     """
     if chw.device.type != "cpu" or chw.shape[1] * chw.shape[2] > SMALL_IMAGE_PIXELS or not sizes:
         return [resized_crop(chw, box, size, flip) for box, size, flip in zip(boxes, sizes, flips)]
