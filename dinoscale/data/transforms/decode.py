@@ -128,10 +128,15 @@ def png_size(data: Union[bytes, bytearray, memoryview]) -> Optional[Tuple[int, i
 
 
 def _encoded_size(data: Union[bytes, bytearray, memoryview]) -> Optional[Tuple[int, int]]:
-    """The size of JPEG bytes, or of PNG bytes torchvision decodes (:func:`png_size`); None otherwise."""
+    """The size of JPEG bytes, or of PNG bytes torchvision decodes (:func:`png_size`); None otherwise, and None for
+    an image above PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``): torchvision's decoders have no such
+    limit, so those go to PIL, which warns about them or refuses them (``DecompressionBombError``, a bad file)."""
     if _TORCHVISION_DECODE_JPEG is None:
         return None
-    return jpeg_size(data) or png_size(data)
+    size = jpeg_size(data) or png_size(data)
+    if size is not None and Image.MAX_IMAGE_PIXELS is not None and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
+        return None
+    return size
 
 
 def open_image(image: ImageInput) -> Tuple[Union[Image.Image, torch.Tensor, bytes, bytearray, memoryview], int, int]:

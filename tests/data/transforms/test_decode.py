@@ -122,3 +122,25 @@ def test_corrupt_png_bytes_raise_a_decode_error(photo):
         assert source is bad  # the header is intact: torchvision's decoder meets the damage
         with pytest.raises(ValueError, match="could not decode"):
             decode_for_boxes(source, height, width, [(0, 0, 8, 8)], [8], True, data=bad)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_images_above_pils_bomb_limit_are_refused_as_pil_refuses_them(photo, multicrop, monkeypatch, fmt):
+    """torchvision's decoders have no decompression-bomb limit: an image above PIL's goes to PIL, which refuses it
+    beyond twice the limit (a ValueError naming it: a bad file, skipped by the sources) and warns between once and
+    twice."""
+    from dinoscale.data.transforms.decode import DECODE_ERRORS
+
+    data = multicrop.encode(photo, fmt=fmt)
+    pixels = photo.shape[0] * photo.shape[1]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels // 3)
+    with pytest.raises(ValueError, match="decompression bomb") as refused:
+        open_image(data)
+    assert isinstance(refused.value, DECODE_ERRORS)
+    assert isinstance(refused.value.__cause__, Image.DecompressionBombError)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels - 1)
+    with pytest.warns(Image.DecompressionBombWarning):
+        source, height, width = open_image(data)
+    assert isinstance(source, Image.Image) and (height, width) == photo.shape[:2]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels)
+    assert open_image(data)[0] is data  # at the limit: torchvision's, as before
