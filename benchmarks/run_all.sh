@@ -107,6 +107,8 @@ if [[ $QUICK -eq 0 ]]; then
     bench extract_cpu $P benchmarks/extract_cpu.py
     bench scaling_cpu $P benchmarks/scaling_cpu.py
     bench bench_data $P tools/bench_data.py
+    # the photometry's passes: bandwidth in and beyond L2, its functions inside the pipeline and alone
+    bench photometry_memory $P benchmarks/photometry_memory.py
     # small images' crops: the resize kernel per crop against the batched matmuls; PNG decoding
     bench small_image_crops $P benchmarks/small_image_crops.py
     # docs/scaling.md: the activation model against measurement, and our configs' estimates
@@ -135,6 +137,7 @@ else
     bench extract_cpu $P benchmarks/extract_cpu.py --images 8 --batch 4 --size 56
     bench scaling_cpu $P benchmarks/scaling_cpu.py --global-batch 8 --steps 1 --warmup 0
     bench bench_data $P tools/bench_data.py --rounds 1 --repeats 1 --batches 2 --workers 1
+    bench photometry_memory $P benchmarks/photometry_memory.py --passes 1 --photos 2 --reps 2
     bench small_image_crops $P benchmarks/small_image_crops.py --rounds 1 --warmup 0
     bench memory_estimate $P benchmarks/memory_estimate.py --configs
     bench memory_estimate_ac env MALLOC_MMAP_THRESHOLD_=65536 $P benchmarks/memory_estimate.py --measure-child \
