@@ -18,6 +18,8 @@ setup(
         "torchvision>=0.21",
         "numpy",
         "pillow",
+        # the per-sample photometry on CPU (dinoscale/data/transforms/photometric_cpu.py); headless: no GUI libraries
+        "opencv-python-headless>=4.10",
         "webdataset>=0.2.100",
         "submitit>=1.5",
         "fvcore",

@@ -1,21 +1,22 @@
-"""Why the per-sample photometry costs what it costs: the machine's bandwidth in and beyond its L2 cache, and the
-photometry's heaviest functions timed inside the multi-crop pipeline and alone.
+"""Why the tensor implementation of the per-sample photometry costs what it costs: the machine's bandwidth in and
+beyond its L2 cache, and the photometry's heaviest functions timed inside the multi-crop pipeline and alone.
 
     python benchmarks/photometry_memory.py                 # the photos of tools/bench_data.py, 4 passes
     python benchmarks/photometry_memory.py --passes 2 --photos 8 --reps 20
 
-The photometry (``dinoscale.data.transforms.photometric``) is a chain of eager float32 tensor operations: each
-one reads and writes whole crops. Where those crops and their temporaries stay in the core's L2 cache, a pass runs
+The tensor photometry (``dinoscale.data.transforms.photometric``, the accelerator path, and on the CPU with
+``photometry_backend="torch"``; the default CPU path goes through OpenCV, ``photometric_cpu``, and calls none of the
+functions timed here) is a chain of eager float32 tensor operations: each one reads and writes whole crops. Where those crops and their temporaries stay in the core's L2 cache, a pass runs
 at the cache's bandwidth; where they do not, at what lies beyond it. Both parts run on one thread.
 
 * Bandwidth: ``torch.add(a, b, out=c)`` (three streams) and ``a.mul_(s)`` (two), on float32 tensors a sixth of
   the L2 cache in size (read from sysfs; 1 MiB assumed where it is not there), cycling through buffers that in all
   fill half of L2 (one triple: "in L2") or 16 times L2 ("beyond L2"). Printed: microseconds per call and GB/s
   moved.
-* The pipeline: ``MultiCropAugmentation`` (per-sample photometry, DINOv2's 2 x 224 + 8 x 96 crops) on the JPEG
-  photos ``tools/bench_data.py`` times, with three of the photometry's functions timed per call
-  (``time.perf_counter``): the uint8 -> float conversion ``_planar_float``, the hue rotation ``_adjust_hue`` and the
-  Gaussian blur ``_gaussian_blur``. The inputs of the first ``SAMPLED_CALLS`` calls of each function and input
+* The pipeline: ``MultiCropAugmentation(photometry_backend="torch")`` (per-sample tensor photometry, DINOv2's
+  2 x 224 + 8 x 96 crops) on the JPEG photos ``tools/bench_data.py`` times, with three of the photometry's functions
+  timed per call (``time.perf_counter``): the uint8 -> float conversion ``_planar_float``, the hue rotation
+  ``_adjust_hue`` and the Gaussian blur ``_gaussian_blur``. The inputs of the first ``SAMPLED_CALLS`` calls of each function and input
   shape are kept (copies), and each of those calls is then repeated alone, back to back (operands in cache), median
   of ``--reps``. Printed per function and input shape: calls per image, and over the kept calls (the same inputs
   both ways: the blur's work depends on its sigma) the median microseconds per call inside the pipeline and alone,
@@ -143,7 +144,7 @@ def timers(calls: dict, sampled: dict):
 def pipeline(photos: list[bytes], passes: int, reps: int) -> tuple[list[dict], float]:
     """Per (function, input shape): calls per image, and the median us per call inside the pipeline and alone over
     its sampled calls; and the pipeline's ms per image (timers included)."""
-    augment = MultiCropAugmentation()
+    augment = MultiCropAugmentation(photometry_backend="torch")
     for data in photos:  # warm-up, untimed
         augment(data)
     calls: dict[tuple, int] = {}
@@ -195,7 +196,8 @@ def main(argv=None) -> None:
     if args.photos:
         photos = photos[: args.photos]
     fn_rows, ms_per_image = pipeline(photos, args.passes, args.reps)
-    print(f"\nper-sample photometry in MultiCropAugmentation, {len(photos)} photos x {args.passes} passes: "
+    print(f"\nper-sample tensor photometry in MultiCropAugmentation(photometry_backend=\"torch\"), {len(photos)} "
+          f"photos x {args.passes} passes: "
           f"{ms_per_image:.2f} ms per image (with the timers)")
     print(f"  {'function':16s} {'input shape':18s} {'calls/image':>11} {'sampled':>7} {'inside us':>10} "
           f"{'alone us':>9} {'inside/alone':>12}")

@@ -3,14 +3,15 @@
 Photos: the real photos that ship with scikit-image (``skimage.data``, colour and grayscale, without the
 synthetic test images and those that need the optional ``pooch`` download) and scikit-learn's two sample
 images, each re-encoded as JPEG (quality 90) in memory: 22 photos with scikit-image 0.26. Printed figures,
-all single-threaded (``torch.set_num_threads(1)``) except the DataLoader one:
+all single-threaded (one torch thread and one OpenCV thread) except the DataLoader one:
 
 * decode only (PIL decode to RGB): what any pipeline that decodes with PIL pays;
 * the reference: ``DataAugmentationDINO`` from PyPI's ``dinov2`` wheel (facebookresearch/dinov2's code,
   ``pip install --no-deps dinov2==0.0.1.dev2``) on the PIL image decoded from the same bytes;
 * ours: :class:`dinoscale.data.transforms.multicrop.MultiCropAugmentation` on the JPEG bytes, per-sample
-  photometry on the CPU, and with ``photometric_on_device=True`` (geometry only on the CPU,
-  photometry timed separately as :func:`photometric_batch` on CPU batches);
+  photometry on the CPU (through OpenCV, the default, and with ``photometry_backend="torch"``, the tensor
+  implementation), and with ``photometric_on_device=True`` (geometry only on the CPU, photometry timed separately
+  as :func:`photometric_batch` on CPU batches);
 * end-to-end DataLoader throughput with W workers and :func:`collate_multicrop`.
 
 Both produce 2 x 224 and 8 x 96 crops with DINOv2's distribution (scales, colour jitter, grayscale, solarize),
@@ -49,6 +50,7 @@ from dinoscale.data.collate import collate_multicrop
 from dinoscale.data.transforms.masking import MaskingGenerator
 from dinoscale.data.transforms.multicrop import MultiCropAugmentation
 from dinoscale.data.transforms.photometric import photometric_batch
+from dinoscale.data.transforms.photometric_cpu import use_opencv_threads
 
 
 # Synthetic images (drawings, test patterns, masks) and a second copy of chelsea ("cat"): not photos.
@@ -217,6 +219,7 @@ def main():
     tuned = False if args.no_tune_allocator else keep_freed_memory()
     print(f"glibc keeps freed memory (keep_freed_memory): {tuned}")
     torch.set_num_threads(1)
+    use_opencv_threads(1)
     torch.manual_seed(0)
     photos = load_photos()
     data = [b for _, b in photos]
@@ -224,6 +227,7 @@ def main():
 
     reference = ReferenceDINOv2Augmentation()
     ours = MultiCropAugmentation(tune_allocator=tuned)
+    ours_tensor = MultiCropAugmentation(tune_allocator=tuned, photometry_backend="torch")
     ours_geometry = MultiCropAugmentation(photometric_on_device=True, tune_allocator=tuned)
     geometry_out = [ours_geometry(b) for b in data]
     g1 = torch.stack([o["global_crops"][0] for o in geometry_out])
@@ -239,6 +243,7 @@ def main():
         "decode only": (decode_only, data),
         "reference: dinov2 DataAugmentationDINO": (reference, data),
         "ours (per-sample photometry)": (ours, data),
+        "ours, tensor photometry (photometry_backend=torch)": (ours_tensor, data),
         "ours, geometry only (photometric_on_device)": (ours_geometry, data),
     }
     for fn, items in pipelines.values():  # warm-up
@@ -262,9 +267,11 @@ def main():
     print(f"  {'photometric_batch on CPU (batched, per image)':48s} {1.0 / best_photometric:8.1f} images/s  "
           f"({best_photometric * 1e3:6.2f} ms/image)")
     ratio = best["reference: dinov2 DataAugmentationDINO"] / best["ours (per-sample photometry)"]
-    ratio_geometry = best["reference: dinov2 DataAugmentationDINO"] / best["ours, geometry only (photometric_on_device)"]
-    print(f"  speed-up vs reference: {ratio:.2f}x (per-sample photometry), "
-          f"{ratio_geometry:.2f}x (photometric_on_device, CPU part)")
+    reference_time = best["reference: dinov2 DataAugmentationDINO"]
+    ratio_tensor = reference_time / best["ours, tensor photometry (photometry_backend=torch)"]
+    ratio_geometry = reference_time / best["ours, geometry only (photometric_on_device)"]
+    print(f"  speed-up vs reference: {ratio:.2f}x (per-sample photometry), {ratio_tensor:.2f}x (the same with the "
+          f"tensor photometry), {ratio_geometry:.2f}x (photometric_on_device, CPU part)")
     q1, median, q3 = np.percentile(round_ratios, [25, 50, 75])
     print(f"  the same, round by round (the two passes of a round run back to back): median {median:.2f}x "
           f"(quartiles {q1:.2f}x-{q3:.2f}x, range {min(round_ratios):.2f}x-{max(round_ratios):.2f}x over "

@@ -18,6 +18,7 @@ from dinoscale.data.seeding import derive_seed
 from dinoscale.data.skips import SkipTally
 from dinoscale.data.sources.shards import ShardDataset
 from dinoscale.data.steps import BatchRecipe, MapStyleSteps, StepCounter, build_shard_steps
+from dinoscale.data.transforms.photometric_cpu import use_opencv_threads
 from dinoscale.data.streams import StreamGroups
 
 
@@ -26,15 +27,17 @@ def _no_collate(item: Any) -> Any:
     return item
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """Workers leave SLURM's/scancel's stop signals to the main process.
+def _init_worker(_worker_id: int) -> None:
+    """Workers leave SLURM's/scancel's stop signals to the main process, and run OpenCV on one thread.
 
     SLURM, ``timeout`` and job schedulers signal the whole process group. A worker killed by that signal would
     crash the trainer before it can save its checkpoint at the next step boundary; the main process ends the
-    workers itself when it exits.
+    workers itself when it exits. DataLoader gives each worker one torch thread; OpenCV (the per-sample photometry)
+    would otherwise start a thread per core in every worker (a forked worker already has one: ``photometric_cpu``).
     """
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    use_opencv_threads(torch.get_num_threads())
 
 
 class PretrainLoader:
@@ -75,7 +78,7 @@ class PretrainLoader:
         if not isinstance(steps, IterableDataset):
             kwargs["sampler"] = StepCounter(start_step)
         if num_workers > 0:
-            kwargs["worker_init_fn"] = _ignore_stop_signals
+            kwargs["worker_init_fn"] = _init_worker
             kwargs["persistent_workers"] = persistent_workers
             if prefetch_factor is not None:
                 kwargs["prefetch_factor"] = prefetch_factor
@@ -114,7 +117,7 @@ class PretrainLoader:
         """Stop the worker processes now.
 
         Dropping the iterator is not enough: with persistent workers the DataLoader keeps its own reference to it,
-        and the workers ignore SIGTERM (see ``_ignore_stop_signals``), so a process that still had them when it
+        and the workers ignore SIGTERM (see ``_init_worker``), so a process that still had them when it
         exits would wait for them forever (multiprocessing's exit handler terminates and then joins them).
         """
         ours, kept = self._iterator, getattr(self._dataloader, "_iterator", None)  # kept: persistent workers

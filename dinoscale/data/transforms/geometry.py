@@ -88,14 +88,17 @@ def crop_boxes_from_uniforms(
     return boxes
 
 
-def resized_crop(chw: torch.Tensor, box: Sequence[int], size: int, flip: bool) -> torch.Tensor:
-    """Crop ``box`` out of a uint8 (3,H,W) image, resize to ``size`` (bicubic, antialiased), flip."""
+def resized_crop(
+    chw: torch.Tensor, box: Sequence[int], size: int, flip: bool, channels_last: bool = False
+) -> torch.Tensor:
+    """Crop ``box`` out of a uint8 (3,H,W) image, resize to ``size`` (bicubic, antialiased), flip; a contiguous
+    (1,3,S,S) crop, in channels-last memory with ``channels_last``."""
     top, left, box_h, box_w = box
     patch = chw[:, top : top + box_h, left : left + box_w].unsqueeze(0)
     if (box_h, box_w) != (size, size):
         # torch has a vectorised uint8 kernel for antialiased bicubic resizing on CPU; elsewhere
-        # (e.g. a CUDA tensor input) go through float32. (A channels-last copy of the box first makes the
-        # kernel 15% faster, but its channels-last output then costs as much to make planar: measured no gain.)
+        # (e.g. a CUDA tensor input) go through float32. The kernel is fastest on channels-last pixels (which the
+        # decoders give), and so is the OpenCV photometry (photometric_cpu); a planar crop costs one more copy.
         if patch.device.type == "cpu":
             patch = F.interpolate(patch, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         else:
@@ -105,7 +108,7 @@ def resized_crop(chw: torch.Tensor, box: Sequence[int], size: int, flip: bool) -
             patch = patch.clamp_(0, 255).round_().to(torch.uint8)
     if flip:
         patch = patch.flip(3)
-    return patch.contiguous()
+    return patch.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 #: Images of at most this many pixels have their crops resized by batched matmuls (:func:`resized_crops`).
@@ -113,17 +116,22 @@ SMALL_IMAGE_PIXELS = 48 * 48
 
 
 def resized_crops(
-    chw: torch.Tensor, boxes: Sequence[Sequence[int]], sizes: Sequence[int], flips: Sequence[bool]
+    chw: torch.Tensor,
+    boxes: Sequence[Sequence[int]],
+    sizes: Sequence[int],
+    flips: Sequence[bool],
+    channels_last: bool = False,
 ) -> List[torch.Tensor]:
     """Each box of a uint8 (3,H,W) image resized to its size (bicubic, antialiased) and flipped: a list of uint8
-    (1,3,S,S) crops, as :func:`resized_crop` per box.
+    (1,3,S,S) crops, as :func:`resized_crop` per box (``channels_last``: see there; a small image's crops come in
+    the layout of the matmuls below).
 
     A CPU image of at most :data:`SMALL_IMAGE_PIXELS` pixels (Fashion-MNIST, CIFAR) has all its crops made by
     :func:`_resized_crops_by_matmul` instead, two matmuls for all of them: on such images one call of the resize
     kernel costs more than its pixels (``python benchmarks/small_image_crops.py``).
     """
     if chw.device.type != "cpu" or chw.shape[1] * chw.shape[2] > SMALL_IMAGE_PIXELS or not sizes:
-        return [resized_crop(chw, box, size, flip) for box, size, flip in zip(boxes, sizes, flips)]
+        return [resized_crop(chw, box, size, flip, channels_last) for box, size, flip in zip(boxes, sizes, flips)]
     return _resized_crops_by_matmul(chw, boxes, sizes, flips)
 
 

@@ -8,10 +8,11 @@ Why it is fast: the image is decoded once (JPEG bytes at reduced size through PI
 every crop is downsampled by at least 2x anyway, else by torchvision's decoder, as are 8-bit grey and RGB PNGs;
 the size comes from the JPEG or PNG header without PIL); the boxes and flips come from one RNG call; each crop is
 cut out of the uint8 array and resized by one antialiased uint8 kernel (on a small image, all crops by two batched
-matmuls: ``geometry.resized_crops``); the photometry (``photometric.photometric_sample``) draws once per
-image and runs per global crop and once for all local crops; and
-:func:`dinoscale.cpu_malloc.keep_freed_memory` stops glibc from returning the temporaries' memory to the kernel
-after every call (measured: hue rotation of a 224 x 224 crop 1.6 ms instead of 0.26 ms).
+matmuls: ``geometry.resized_crops``), into channels-last memory; the photometry draws once per image and runs
+per crop through OpenCV on channels-last float32 pixels (``photometric_cpu.photometric_sample_cpu``: one SIMD pass
+per colour step, where the tensor implementation makes dozens); and :func:`dinoscale.cpu_malloc.keep_freed_memory`
+stops glibc from returning the temporaries' memory to the kernel after every call (measured: hue rotation of a
+224 x 224 crop 1.6 ms instead of 0.26 ms).
 ``tools/bench_data.py`` measures it against facebookresearch/dinov2's own pipeline.
 
 All randomness comes from torch's random number generators, so a data loader that seeds torch per
@@ -45,6 +46,12 @@ from dinoscale.data.transforms.decode import ImageInput, decode_for_boxes, open_
 from dinoscale.data.transforms.geometry import BOX_PROPOSALS, crop_boxes_from_uniforms, resized_crops
 from dinoscale.data.transforms.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dinoscale.data.transforms.photometric import photometric_sample
+from dinoscale.data.transforms.photometric_cpu import photometric_sample_cpu
+
+#: How the per-sample photometry runs on the CPU: "opencv" (:mod:`~dinoscale.data.transforms.photometric_cpu`, the
+#: default, about twice as fast) or "torch" (:func:`~dinoscale.data.transforms.photometric.photometric_sample`, the
+#: tensor operations of the accelerator path, bit for bit).
+PHOTOMETRY_BACKENDS = ("opencv", "torch")
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,9 @@ class MultiCropAugmentation:
     the trainer applies :func:`~dinoscale.data.transforms.photometric.photometric_collated` (or
     :func:`photometric_batch` per slot) to the collated batch on its device. ``ratio`` is the
     RandomResizedCrop aspect-ratio range; ``tune_allocator`` calls
-    :func:`dinoscale.cpu_malloc.keep_freed_memory` on the first call in each process.
+    :func:`dinoscale.cpu_malloc.keep_freed_memory` on the first call in each process. ``photometry_backend`` picks
+    the per-sample photometry's implementation (:data:`PHOTOMETRY_BACKENDS`; both draw the same parameters and agree
+    to float32 rounding).
 
     ``gram_crops_size`` adds ``"gram_crops": [g1, g2]``, the global crops at that size (see the module
     docstring; needs the photometry here, not on the device). With ``resolutions``, :meth:`at_step` gives the
@@ -126,6 +135,7 @@ class MultiCropAugmentation:
         tune_allocator: bool = True,
         gram_crops_size: Optional[int] = None,
         resolutions: Optional[CropResolutions] = None,
+        photometry_backend: str = "opencv",
     ):
         for name, scale in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
             if len(scale) != 2 or not (0.0 < scale[0] <= scale[1] <= 1.0):
@@ -149,6 +159,8 @@ class MultiCropAugmentation:
                 "Gram crops share the global crops' photometry, which runs once at the larger size in the data "
                 "loader: set photometric_on_device=False (crops.photometric_on_device)"
             )
+        if photometry_backend not in PHOTOMETRY_BACKENDS:
+            raise ValueError(f"photometry_backend must be one of {PHOTOMETRY_BACKENDS}, got {photometry_backend!r}")
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ValueError(f"mean and std must have 3 entries with std > 0, got mean={mean}, std={std}")
         self.global_crops_scale = tuple(global_crops_scale)
@@ -163,6 +175,7 @@ class MultiCropAugmentation:
         self.tune_allocator = bool(tune_allocator)
         self.gram_crops_size = None if gram_crops_size is None else int(gram_crops_size)
         self.resolutions = resolutions
+        self.photometry_backend = photometry_backend
 
     def at_step(self, step: int, seed: int) -> "MultiCropAugmentation":
         """The transform of global ``step`` of a run seeded ``seed``: with ``resolutions``, a copy with the step's
@@ -180,7 +193,7 @@ class MultiCropAugmentation:
             f"local_crops_scale={self.local_crops_scale}, local_crops_number={self.local_crops_number}, "
             f"global_crops_size={self.global_crops_size}, local_crops_size={self.local_crops_size}, "
             f"photometric_on_device={self.photometric_on_device}, gram_crops_size={self.gram_crops_size}, "
-            f"resolutions={self.resolutions})"
+            f"resolutions={self.resolutions}, photometry_backend={self.photometry_backend!r})"
         )
 
     def sample_geometry(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -226,7 +239,8 @@ class MultiCropAugmentation:
         chw, pixel_boxes = decode_for_boxes(
             source, height, width, boxes, sizes, allow_draft=own_pil, data=image if own_pil else None
         )
-        crops = resized_crops(chw, pixel_boxes, sizes, flips)
+        opencv = self.photometry_backend == "opencv" and not self.photometric_on_device
+        crops = resized_crops(chw, pixel_boxes, sizes, flips, channels_last=opencv)
         params: Dict[str, Any] = {}
         if return_params:
             params["boxes"], params["flips"] = _geometry_tensors(boxes, flips)
@@ -237,7 +251,7 @@ class MultiCropAugmentation:
                 "local_crops": [c[0] for c in crops[2:]],
             }
         else:
-            photometry = photometric_sample(
+            photometry = (photometric_sample_cpu if opencv else photometric_sample)(
                 crops[:2], crops[2:], mean=self.mean, std=self.std, return_params=return_params
             )
             if return_params:  # the parameters as tensors only when asked for

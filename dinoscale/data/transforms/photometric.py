@@ -12,10 +12,12 @@ probabilities are used (see ``BLUR_PROBABILITY``).
 Why it is fast: the colour operations are float32 tensor ops written for few passes and few calls (a
 3-step hue rotation without an HSV round trip, jitter steps as one lerp each over only the images they change,
 separable blur as shifted multiply-adds, solarize without a boolean mask, per-image decisions in numpy,
-constants as cached 0-dim tensors). The same code runs per sample (on CPU, in the data loader:
-:func:`photometric_sample`, called by :class:`dinoscale.data.transforms.multicrop.MultiCropAugmentation`) and per
-batch on the accelerator (``photometric_on_device=True``: :func:`photometric_batch` via
-:func:`photometric_collated`), so both paths share their distribution by construction.
+constants as cached 0-dim tensors). The same code runs per batch on the accelerator (``photometric_on_device=True``:
+:func:`photometric_batch` via :func:`photometric_collated`) and per sample (:func:`photometric_sample`, which
+:class:`dinoscale.data.transforms.multicrop.MultiCropAugmentation` calls with ``photometry_backend="torch"``), so
+those two share their distribution by construction. The default per-sample path on the CPU is
+:mod:`dinoscale.data.transforms.photometric_cpu`: the same draws and operations through OpenCV, equal to these to
+float32 rounding (tested).
 
 All randomness comes from torch's random number generators (the global one unless a ``generator`` is
 passed).
@@ -462,20 +464,25 @@ def photometric_sample(
     return globals_out, local_out
 
 
-def _planar_float(crops: torch.Tensor) -> torch.Tensor:
-    """Checked (B,3,H,W) uint8 or float crops as a new planar float32 tensor in [0, 1]."""
+def check_crops(crops: torch.Tensor) -> None:
+    """Raise unless ``crops`` is (B,3,H,W), uint8 or floating point, and large enough for the blur's padding."""
     if crops.dim() != 4 or crops.shape[1] != 3:
         raise ValueError(f"crops must have shape (B,3,H,W), got {tuple(crops.shape)}")
     if crops.shape[0] > 0 and min(crops.shape[-2:]) < BLUR_KERNEL_SIZE // 2 + 1:
         # Reflect padding needs more pixels than the kernel's half width.
         raise ValueError(f"crops must be at least {BLUR_KERNEL_SIZE // 2 + 1} pixels wide, got {tuple(crops.shape)}")
+    if crops.dtype != torch.uint8 and not crops.is_floating_point():
+        raise TypeError(f"crops must be uint8 or floating point, got {crops.dtype}")
+
+
+def _planar_float(crops: torch.Tensor) -> torch.Tensor:
+    """Checked (B,3,H,W) uint8 or float crops as a new planar float32 tensor in [0, 1]."""
+    check_crops(crops)
     # planar float32 whatever the crops' layout (the colour ops work on channel planes)
     if crops.dtype == torch.uint8:
         x = crops.to(torch.float32, memory_format=torch.contiguous_format)
         return x.mul_(_scalar(1.0 / 255.0, x.device))
-    if crops.is_floating_point():
-        return crops.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    raise TypeError(f"crops must be uint8 or floating point, got {crops.dtype}")
+    return crops.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
 def _apply_photometric(
