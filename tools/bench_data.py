@@ -243,7 +243,7 @@ def main():
         "decode only": (decode_only, data),
         "reference: dinov2 DataAugmentationDINO": (reference, data),
         "ours (per-sample photometry)": (ours, data),
-        "ours, tensor photometry (photometry_backend=torch)": (ours_tensor, data),
+        'ours, tensor photometry (backend "torch")': (ours_tensor, data),
         "ours, geometry only (photometric_on_device)": (ours_geometry, data),
     }
     for fn, items in pipelines.values():  # warm-up
@@ -260,7 +260,7 @@ def main():
         # Batched photometry over the same crops, per image (the trainer runs this on the GPU).
         best_photometric = min(best_photometric, time_pass(photometric_only, [None], args.repeats) / len(data))
 
-    print("\nper core (torch.set_num_threads(1)), decode + 2x224 + 8x96 crops, best of "
+    print("\nper core (one torch thread, one OpenCV thread), decode + 2x224 + 8x96 crops, best of "
           f"{args.rounds} rounds x {args.repeats} passes x {len(data)} photos:")
     for name, seconds in best.items():
         print(f"  {name:48s} {1.0 / seconds:8.1f} images/s  ({seconds * 1e3:6.2f} ms/image)")
@@ -268,7 +268,7 @@ def main():
           f"({best_photometric * 1e3:6.2f} ms/image)")
     ratio = best["reference: dinov2 DataAugmentationDINO"] / best["ours (per-sample photometry)"]
     reference_time = best["reference: dinov2 DataAugmentationDINO"]
-    ratio_tensor = reference_time / best["ours, tensor photometry (photometry_backend=torch)"]
+    ratio_tensor = reference_time / best['ours, tensor photometry (backend "torch")']
     ratio_geometry = reference_time / best["ours, geometry only (photometric_on_device)"]
     print(f"  speed-up vs reference: {ratio:.2f}x (per-sample photometry), {ratio_tensor:.2f}x (the same with the "
           f"tensor photometry), {ratio_geometry:.2f}x (photometric_on_device, CPU part)")
