@@ -441,11 +441,8 @@ def photometric_sample(
     parameters per slot, ``{"global1": ..., "global2": ..., "local": ...}`` (see
     :func:`sample_photometric_params`).
     """
-    if len(global_crops) != 2:
-        raise ValueError(f"expected 2 global crops, got {len(global_crops)}")
+    p, slots = draw_sample_params(len(global_crops), len(local_crops))
     n_local = len(local_crops)
-    p = _draw_photometric_params(["global1", "global2"] + ["local"] * n_local, 2 + n_local, None)
-    slots = {"global1": slice(0, 1), "global2": slice(1, 2), "local": slice(2, 2 + n_local)}
     globals_out = [
         _apply_photometric(_planar_float(crop), {k: v[slots[kind]] for k, v in p.items()}, mean, std)[0]
         for crop, kind in zip(global_crops, ("global1", "global2"))
@@ -459,9 +456,23 @@ def photometric_sample(
         for row, i in zip(x.unbind(0), work_order):
             local_out[i] = row
     if return_params:
-        return globals_out, local_out, {kind: _params_to_torch({k: v[rows] for k, v in p.items()})
-                                        for kind, rows in slots.items()}
+        return globals_out, local_out, params_by_slot(p, slots)
     return globals_out, local_out
+
+
+def draw_sample_params(n_global: int, n_local: int) -> Tuple[Dict[str, np.ndarray], Dict[str, slice]]:
+    """The one parameter draw of a sample's crops (torch's global RNG), shared by both per-sample implementations
+    (:func:`photometric_sample`, :func:`dinoscale.data.transforms.photometric_cpu.photometric_sample_cpu`): rows
+    ``global1``, ``global2``, then the local crops, and the rows of each slot."""
+    if n_global != 2:
+        raise ValueError(f"expected 2 global crops, got {n_global}")
+    p = _draw_photometric_params(["global1", "global2"] + ["local"] * n_local, 2 + n_local, None)
+    return p, {"global1": slice(0, 1), "global2": slice(1, 2), "local": slice(2, 2 + n_local)}
+
+
+def params_by_slot(p: Dict[str, np.ndarray], slots: Dict[str, slice]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """A sample's draw as the parameters of each slot (see :func:`sample_photometric_params`)."""
+    return {kind: _params_to_torch({k: v[rows] for k, v in p.items()}) for kind, rows in slots.items()}
 
 
 def check_crops(crops: torch.Tensor) -> None:

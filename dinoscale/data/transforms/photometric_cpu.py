@@ -1,7 +1,7 @@
 """DINOv2's per-sample photometry on the CPU through OpenCV: :func:`photometric_sample_cpu`.
 
 The same distribution as :mod:`dinoscale.data.transforms.photometric` (the tensor implementation that also runs on
-the accelerator): the same single parameter draw (:func:`photometric._draw_photometric_params`), then per crop the
+the accelerator): the same single parameter draw (:func:`photometric.draw_sample_params`), then per crop the
 same operations in the same order. Only the arithmetic differs, by float32 rounding: the results agree with
 :func:`photometric.photometric_batch`'s to about 1e-6 (``tests/data/transforms/test_photometric_cpu.py``).
 
@@ -45,10 +45,10 @@ import torch  # noqa: E402
 from dinoscale.data.transforms.normalize import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from dinoscale.data.transforms.photometric import (  # noqa: E402
     _LUMA,
-    _draw_photometric_params,
-    _params_to_torch,
     _solarize,
     check_crops,
+    draw_sample_params,
+    params_by_slot,
 )
 
 # The process may hold an OpenCV pool inherited through fork (stale: its threads did not survive) when OpenCV was
@@ -174,17 +174,12 @@ def photometric_sample_cpu(
     Returns ``([g1, g2], [l1, ...])`` of planar (3,S,S) float32 tensors; with ``return_params=True`` also the
     parameters per slot, ``{"global1": ..., "global2": ..., "local": ...}``.
     """
-    if len(global_crops) != 2:
-        raise ValueError(f"expected 2 global crops, got {len(global_crops)}")
-    n_local = len(local_crops)
-    p = _draw_photometric_params(["global1", "global2"] + ["local"] * n_local, 2 + n_local, None)
+    p, slots = draw_sample_params(len(global_crops), len(local_crops))
     # (x - mean) / std per channel as one 3 x 4 colour matrix
     normalise = np.zeros((3, 4), np.float32)
     for c in range(3):
         normalise[c, c], normalise[c, 3] = 1.0 / std[c], -mean[c] / std[c]
     out = [_photometry(crop, p, i, normalise) for i, crop in enumerate([*global_crops, *local_crops])]
     if return_params:
-        slots = {"global1": slice(0, 1), "global2": slice(1, 2), "local": slice(2, 2 + n_local)}
-        return out[:2], out[2:], {kind: _params_to_torch({k: v[rows] for k, v in p.items()})
-                                  for kind, rows in slots.items()}
+        return out[:2], out[2:], params_by_slot(p, slots)
     return out[:2], out[2:]
