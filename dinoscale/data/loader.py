@@ -18,8 +18,8 @@ from dinoscale.data.seeding import derive_seed
 from dinoscale.data.skips import SkipTally
 from dinoscale.data.sources.shards import ShardDataset
 from dinoscale.data.steps import BatchRecipe, MapStyleSteps, StepCounter, build_shard_steps
-from dinoscale.data.transforms.photometric_cpu import use_opencv_threads
 from dinoscale.data.streams import StreamGroups
+from dinoscale.data.transforms.photometric_cpu import use_opencv_threads
 
 
 def _no_collate(item: Any) -> Any:

@@ -49,8 +49,9 @@ from dinoscale.data.transforms.photometric import photometric_sample
 from dinoscale.data.transforms.photometric_cpu import photometric_sample_cpu
 
 #: How the per-sample photometry runs on the CPU: "opencv" (:mod:`~dinoscale.data.transforms.photometric_cpu`, the
-#: default, about twice as fast) or "torch" (:func:`~dinoscale.data.transforms.photometric.photometric_sample`, the
-#: tensor operations of the accelerator path, bit for bit).
+#: default, 1.7x as fast in ``python tools/bench_data.py``) or "torch"
+#: (:func:`~dinoscale.data.transforms.photometric.photometric_sample`, the tensor operations of the accelerator path,
+#: bit for bit; also what runs on the crops of an image given as an accelerator tensor).
 PHOTOMETRY_BACKENDS = ("opencv", "torch")
 
 
@@ -239,7 +240,7 @@ class MultiCropAugmentation:
         chw, pixel_boxes = decode_for_boxes(
             source, height, width, boxes, sizes, allow_draft=own_pil, data=image if own_pil else None
         )
-        opencv = self.photometry_backend == "opencv" and not self.photometric_on_device
+        opencv = self.photometry_backend == "opencv" and not self.photometric_on_device and chw.device.type == "cpu"
         crops = resized_crops(chw, pixel_boxes, sizes, flips, channels_last=opencv)
         params: Dict[str, Any] = {}
         if return_params:

@@ -219,3 +219,15 @@ def test_crop_sizes_are_drawn_per_step_from_the_seed_and_step_alone(photo, multi
         CropResolutions(global_sizes=(32,), local_sizes=(16,), gram_sizes=(None,), weights=(0.0,))
     with pytest.raises(ValueError, match="photometric_on_device"):
         multicrop.small_aug(resolutions=rank0, photometric_on_device=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_image_on_the_accelerator_gets_the_tensor_photometry_there(photo, multicrop):
+    """OpenCV works on CPU pixels: an image given as a CUDA tensor keeps the tensor photometry, on its device."""
+    chw = torch.from_numpy(photo).permute(2, 0, 1).contiguous()
+    torch.manual_seed(4)
+    cpu = multicrop.small_aug(photometry_backend="torch")(chw)
+    torch.manual_seed(4)
+    gpu = multicrop.small_aug()(chw.cuda())
+    for a, b in zip(cpu["global_crops"] + cpu["local_crops"], gpu["global_crops"] + gpu["local_crops"]):
+        assert b.device.type == "cuda" and b.shape == a.shape
