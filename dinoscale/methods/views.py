@@ -50,6 +50,7 @@ def multicrop_transform(crops: DictConfig, *, local_crops_number: int, gram: boo
         global_crops_size=crops.global_crops_size,
         local_crops_size=crops.local_crops_size,
         photometric_on_device=crops.photometric_on_device,
+        photometry_backend=crops.photometry_backend,
         gram_crops_size=crops.gram_crops_size,
         resolutions=resolutions,
     )

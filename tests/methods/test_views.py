@@ -55,3 +55,21 @@ def test_gram_crops_need_gram_anchoring(tiny_config):
     with pytest.raises(ValueError, match="gram.enabled"):
         build_method(tiny_config("dinov2", "crops.gram_crops_size=32")).build_transform()
     build_method(tiny_config("dinov2", "crops.gram_crops_size=32", "gram.enabled=true")).build_transform()
+
+
+def test_the_photometry_backend_comes_from_the_config(tiny_config):
+    """``crops.photometry_backend`` picks the per-sample photometry's implementation; another value is refused when
+    the transform is built."""
+    default = build_method(tiny_config("dinov2", "crops.photometric_on_device=false")).build_transform()
+    assert default.photometry_backend == "opencv"
+    tensor = build_method(tiny_config("dinov2", "crops.photometric_on_device=false",
+                                      "crops.photometry_backend=torch")).build_transform()
+    assert tensor.photometry_backend == "torch"
+    torch.manual_seed(0)
+    a = default(IMAGES[0][0])
+    torch.manual_seed(0)
+    b = tensor(IMAGES[0][0])
+    for x, y in zip(a["global_crops"] + a["local_crops"], b["global_crops"] + b["local_crops"]):
+        assert (x - y).abs().max().item() < 5e-5
+    with pytest.raises(ValueError, match="photometry_backend must be one of"):
+        build_method(tiny_config("dinov2", "crops.photometry_backend=pil")).build_transform()
