@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks on one CUDA device, sized for a single H100 (under 10 minutes in all); installs nothing.
+# GPU checks on one CUDA device, sized for a single H100 (under 10 minutes in all); fetches nothing.
 #
 #   1. the gpu-marked tests:  python -m pytest -m gpu   (xformers == SDPA, a bf16 FSDP2 DINOv2 step)
 #   2. a ViT-L/14 DINOv2 training step (2x224 + 8x98 crops, batch 32, bf16 autocast, fused AdamW, EMA):
@@ -12,6 +12,13 @@
 #   bash benchmarks/gpu.sh --commit "$(git rev-parse HEAD)"   # results under benchmarks/gpu_results/<UTC time>/
 #   bash benchmarks/gpu.sh --commit SHA --out DIR             # results in DIR
 #   bash benchmarks/gpu.sh --dry-run                          # print the plan and check the CPU side (no GPU needed)
+#   bash benchmarks/gpu.sh --wheels .whl --commit SHA         # first install the wheels in .whl (for this run only)
+#
+# A lent GPU machine fetches nothing and lacks some requirements: make their wheels here with
+# `bash benchmarks/gpu_wheels.sh` (into .whl/, about 0.5 MB), carry .whl along and pass --wheels .whl. They are
+# installed into a temporary folder put on PYTHONPATH, nothing else on the machine changes. Before any part runs,
+# every requirement of setup.py is checked (benchmarks/check_requirements.py, recorded in env.txt); a missing one
+# stops the run at once, by name.
 #
 # --commit names the commit the caller copied to this machine. Give it: a copy of the working tree may carry a
 # stale .git (`git rev-parse HEAD` on the device named 78ef1bf for runs made at 0278b9c and e68dcbd). Without it
@@ -27,6 +34,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
 OUT=""
 COMMIT=""
+WHEELS=""
 DRY_RUN=0
 TESTS_LIMIT_S=90
 EAGER_LIMIT_S=90
@@ -39,8 +47,9 @@ while [[ $# -gt 0 ]]; do
         --dry-run) DRY_RUN=1; shift ;;
         --out) [[ $# -ge 2 ]] || { echo "gpu.sh: --out needs a directory" >&2; exit 2; }; OUT="$2"; shift 2 ;;
         --commit) [[ $# -ge 2 ]] || { echo "gpu.sh: --commit needs a commit id" >&2; exit 2; }; COMMIT="$2"; shift 2 ;;
-        -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
-        *) echo "gpu.sh: unknown argument '$1' (use --commit SHA, --out DIR, --dry-run)" >&2; exit 2 ;;
+        --wheels) [[ $# -ge 2 ]] || { echo "gpu.sh: --wheels needs a directory" >&2; exit 2; }; WHEELS="$2"; shift 2 ;;
+        -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        *) echo "gpu.sh: unknown argument '$1' (use --commit SHA, --out DIR, --wheels DIR, --dry-run)" >&2; exit 2 ;;
     esac
 done
 if [[ -n $COMMIT && ! $COMMIT =~ ^[0-9a-f]{7,40}$ ]]; then
@@ -51,6 +60,22 @@ if [[ -z $COMMIT ]]; then
     echo "gpu.sh: WARNING: no --commit given; env.txt will say 'commit: unverified' (this copy's .git may be stale)" >&2
 fi
 OUT=${OUT:-benchmarks/gpu_results/$(date -u +%Y%m%dT%H%M%SZ)}
+if [[ -n $WHEELS ]]; then
+    shopt -s nullglob
+    wheels=("$WHEELS"/*.whl)
+    shopt -u nullglob
+    if [[ ${#wheels[@]} -eq 0 ]]; then
+        echo "gpu.sh: no wheels in '$WHEELS' (make them with: bash benchmarks/gpu_wheels.sh $WHEELS)" >&2
+        exit 2
+    fi
+    SITE=$(mktemp -d -t dinoscale-wheels.XXXXXX)
+    trap 'rm -rf "$SITE"' EXIT
+    if ! "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --target "$SITE" "${wheels[@]}"; then
+        echo "gpu.sh: installing the wheels in '$WHEELS' failed" >&2
+        exit 1
+    fi
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
 if [[ $DRY_RUN -eq 0 ]] && ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu.sh: torch sees no CUDA device; nothing to do (use --dry-run to check the script)" >&2
     exit 1
@@ -105,6 +130,13 @@ print('device', torch.cuda.get_device_name(0))"
         nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
     fi
 } | tee "$OUT/env.txt"
+
+# Every requirement of setup.py before anything runs: a missing one is named now, not minutes into a part.
+if ! "$PYTHON" benchmarks/check_requirements.py 2>&1 | tee -a "$OUT/env.txt"; then
+    echo "gpu.sh: requirements missing; make their wheels with 'bash benchmarks/gpu_wheels.sh' where pip works," \
+         "carry .whl along and pass --wheels .whl" | tee -a "$OUT/summary.txt" >&2
+    exit 1
+fi
 
 if [[ $DRY_RUN -eq 1 ]]; then
     echo "dry run: nothing is executed on a GPU; results would go to $OUT" | tee "$OUT/summary.txt"

@@ -98,9 +98,51 @@ def _xformers_cuda_problem(device: torch.device | str = "cuda") -> str | None:
                 xops.memory_efficient_attention(q, q, q)
                 _xformers_cuda_problem_cache = None
             except Exception as e:  # NotImplementedError (no kernels), RuntimeError (e.g. no kernel for this GPU)
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                _xformers_cuda_problem_cache = f"xformers has no usable CUDA kernel here ({first_line})"
+                summary = _xformers_failure_summary(str(e)) or type(e).__name__
+                built_for = _xformers_build_mismatch()
+                if built_for:
+                    summary += f"; {built_for}"
+                _xformers_cuda_problem_cache = f"xformers has no usable CUDA kernel here ({summary})"
     return _xformers_cuda_problem_cache
+
+
+def _xformers_failure_summary(message: str) -> str:
+    """One line from xformers' dispatch error: its first line and each operator's reasons.
+
+    The error reads ``No operator found for `NAME` with inputs:``, the inputs, then per operator
+    ```OP` is not supported because:`` and one indented reason per line; the inputs are left out.
+    """
+    lines = message.strip().splitlines()
+    if not lines:
+        return ""
+    head = lines[0].strip().removesuffix(":").replace(" with inputs", "")
+    reasons: dict[str, list[str]] = {}
+    op = None
+    for line in lines[1:]:
+        if line.endswith("is not supported because:") and line.startswith("`"):
+            op = line.split("`")[1]
+            reasons[op] = []
+        elif op is not None and line.startswith("    ") and line.strip():
+            reasons[op].append(line.strip())
+        else:
+            op = None
+    if not reasons:
+        return head
+    return head + ": " + "; ".join(f"{name}: {', '.join(why) or '?'}" for name, why in reasons.items())
+
+
+def _xformers_build_mismatch() -> str:
+    """What xformers said when its compiled library did not load (the torch/CUDA it was built for), or ""."""
+    try:
+        from xformers import _cpp_lib  # private; read defensively
+
+        problem = getattr(_cpp_lib, "_cpp_library_load_exception", None)
+    except Exception:
+        return ""
+    if problem is None:
+        return ""
+    lines = [line.strip() for line in str(problem).splitlines() if line.strip().startswith(("PyTorch", "Python"))]
+    return "xformers was built for " + ", ".join(lines) if lines else str(problem).strip().splitlines()[0]
 
 
 def _warn_xformers_fallback(reason: str) -> None:

@@ -130,7 +130,7 @@ def test_xformers_without_kernels_is_detected_once(monkeypatch):
     monkeypatch.setattr(attention_module, "_xformers_cuda_problem_cache", attention_module._UNSET)
     problem = attention_module._xformers_cuda_problem("cpu")
     assert problem == ("xformers has no usable CUDA kernel here "
-                       "(No operator found for `memory_efficient_attention_forward` with inputs:)")
+                       "(No operator found for `memory_efficient_attention_forward`)")
     assert attention_module._xformers_cuda_problem("cpu") == problem and len(calls) == 1
 
     class Works:
@@ -144,6 +144,27 @@ def test_xformers_without_kernels_is_detected_once(monkeypatch):
     monkeypatch.setattr(attention_module, "_xformers_ops_cache", None)
     monkeypatch.setattr(attention_module, "_xformers_cuda_problem_cache", attention_module._UNSET)
     assert attention_module._xformers_cuda_problem("cpu") == "xformers could not be imported"
+
+
+def test_xformers_failure_summary_names_each_operator_and_its_reasons():
+    # the layout of xformers' dispatch error (xformers/ops/fmha/dispatch.py), as 0.0.35 raised it beside torch 2.11
+    message = (
+        "No operator found for `memory_efficient_attention_forward` with inputs:\n"
+        "     query       : shape=(1, 8, 1, 64) (torch.bfloat16)\n"
+        "     key         : shape=(1, 8, 1, 64) (torch.bfloat16)\n"
+        "`fa3F@0.0.0` is not supported because:\n"
+        "    xFormers wasn't build with CUDA support\n"
+        "    operator wasn't built - see `python -m xformers.info` for more info\n"
+        "`cutlassF-pt` is not supported because:\n"
+        "    xFormers wasn't build with CUDA support"
+    )
+    assert attention_module._xformers_failure_summary(message) == (
+        "No operator found for `memory_efficient_attention_forward`: "
+        "fa3F@0.0.0: xFormers wasn't build with CUDA support, operator wasn't built - see `python -m xformers.info` "
+        "for more info; cutlassF-pt: xFormers wasn't build with CUDA support"
+    )
+    assert attention_module._xformers_failure_summary("CUDA error: no kernel image\nmore") == "CUDA error: no kernel image"
+    assert attention_module._xformers_failure_summary("  ") == ""
 
 
 @pytest.mark.gpu

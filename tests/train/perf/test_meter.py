@@ -188,6 +188,15 @@ def test_gpu_script_parses_and_dry_runs(tmp_path):
     assert "bf16-eager" in plan and "bf16-compiled" in plan
     # the gpu tests it would run are collected on this machine
     assert "test_xformers_matches_sdpa_on_cuda" in plan and "test_bf16_fsdp_step_on_gpu" in plan
+    # every requirement is checked (and recorded) before anything runs
+    assert "check_requirements: all" in env, env
+    # --wheels: a folder without wheels is refused at once, with the command that makes them
+    (tmp_path / "empty").mkdir()
+    bad = subprocess.run(["bash", str(script), "--dry-run", "--wheels", str(tmp_path / "empty")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "gpu_wheels.sh" in bad.stderr, bad.stderr
+    bad = subprocess.run(["bash", str(script), "--wheels"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "needs a directory" in bad.stderr
     bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
     bad = subprocess.run(["bash", str(script), "--commit", "HEAD~1"], capture_output=True, text=True)
