@@ -235,10 +235,43 @@ def parallelize(
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     fully_shard(module, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    # Our copies of views go before FSDP's post-forward hook, which hooks every output for the backward.
+    module.register_forward_hook(_copy_output_views_hook, prepend=True)
     for name in _FORWARD_METHODS:
-        if callable(getattr(module, name, None)):
+        method = getattr(module, name, None)
+        if callable(method):
+            setattr(module, name, _returning_no_views(method))
             register_fsdp_forward_method(module, name)
     return module
+
+
+def _copy_views(out: Any) -> Any:
+    """``out`` (a tensor, or dicts, lists and tuples of them) with every grad-requiring view replaced by a copy.
+
+    FSDP2 hooks each output of a sharded root for its backward. A hook on a view is dropped by an in-place
+    op on that view, so FSDP2 warns about every view it is handed, and the backbones' token outputs are
+    views (``x_norm[:, 0]``, the crops of a packed batch). A copy of those few tensors costs one pass over
+    the output tokens.
+    """
+    if isinstance(out, torch.Tensor):
+        return out.clone() if out.requires_grad and out._base is not None else out
+    if isinstance(out, dict):
+        return {key: _copy_views(value) for key, value in out.items()}
+    if type(out) in (list, tuple):
+        return type(out)(_copy_views(value) for value in out)
+    return out
+
+
+def _copy_output_views_hook(module: nn.Module, args: Any, out: Any) -> Any:
+    return _copy_views(out)
+
+
+def _returning_no_views(method):
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        return _copy_views(method(*args, **kwargs))
+
+    return wrapped
 
 
 def parallelize_student_teacher(

@@ -6,6 +6,7 @@ global batch (each rank holds half of it; FSDP averages the gradients over ranks
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -542,6 +543,17 @@ def _world_size_one_worker(rank, world_size, port, out_dir):
         x = torch.randn(2, 3, IMG, IMG)
         model(x).pow(2).sum().backward()
         ref(x).pow(2).sum().backward()
+        # The features too: FSDP2 hooks every output of the root, and warns when one is a view (an in-place op on
+        # it would drop the hook); the backbone's token outputs must not be views of one another.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for net in (model, ref):
+                out = net(x, is_training=True)
+                (out["x_norm_clstoken"].sum() + out["x_norm_patchtokens"].pow(2).sum()).backward()
+                small = x[:, :, : IMG // 2, : IMG // 2]
+                outs = net.forward_features([x, small])  # the multi-crop entry point, a forward method of FSDP's
+                sum(o["x_norm_patchtokens"].mean() + o["x_prenorm"].pow(2).mean() for o in outs).backward()
+        result["view_warnings"] = [str(w.message) for w in caught if "view tensor" in str(w.message)]
         result["mesh_shape"] = list(mesh.shape)
         result["dtensor"] = all(type(p).__name__ == "DTensor" for p in model.parameters())
         result["grad_diff"] = _max_diff(_named_grads(model), _named_grads(ref))
@@ -560,6 +572,7 @@ def test_world_size_one_mesh(tmp_path):
     (r,) = _spawn(_world_size_one_worker, tmp_path, 1)
     assert r["mesh_shape"] == [1] and r["dtensor"]
     assert r["grad_diff"] < 1e-6
+    assert r["view_warnings"] == []
     assert "already sharded" in r.get("second_call", "")
 
 
