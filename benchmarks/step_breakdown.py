@@ -19,6 +19,8 @@ Printed: the plain step's time and share of the bf16 matmul peak (``dinoscale.tr
 the instrumented step's time (the instrumentation's cost is the difference); then per linear layer (named by its
 weight's shape: ViT-S/14 has qkv (1152, 384), proj (384, 384), fc1 (1536, 384) and fc2 (384, 1536)) and per
 attention size, ms per step inside the step and alone, their ratio, and the rate alone in TFLOP/s against the peak.
+Last, the ceiling of these kernels: the step's share of the peak if every timed call ran at its speed alone and
+everything else (the rest) took no time.
 On an AMX CPU the rate of single matmuls alone exceeds the square probe's, and the same calls run slower inside the
 step than alone; this prints both.
 """
@@ -249,6 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         accounted += in_step
         print(f"{'all ' + group:34s} {in_step * 1e3:9.1f} {alone * 1e3:9.1f} {in_step / alone:7.2f}x")
     print(f"{'the rest of the instrumented step':34s} {(instrumented - accounted) * 1e3:9.1f}")
+    # What eager kernels allow at best: the timed calls at their speed alone, everything else free.
+    floor = sum(alone for _in_step, alone in totals.values())
+    print(f"\nceiling: the timed calls at their speed alone and the rest free: {floor * 1e3:.1f} ms per step, "
+          f"{100 * flops / floor / peak:.1f}% of the peak")
 
 
 if __name__ == "__main__":

@@ -51,3 +51,9 @@ def test_prints_every_part_and_restores_linear(sb, capsys):
     assert sorted(rows) == sorted(["forward", "dX", "dW", "db"] * 4), out
     assert sum(line.startswith("attention N=") for line in out.splitlines()) == 4, out  # 2 sizes x fwd/bwd
     assert "all linear" in out and "the rest of the instrumented step" in out
+    # the ceiling is the sum of the "alone" column, as a share of the peak
+    alone = sum(float(line.split()[-2]) for line in out.splitlines()
+                if line.startswith("all "))
+    ceiling = next(line for line in out.splitlines() if line.startswith("ceiling:"))
+    assert abs(float(ceiling.split(": ")[-1].split(" ms")[0]) - alone) < 0.2, (ceiling, alone)
+    assert ceiling.endswith("% of the peak")
