@@ -83,7 +83,12 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     gathered = gather(tensor.contiguous(), 0, dist.group.WORLD)
     # The result is an AsyncCollectiveTensor that waits on first use; any non-view op turns it into a plain
     # tensor (autograd intact), so callers never hold the subclass (torch.load refuses it, for one).
-    return torch.cat([gathered], dim=0)
+    out = torch.cat([gathered], dim=0)
+    if out.requires_grad:
+        # Before torch 2.14 the backward reduce-scatters the incoming gradient as it comes, and gloo refuses a
+        # non-contiguous one (e.g. the expanded gradient of a sum over the batch).
+        out.register_hook(torch.Tensor.contiguous)
+    return out
 
 
 def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:

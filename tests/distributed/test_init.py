@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dinoscale import distributed as D
@@ -166,6 +167,48 @@ def test_processes_exit_cleanly_after_backward_through_all_gather(tmp_path):
             # d/dx of sum_r sum_i w_i * gathered_i over both ranks' losses: 2 * (weights of this rank's rows)
             weights = torch.tensor([[1.0], [2.0]]) if rank == 0 else torch.tensor([[3.0], [4.0]])
             torch.testing.assert_close(r["grad"], (2 * weights).expand(2, 3))
+
+
+class _GatherRefusingStridedGrads(torch.autograd.Function):
+    """A stand-in for torch < 2.14's autograd gather: its backward reduce-scatters the gradient as it comes, and
+    gloo refuses a non-contiguous one ("Expected input.is_contiguous()")."""
+
+    @staticmethod
+    def forward(ctx, tensor, gather_dim, group, tag=""):
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not grad.is_contiguous():
+            raise RuntimeError("Expected input.is_contiguous() to be true, but got false.")
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()], None, None, None
+
+
+def _gather_expanded_grad_worker(rank, world_size, port, out_dir, before_2_14):
+    torch.set_num_threads(1)
+    if before_2_14:
+        from torch.distributed import _functional_collectives as funcol
+
+        funcol.all_gather_single_autograd = _GatherRefusingStridedGrads.apply
+    _set_torchrun_env(rank, world_size, port)
+    D.init_distributed(arrival_timeout_s=30)
+    x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+    D.all_gather_with_grad(x).sum().backward()  # the gradient of a sum: an expanded, non-contiguous tensor
+    torch.save(x.grad, os.path.join(out_dir, f"rank{rank}.pt"))
+    D.destroy_distributed()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("before_2_14", [False, True])
+def test_gather_backward_takes_a_non_contiguous_gradient(tmp_path, before_2_14):
+    mp.spawn(_gather_expanded_grad_worker, args=(2, D.find_free_port(), str(tmp_path), before_2_14), nprocs=2)
+    for rank in range(2):
+        # both ranks' losses sum every gathered row once: each input element gets 2
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), torch.full((2, 3), 2.0))
 
 
 @pytest.mark.distributed
