@@ -167,6 +167,31 @@ def test_xformers_failure_summary_names_each_operator_and_its_reasons():
     assert attention_module._xformers_failure_summary("  ") == ""
 
 
+def test_xformers_build_mismatch_names_the_build(monkeypatch):
+    import sys
+    import types
+
+    assert attention_module._xformers_build_mismatch() == ""  # no xformers here, or one whose library loaded
+    # what xformers' _cpp_lib keeps when its compiled library did not load (xformers/_cpp_lib.py)
+    cpp_lib = types.ModuleType("xformers._cpp_lib")
+    cpp_lib._cpp_library_load_exception = RuntimeError(
+        "xFormers can't load C++/CUDA extensions. xFormers was built for:\n"
+        "    PyTorch 2.10.0+cu128 with CUDA 1208 (you have 2.11.0+cu130)\n"
+        "    Python  3.10.19 (you have 3.12.3)\n"
+        "  Please reinstall xformers (see https://github.com/facebookresearch/xformers#installing-xformers)"
+    )
+    package = types.ModuleType("xformers")
+    package._cpp_lib = cpp_lib
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers._cpp_lib", cpp_lib)
+    assert attention_module._xformers_build_mismatch() == (
+        "xformers was built for PyTorch 2.10.0+cu128 with CUDA 1208 (you have 2.11.0+cu130), "
+        "Python  3.10.19 (you have 3.12.3)"
+    )
+    cpp_lib._cpp_library_load_exception = None
+    assert attention_module._xformers_build_mismatch() == ""
+
+
 @pytest.mark.gpu
 def test_xformers_matches_sdpa_on_cuda():
     if not torch.cuda.is_available():
