@@ -3,7 +3,8 @@
 # to install there (where nothing can be fetched).
 #
 #   bash benchmarks/gpu_wheels.sh            # into .whl/ (ignored by git; carry it to the GPU machine)
-#   bash benchmarks/gpu_wheels.sh DIR        # into DIR
+#   bash benchmarks/gpu_wheels.sh DIR        # into DIR (its *.whl are removed first: two versions of one
+#                                            # package in the folder would stop gpu.sh's install)
 #
 # Then, on the GPU machine, from the repository root:
 #   PYTHON=python3 bash benchmarks/gpu.sh --wheels .whl --commit SHA --out DIR
